@@ -1,0 +1,230 @@
+"""The conditional invertible network: net2net's ConditionalFlatCouplingFlow, in one file.
+
+A flow maps a target latent x to z ~ N(0, I) given a condition c (the source expert's latent):
+
+    h = embedder(c)                                   (once per call, shared by every block)
+    for each of n_flows blocks:
+        x = ActNorm(x)                                (data-dependent init on the first batch)
+        x = DoubleAffineCoupling(x, h)                (two half-couplings, tanh-bounded log-scales)
+        x = Shuffle(x)                                (a fixed permutation)
+
+Every piece is a short class with ``forward`` (x -> y, log|det J|) and ``reverse`` (y -> x), so the
+inverse is exact and the log-determinant is a sum of per-piece terms.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+NORMS = ("layer", "batch", "none")
+
+
+def mlp(
+    in_dim: int, hidden_dim: int, depth: int, out_dim: int, norm: str = "none", tanh: bool = False
+) -> nn.Sequential:
+    """net2net's BasicFullyConnectedNet: Linear, then ``depth`` hidden Linear layers, then an output Linear.
+
+    ``norm`` follows every hidden Linear. ``tanh`` bounds the output (used for log-scales, so that
+    one coupling can never scale by more than e in either direction: the flow stays well conditioned).
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+    def hidden(d_in: int) -> list[nn.Module]:
+        layers: list[nn.Module] = [nn.Linear(d_in, hidden_dim)]
+        if norm == "layer":
+            layers.append(nn.LayerNorm(hidden_dim))
+        elif norm == "batch":
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        layers.append(nn.LeakyReLU())
+        return layers
+
+    layers = hidden(in_dim)
+    for _ in range(depth):
+        layers += hidden(hidden_dim)
+    layers.append(nn.Linear(hidden_dim, out_dim))
+    if tanh:
+        layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+class ActNorm(nn.Module):
+    """y = scale * (x + loc), per dimension; initialised from the first training batch so that y has
+    zero mean and unit variance there (Glow). Keeps deep flows trainable from step one."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(dim))
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.register_buffer("initialized", torch.tensor(False))
+        # A Python mirror of the buffer: checking a tensor flag every step would sync the device and
+        # break torch.compile graphs. Kept in step by initialize() and _load_from_state_dict().
+        self.needs_init = True
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        self.loc.copy_(-x.mean(0))
+        self.scale.copy_(1.0 / (x.std(0) + 1e-6))
+        self.initialized.fill_(True)
+        self.needs_init = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.needs_init = not bool(self.initialized)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and self.needs_init:
+            self.initialize(x)
+        logdet = self.scale.abs().log().sum().expand(x.shape[0])
+        return self.scale * (x + self.loc), logdet
+
+    def reverse(self, y: Tensor) -> Tensor:
+        return y / self.scale - self.loc
+
+
+class DoubleAffineCoupling(nn.Module):
+    """Two affine half-couplings: the second half is scaled and shifted by nets that see
+    [first half; h], then the first half by nets that see [new second half; h].
+
+    After both, every dimension has been transformed once, conditioned on the other half and on the
+    embedding h. Separate s (log-scale, tanh-bounded) and t (shift) nets, as in net2net.
+    """
+
+    def __init__(self, dim: int, embedding_dim: int, hidden_dim: int, depth: int) -> None:
+        super().__init__()
+        self.split = dim // 2
+        rest = dim - self.split
+        self.s1 = mlp(self.split + embedding_dim, hidden_dim, depth, rest, tanh=True)
+        self.t1 = mlp(self.split + embedding_dim, hidden_dim, depth, rest)
+        self.s2 = mlp(rest + embedding_dim, hidden_dim, depth, self.split, tanh=True)
+        self.t2 = mlp(rest + embedding_dim, hidden_dim, depth, self.split)
+
+    def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = x[:, : self.split], x[:, self.split :]
+        u = torch.cat([a, h], dim=1)
+        s = self.s1(u)
+        b = b * s.exp() + self.t1(u)
+        logdet = s.sum(1)
+        u = torch.cat([b, h], dim=1)
+        s = self.s2(u)
+        a = a * s.exp() + self.t2(u)
+        return torch.cat([a, b], dim=1), logdet + s.sum(1)
+
+    def reverse(self, y: Tensor, h: Tensor) -> Tensor:
+        a, b = y[:, : self.split], y[:, self.split :]
+        u = torch.cat([b, h], dim=1)
+        a = (a - self.t2(u)) * (-self.s2(u)).exp()
+        u = torch.cat([a, h], dim=1)
+        b = (b - self.t1(u)) * (-self.s1(u)).exp()
+        return torch.cat([a, b], dim=1)
+
+
+class Shuffle(nn.Module):
+    """A fixed permutation of the dimensions, so that each coupling splits a different pair of halves.
+    Seeded by the block index: the same config always builds the same flow."""
+
+    def __init__(self, dim: int, seed: int) -> None:
+        super().__init__()
+        perm = torch.randperm(dim, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("perm", perm)
+        self.register_buffer("inverse_perm", torch.argsort(perm))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x[:, self.perm], x.new_zeros(x.shape[0])
+
+    def reverse(self, y: Tensor) -> Tensor:
+        return y[:, self.inverse_perm]
+
+
+class FlowBlock(nn.Module):
+    """ActNorm -> DoubleAffineCoupling -> Shuffle."""
+
+    def __init__(self, dim: int, embedding_dim: int, hidden_dim: int, depth: int, seed: int) -> None:
+        super().__init__()
+        self.norm = ActNorm(dim)
+        self.coupling = DoubleAffineCoupling(dim, embedding_dim, hidden_dim, depth)
+        self.shuffle = Shuffle(dim, seed)
+
+    def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        x, ld_norm = self.norm(x)
+        x, ld_coupling = self.coupling(x, h)
+        x, _ = self.shuffle(x)
+        return x, ld_norm + ld_coupling
+
+    def reverse(self, y: Tensor, h: Tensor) -> Tensor:
+        return self.norm.reverse(self.coupling.reverse(self.shuffle.reverse(y), h))
+
+
+class ConditionalFlow(nn.Module):
+    """p(x | c) as an invertible map x -> z ~ N(0, I), conditioned on c through an embedding.
+
+    Args:
+        dim: size of the target latent x (what is generated).
+        cond_dim: size of the condition c (the source expert's latent).
+        n_flows: number of blocks [ActNorm, DoubleAffineCoupling, Shuffle].
+        hidden_dim: width of the coupling nets.
+        hidden_depth: hidden layers of the coupling nets (net2net: 2, i.e. four Linear layers each).
+        embedding_dim: size of the condition embedding h that every coupling net sees; defaults to
+            ``max(dim, 64)``: net2net uses ``dim`` (268 for BigGAN); for small targets that width
+            starves the couplings of condition information (measured: +0.4 nats/dim at dim 8).
+        embedder_depth: hidden layers of the embedder MLP.
+        embedder_norm: normalisation inside the embedder. net2net uses "batch", which makes h depend
+            on the rest of the batch and breaks at batch size 1 (translating one caption); "layer"
+            (the default) normalises each sample on its own and trains as well (see README).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        cond_dim: int,
+        n_flows: int = 24,
+        hidden_dim: int = 1024,
+        hidden_depth: int = 2,
+        embedding_dim: int | None = None,
+        embedder_depth: int = 2,
+        embedder_norm: str = "layer",
+    ) -> None:
+        super().__init__()
+        embedding_dim = embedding_dim or max(dim, 64)
+        self.config = dict(
+            dim=dim,
+            cond_dim=cond_dim,
+            n_flows=n_flows,
+            hidden_dim=hidden_dim,
+            hidden_depth=hidden_depth,
+            embedding_dim=embedding_dim,
+            embedder_depth=embedder_depth,
+            embedder_norm=embedder_norm,
+        )
+        self.dim = dim
+        self.embedder = mlp(cond_dim, embedding_dim, embedder_depth, embedding_dim, norm=embedder_norm)
+        self.blocks = nn.ModuleList(
+            FlowBlock(dim, embedding_dim, hidden_dim, hidden_depth, seed=i) for i in range(n_flows)
+        )
+
+    def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, dim], c [B, cond_dim] -> z [B, dim], log|det dz/dx| [B]."""
+        h = self.embedder(c)
+        logdet = x.new_zeros(x.shape[0])
+        for block in self.blocks:
+            x, ld = block(x, h)
+            logdet = logdet + ld
+        return x, logdet
+
+    def reverse(self, z: Tensor, c: Tensor) -> Tensor:
+        """The exact inverse of forward: z [B, dim], c [B, cond_dim] -> x [B, dim]."""
+        h = self.embedder(c)
+        for block in reversed(self.blocks):
+            z = block.reverse(z, h)
+        return z
+
+    def sample(self, c: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """Draw x ~ p(x | c): z ~ N(0, temperature^2 I), then reverse. One sample per row of c."""
+        z = torch.randn(c.shape[0], self.dim, device=c.device, dtype=c.dtype, generator=generator)
+        return self.reverse(temperature * z, c)
+
+    @property
+    def needs_init(self) -> bool:
+        """True until the ActNorms have seen their first training batch."""
+        return any(block.norm.needs_init for block in self.blocks)

@@ -1,0 +1,201 @@
+"""Views: a translation task as a pair of latent stores joined on the item key.
+
+A view is a directory holding ``view.json`` that names a source and a target store by paths
+relative to the view, so a whole shards root can be moved or copied and still open. It copies no
+latents: the join is recomputed when asked for (vectorised: about half a second for a million rows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shards.store import Store, StoreError, open_store, write_json_atomic
+
+VIEW_NAME = "view.json"
+
+
+class ViewError(StoreError):
+    """A view is missing or damaged, or its two stores cannot be joined."""
+
+
+@dataclass(frozen=True)
+class Join:
+    """Row pairs of a view: source row source_index[i] translates to target row target_index[i]."""
+
+    source_index: np.ndarray  # int64
+    target_index: np.ndarray  # int64
+    key: np.ndarray  # str, the shared key of each pair
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+
+class View:
+    """Two opened stores and the rule that pairs their rows."""
+
+    def __init__(self, path: Path, source: Store, target: Store):
+        self.path = path
+        self.name = path.name
+        self.source = source
+        self.target = target
+
+    def __repr__(self) -> str:
+        return f"View({str(self.path)!r}: {self.source.path} -> {self.target.path})"
+
+    def join(self) -> Join:
+        """Pair rows by key, in source row order; rows without a partner are dropped.
+
+        Target keys unique: each source row pairs with its key's target row (captions onto images).
+        Else source keys unique: each target row pairs with its key's source row (one-to-many).
+        Else (key, sub) must be unique on both sides and rows pair on it.
+        """
+        source, target = _key_codes(self.source.keys, self.target.keys)
+        if _is_unique(target):
+            source_rows, target_rows = _lookup(target, source)
+        elif _is_unique(source):
+            target_rows, source_rows = _lookup(source, target)
+            order = np.argsort(source_rows, kind="stable")
+            source_rows, target_rows = source_rows[order], target_rows[order]
+        else:
+            source, target = _pair_codes((source, target), (self.source.sub, self.target.sub))
+            for store, ids in ((self.source, source), (self.target, target)):
+                if not _is_unique(ids):
+                    raise ViewError(
+                        f"store {store.path} repeats (key, sub) pairs and neither store has unique keys, "
+                        f"so the join is ambiguous: run n2n-shards verify {store.path} and re-extract it"
+                    )
+            source_rows, target_rows = _lookup(target, source)
+        if not len(source_rows):
+            raise ViewError(
+                f"stores {self.source.path} and {self.target.path} share no key: "
+                "they were extracted from different datasets; pair stores of the same data"
+            )
+        return Join(source_rows, target_rows, self.source.keys[source_rows])
+
+
+# The join works on dense integer codes, equal iff the keys are: then uniqueness is a bincount and
+# matching is a table lookup, O(N), no per-row Python and no repeated string comparisons.
+
+
+def _key_codes(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dense int64 codes for the keys of both stores.
+
+    Sorting a million strings costs about a second; hashing them and sorting the hashes costs a
+    fraction. Rows whose hashes tie are checked to hold equal keys, and a true collision (odds
+    about 1e-7 at a million keys) falls back to sorting the strings themselves.
+    """
+    keys = np.concatenate([source, target])
+    hashes = _fnv1a(keys)
+    order = np.argsort(hashes, kind="stable")
+    ordered_hashes, ordered_keys = hashes[order], keys[order]
+    ties = ordered_hashes[1:] == ordered_hashes[:-1]
+    if np.any(ties & (ordered_keys[1:] != ordered_keys[:-1])):
+        codes = np.unique(keys, return_inverse=True)[1].astype(np.int64)
+    else:
+        codes = _dense(order, ~ties)
+    return codes[: len(source)], codes[len(source) :]
+
+
+def _fnv1a(keys: np.ndarray) -> np.ndarray:
+    """64-bit FNV-1a over the UCS-4 code points of fixed-width keys, one vector pass per character."""
+    points = np.ascontiguousarray(keys).view(np.uint32).reshape(len(keys), keys.dtype.itemsize // 4)
+    hashes = np.full(len(keys), 0xCBF29CE484222325, dtype=np.uint64)
+    for column in points.T:
+        hashes ^= column
+        hashes *= np.uint64(0x100000001B3)
+    return hashes
+
+
+def _pair_codes(
+    key_codes: tuple[np.ndarray, np.ndarray], sub: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dense int64 codes for the (key, sub) pairs of both stores (integers: a cheap sort)."""
+    codes, subs = np.concatenate(key_codes), np.concatenate(sub)
+    order = np.lexsort((subs, codes))
+    codes, subs = codes[order], subs[order]
+    dense = _dense(order, (codes[1:] != codes[:-1]) | (subs[1:] != subs[:-1]))
+    return dense[: len(key_codes[0])], dense[len(key_codes[0]) :]
+
+
+def _dense(order: np.ndarray, changed: np.ndarray) -> np.ndarray:
+    """Codes in row order, from a sort order and where the sorted values change (len(order) - 1)."""
+    steps = np.zeros(len(order), dtype=np.int64)
+    steps[1:] = changed
+    codes = np.empty(len(order), dtype=np.int64)
+    codes[order] = np.cumsum(steps)
+    return codes
+
+
+def _is_unique(codes: np.ndarray) -> bool:
+    return not len(codes) or np.bincount(codes).max() <= 1
+
+
+def _lookup(reference: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Match each query code to the row holding it in `reference` (whose codes are unique).
+
+    Returns (query rows that matched, their reference rows), in query order.
+    """
+    size = max(reference.max(initial=-1), query.max(initial=-1)) + 1
+    row_of = np.full(size, -1, dtype=np.int64)
+    row_of[reference] = np.arange(len(reference))
+    rows = row_of[query]
+    matched = rows >= 0
+    return np.flatnonzero(matched), rows[matched]
+
+
+def _dataset_name(meta: dict) -> str | None:
+    dataset = meta.get("dataset")
+    return dataset.get("name") if isinstance(dataset, dict) else dataset
+
+
+def _check_same_data(source: Store, target: Store) -> None:
+    """Refuse stores whose meta names different datasets or splits (where both name one)."""
+    for field, pick in (("dataset", _dataset_name), ("split", lambda meta: meta.get("split"))):
+        a, b = pick(source.meta), pick(target.meta)
+        if a is not None and b is not None and a != b:
+            raise ViewError(
+                f"stores {source.path} ({field} {a!r}) and {target.path} ({field} {b!r}) "
+                f"come from different {field}s: pair stores extracted from the same data"
+            )
+
+
+def create_view(path: str | os.PathLike, source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Write <path>/view.json pairing two complete stores; refuse pairs that cannot be joined."""
+    path, source_path, target_path = Path(path), Path(source), Path(target)
+    view = View(path, open_store(source_path), open_store(target_path))
+    _check_same_data(view.source, view.target)
+    view.join()
+    path.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        path / VIEW_NAME,
+        {
+            "n2n_view": 1,
+            "source": os.path.relpath(source_path.resolve(), path.resolve()),
+            "target": os.path.relpath(target_path.resolve(), path.resolve()),
+        },
+    )
+    return path
+
+
+def view_stores(path: str | os.PathLike) -> tuple[Path, Path]:
+    """The source and target store paths a view names, without opening them (to inspect a broken view)."""
+    path = Path(path)
+    file = path / VIEW_NAME
+    if not file.is_file():
+        raise ViewError(f"no view at {path}: create one with n2n-shards pair SOURCE TARGET --name NAME")
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+        return Path(os.path.normpath(path / spec["source"])), Path(os.path.normpath(path / spec["target"]))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ViewError(f"invalid {file} ({err}): recreate it with n2n-shards pair") from err
+
+
+def open_view(path: str | os.PathLike) -> View:
+    """Open a view and both its stores (which must be complete)."""
+    source, target = view_stores(path)
+    return View(Path(path), open_store(source), open_store(target))

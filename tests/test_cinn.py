@@ -1,0 +1,132 @@
+"""The cINN: exact inverse, exact log-determinant, conditioning, ActNorm init, the loss helper."""
+
+import math
+
+import pytest
+import torch
+from torch.func import jacrev, vmap
+
+from cinn import ActNorm, ConditionalFlow, bits_per_dim, nll
+
+
+def initialised_flow(dim=12, cond_dim=7, n=256, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    flow = ConditionalFlow(dim, cond_dim, **kwargs)
+    x, c = torch.randn(n, dim) * 3 + 1, torch.randn(n, cond_dim)
+    flow.train()
+    flow(x, c)  # ActNorm data-dependent init
+    assert not flow.needs_init
+    # Push the couplings away from identity: a test of an identity map proves nothing.
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return flow.eval(), x, c
+
+
+def test_reverse_inverts_forward_24_flows():
+    flow, x, c = initialised_flow(dim=32, cond_dim=16, n_flows=24, hidden_dim=64)
+    with torch.no_grad():
+        z, _ = flow(x, c)
+        x2 = flow.reverse(z, c)
+    assert not torch.allclose(z, x, atol=1e-2)
+    assert torch.allclose(x2, x, atol=1e-4), (x2 - x).abs().max()
+
+
+def test_odd_dimension_inverts():
+    flow, x, c = initialised_flow(dim=7, cond_dim=3, n_flows=4, hidden_dim=16)
+    with torch.no_grad():
+        assert torch.allclose(flow.reverse(flow(x, c)[0], c), x, atol=1e-5)
+
+
+def test_logdet_matches_autograd_jacobian():
+    flow, x, c = initialised_flow(dim=6, cond_dim=3, n_flows=4, hidden_dim=32)
+    flow = flow.double()
+    x, c = x[:8].double(), c[:8].double()
+
+    def f(xi, ci):
+        return flow(xi[None], ci[None])[0][0]
+
+    jac = vmap(jacrev(f))(x, c)  # [B, D, D]
+    _, logdet = flow(x, c)
+    expected = torch.linalg.slogdet(jac).logabsdet
+    assert torch.allclose(logdet, expected, atol=1e-8), (logdet - expected).abs().max()
+
+
+def test_condition_changes_z():
+    flow, x, c = initialised_flow()
+    with torch.no_grad():
+        z1, _ = flow(x, c)
+        z2, _ = flow(x, c + 1.0)
+    assert (z1 - z2).abs().mean() > 1e-3
+
+
+def test_actnorm_init_standardises_first_batch():
+    norm = ActNorm(5)
+    x = torch.randn(512, 5) * torch.tensor([0.1, 1, 3, 10, 100]) + torch.tensor([-5.0, 0, 2, 7, 1e3])
+    y, logdet = norm(x)
+    assert torch.allclose(y.mean(0), torch.zeros(5), atol=1e-4)
+    assert torch.allclose(y.std(0), torch.ones(5), atol=1e-4)
+    assert torch.allclose(logdet, -x.std(0).log().sum().expand(512), atol=1e-3)
+    # The second batch does not re-initialise.
+    y2, _ = norm(x * 2)
+    assert not torch.allclose(y2.std(0), torch.ones(5), atol=1e-2)
+
+
+def test_actnorm_init_survives_state_dict_round_trip():
+    flow, x, c = initialised_flow(n_flows=2, hidden_dim=16)
+    fresh = ConditionalFlow(12, 7, n_flows=2, hidden_dim=16)
+    assert fresh.needs_init
+    fresh.load_state_dict(flow.state_dict())
+    assert not fresh.needs_init
+    fresh.train()
+    with torch.no_grad():
+        assert torch.equal(fresh(x, c)[0], flow.train()(x, c)[0])
+
+
+def test_sample_shape_and_temperature():
+    flow, _, c = initialised_flow(n_flows=3, hidden_dim=16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        cold = flow.sample(c, temperature=0.0)
+        warm = flow.sample(c, temperature=1.0, generator=g)
+        again = flow.sample(c, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert warm.shape == (c.shape[0], 12)
+    assert torch.equal(warm, again)
+    # T=0 decodes z=0 for every row: it still depends on c, not on noise.
+    assert torch.allclose(cold, flow.reverse(torch.zeros_like(cold), c))
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch", "none"])
+def test_single_sample_batches_work_in_eval(norm):
+    flow, _, c = initialised_flow(n_flows=2, hidden_dim=16, embedder_norm=norm)
+    with torch.no_grad():
+        assert flow.sample(c[:1]).shape == (1, 12)
+
+
+def test_layer_norm_embedding_is_independent_of_the_batch():
+    """The reason LayerNorm is the default: in training mode a sample's embedding must not depend
+    on which other samples share its batch (BatchNorm's does)."""
+    for norm, independent in [("layer", True), ("batch", False)]:
+        flow, x, c = initialised_flow(n_flows=2, hidden_dim=16, embedder_norm=norm)
+        flow.train()
+        h_full = flow.embedder(c)[:4]
+        h_part = flow.embedder(c[:4])
+        assert torch.allclose(h_full, h_part, atol=1e-5) == independent, norm
+
+
+def test_nll_of_standard_normal_is_the_gaussian_entropy():
+    torch.manual_seed(0)
+    z = torch.randn(200_000, 4)
+    nats = nll(z, torch.zeros(len(z))).mean()
+    assert abs(nats.item() - 2 * math.log(2 * math.pi * math.e)) < 0.02
+    assert abs(bits_per_dim(nats, 4).item() - 0.5 * math.log2(2 * math.pi * math.e)) < 0.01
+
+
+def test_net2net_size_parameter_count():
+    flow = ConditionalFlow(dim=268, cond_dim=768, n_flows=24, hidden_dim=1024, hidden_depth=2, embedding_dim=268)
+    n = sum(p.numel() for p in flow.parameters())
+    # 24 blocks x 4 coupling nets of 4 Linear layers each + ActNorms + the embedder.
+    net = lambda i, o: (i * 1024 + 1024) + 2 * (1024 * 1024 + 1024) + (1024 * o + o)  # noqa: E731
+    embedder = (768 * 268 + 268 + 2 * 268) + 2 * (268 * 268 + 268 + 2 * 268) + (268 * 268 + 268)
+    expected = 24 * (2 * net(134 + 268, 134) * 2 + 2 * 268) + embedder
+    assert n == expected

@@ -1,0 +1,415 @@
+"""Latent stores: round trips, resumable writes, crash safety, conversion, verification, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from itertools import permutations
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+from shards import store as store_module
+from shards.store import (
+    FORMATS,
+    StoreError,
+    convert_store,
+    create_store,
+    open_store,
+    resume_store,
+    verify_store,
+)
+
+DIM = 6
+KEYS = ["a", "a.b.c", "dir/file.jpg", "../up", "ünïcødé 日本", "", "x" * 70, "000123.jpg"]
+
+
+@pytest.fixture(autouse=True)
+def small_units(monkeypatch):
+    """Tiny shards and tars, so a few hundred rows span many write units (and tests stay fast)."""
+    monkeypatch.setattr(store_module, "_chunk_rows", lambda dim, dtype: 16)
+    monkeypatch.setattr(store_module, "_shard_rows", lambda dim, dtype: 64)
+    monkeypatch.setattr(store_module, "WDS_SHARD_ROWS", 50)
+
+
+def rows(n: int, dtype: str = "float16", seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n rows with awkward keys (dots, slashes, unicode, empty), subs 0..2 and random latents."""
+    rng = np.random.default_rng(seed)
+    keys = np.array([KEYS[i] if i < len(KEYS) else f"{KEYS[i % len(KEYS)]}#{i}" for i in range(n)])
+    sub = (np.arange(n) % 3).astype(np.int64)
+    return keys, sub, rng.standard_normal((n, DIM)).astype(dtype)
+
+
+def write(path: Path, data, format: str, dtype: str = "float16", **meta) -> Path:
+    with create_store(path, dim=DIM, dtype=dtype, format=format, meta=meta or None) as writer:
+        writer.append(*data)
+    return path
+
+
+def assert_same_rows(store, data) -> None:
+    keys, sub, latents = data
+    assert store.keys.dtype.kind == "U" and store.keys.tolist() == list(keys)
+    assert store.sub.dtype == np.int64 and np.array_equal(store.sub, sub)
+    stored = store.latents()
+    assert stored.dtype == latents.dtype and stored.tobytes() == latents.tobytes()
+
+
+# ---------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("format", FORMATS)
+def test_round_trip_keeps_keys_subs_and_latent_bits(tmp_path, format, dtype):
+    data = rows(300, dtype)
+    expert = {"spec": "bert@layer3", "digest": "abc"}
+    write(tmp_path / "s", data, format, dtype, expert=expert, split="train", note="extra")
+    store = open_store(tmp_path / "s")
+    assert len(store) == 300 and store.format == format and store.dim == DIM
+    assert store.dtype == np.dtype(dtype) and store.complete
+    assert_same_rows(store, data)
+    assert store.meta["note"] == "extra" and store.meta["n2n_store"] == 1 and store.meta["n2n_version"]
+    assert store.identity() == {
+        "path": str((tmp_path / "s").resolve()), "format": format, "dim": DIM, "dtype": dtype,
+        "count": 300, "expert": expert, "dataset": None, "split": "train",
+    }  # fmt: skip
+    blocks = list(store.blocks())
+    assert len(blocks) > 1  # several write units, read back in order
+    assert np.concatenate([b[0] for b in blocks]).tolist() == list(data[0])
+    assert np.concatenate([b[2] for b in blocks]).tobytes() == data[2].tobytes()
+
+
+def test_keys_and_subs_are_read_only(tmp_path):
+    store = open_store(write(tmp_path / "s", rows(10), "zarr"))
+    with pytest.raises(ValueError):
+        store.sub[0] = 5
+
+
+def test_tensor_holds_the_latents(tmp_path):
+    torch = pytest.importorskip("torch")
+    data = rows(40, "float16")
+    tensor = open_store(write(tmp_path / "s", data, "zarr")).tensor(dtype=torch.float32)
+    assert tensor.dtype == torch.float32 and tensor.shape == (40, DIM)
+    assert np.array_equal(tensor.numpy(), data[2].astype(np.float32))
+
+
+def test_empty_store_round_trips(tmp_path):
+    for format in FORMATS:
+        create_store(tmp_path / format, dim=DIM, format=format).close()
+        store = open_store(tmp_path / format)
+        assert len(store) == 0 and store.latents().shape == (0, DIM) and store.keys.shape == (0,)
+
+
+def test_meta_json_is_the_documented_record(tmp_path):
+    write(tmp_path / "s", rows(5), "h5", dataset={"name": "coco"})
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert {k: meta[k] for k in ("format", "dim", "dtype", "count", "complete")} == {
+        "format": "h5", "dim": DIM, "dtype": "float16", "count": 5, "complete": True,
+    }  # fmt: skip
+    assert meta["dataset"] == {"name": "coco"} and meta["expert"] is None and meta["split"] is None
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- resumable writing
+
+
+def write_in_pieces(path: Path, data, format: str, cuts: list[int], resume_at: int) -> None:
+    """Append in uneven batches, flush and drop the writer mid-way (no close), resume, finish."""
+    writer = create_store(path, dim=DIM, format=format)
+    bounds = [0, *cuts, len(data[0])]
+    for start, stop in zip(bounds, bounds[1:], strict=False):
+        if start == resume_at:
+            writer.flush()
+            del writer
+            writer = resume_store(path)
+            assert writer.count == resume_at
+        writer.append(*(column[start:stop] for column in data))
+    writer.close()
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_pieces_with_resume_equal_one_shot(tmp_path, format):
+    data = rows(333)
+    write(tmp_path / "one", data, format)
+    write_in_pieces(tmp_path / "pieces", data, format, cuts=[1, 7, 70, 130, 200, 201], resume_at=130)
+    one, pieces = open_store(tmp_path / "one"), open_store(tmp_path / "pieces")
+    assert pieces.keys.tolist() == one.keys.tolist()
+    assert np.array_equal(pieces.sub, one.sub) and pieces.latents().tobytes() == one.latents().tobytes()
+    assert verify_store(tmp_path / "pieces") == []
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_count_covers_buffered_rows_and_flush_commits_them(tmp_path, format):
+    writer = create_store(tmp_path / "s", dim=DIM, format=format)
+    writer.append(*rows(10))
+    assert writer.count == 10
+    assert len(open_store(tmp_path / "s", require_complete=False)) == 0  # buffered, not committed
+    writer.flush()
+    assert len(open_store(tmp_path / "s", require_complete=False)) == 10
+    writer.append(*rows(200))  # more than a unit: written and committed without a flush
+    assert len(open_store(tmp_path / "s", require_complete=False)) >= 50
+    assert writer.count == 210
+
+
+CRASHING_WRITER = """
+import os, sys
+import numpy as np
+from shards import store
+store._chunk_rows = lambda dim, dtype: 16
+store._shard_rows = lambda dim, dtype: 64
+store.WDS_SHARD_ROWS = 50
+path, format = sys.argv[1], sys.argv[2]
+data = np.load(sys.argv[3])
+writer = store.create_store(path, dim=data["latents"].shape[1], format=format)
+writer.append(data["keys"][:90], data["sub"][:90], data["latents"][:90])
+writer.flush()
+writer.append(data["keys"][90:120], data["sub"][90:120], data["latents"][90:120])
+os._exit(1)  # dies with 30 rows buffered, without close
+"""
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_writer_killed_after_flush_leaves_a_resumable_store(tmp_path, format):
+    data = rows(200)
+    np.savez(tmp_path / "data.npz", keys=data[0], sub=data[1], latents=data[2])
+    path = tmp_path / "s"
+    script = [sys.executable, "-c", CRASHING_WRITER, str(path), format, str(tmp_path / "data.npz")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    assert subprocess.run(script, env=env, check=False).returncode == 1
+
+    with pytest.raises(StoreError, match=r"incomplete \(90 rows committed\)") as err:
+        open_store(path)
+    assert str(path) in str(err.value)
+    assert_same_rows(open_store(path, require_complete=False), tuple(c[:90] for c in data))
+    assert any("incomplete" in problem for problem in verify_store(path))
+
+    writer = resume_store(path)
+    assert writer.count == 90
+    writer.append(*(column[90:] for column in data))
+    writer.close()
+    assert_same_rows(open_store(path), data)
+
+
+def rows_on_disk(path: Path, format: str) -> int:
+    """Rows the files hold, committed or not: what a resumed store must have cut back."""
+    if format == "zarr":
+        return max(zarr.open_array(path / name, mode="r").shape[0] for name in ("key", "sub", "latent"))
+    if format == "h5":
+        with h5py.File(path / "latents.h5", "r") as f:
+            return max(f[name].shape[0] for name in ("key", "sub", "latent"))
+    return sum(len(tarfile.open(file).getnames()) // 3 for file in path.glob("shard-*"))
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_rows_written_but_not_committed_are_dropped_on_resume(tmp_path, format):
+    """A crash between writing data and committing meta.json: the extra rows must not survive."""
+    data, other = rows(150), rows(250, seed=1)
+    path = tmp_path / "s"
+    writer = create_store(path, dim=DIM, format=format)
+    writer.append(*(column[:100] for column in data))
+    writer.flush()
+    committed = (path / "meta.json").read_text()
+    writer.append(*(column[100:] for column in other))  # 150 rows written ...
+    writer.flush()
+    (path / "meta.json").write_text(committed)  # ... but the commit never happened
+    (path / "shard-000009.tar.tmp").write_bytes(b"half a tar")  # what a crash mid-tar leaves
+
+    writer = resume_store(path)
+    assert writer.count == 100
+    writer.append(*(column[100:] for column in data))  # only 50 rows this time
+    writer.close()
+    assert_same_rows(open_store(path), data)
+    assert verify_store(path) == []
+    assert rows_on_disk(path, format) == 150
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_exception_in_context_flushes_but_never_completes(tmp_path, format):
+    with pytest.raises(RuntimeError), create_store(tmp_path / "s", dim=DIM, format=format) as writer:
+        writer.append(*rows(30))
+        raise RuntimeError("extraction failed")
+    store = open_store(tmp_path / "s", require_complete=False)
+    assert len(store) == 30 and not store.complete
+
+
+def test_close_marks_complete_and_ends_the_writer(tmp_path):
+    writer = create_store(tmp_path / "s", dim=DIM)
+    writer.append(*rows(5))
+    assert not json.loads((tmp_path / "s" / "meta.json").read_text())["complete"]
+    writer.close()
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["complete"]
+    with pytest.raises(StoreError, match="closed"):
+        writer.append(*rows(5))
+    with pytest.raises(StoreError, match="already complete"):
+        resume_store(tmp_path / "s")
+
+
+# ---------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize(("src", "dst"), list(permutations(FORMATS, 2)))
+def test_convert_preserves_everything(tmp_path, src, dst):
+    data = rows(170, "float32")
+    write(tmp_path / "a", data, src, "float32", expert={"spec": "minilm"}, split="val")
+    out = convert_store(tmp_path / "a", tmp_path / "b", dst)
+    converted = open_store(out)
+    assert converted.format == dst and converted.complete and converted.dtype == np.float32
+    assert_same_rows(converted, data)
+    assert converted.meta["expert"] == {"spec": "minilm"} and converted.meta["split"] == "val"
+
+
+def test_convert_refuses_an_incomplete_source(tmp_path):
+    writer = create_store(tmp_path / "a", dim=DIM)
+    writer.append(*rows(5))
+    writer.flush()
+    with pytest.raises(StoreError, match="incomplete"):
+        convert_store(tmp_path / "a", tmp_path / "b", "h5")
+
+
+# ---------------------------------------------------------------- verification
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_verify_passes_a_good_store(tmp_path, format):
+    assert verify_store(write(tmp_path / "s", rows(150), format)) == []
+
+
+@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("bad", ["NaN", "inf"])
+def test_verify_finds_nonfinite_latents(tmp_path, format, bad):
+    keys, sub, latents = rows(150)
+    latents[[7, 140], 2] = np.nan if bad == "NaN" else -np.inf
+    problems = verify_store(write(tmp_path / "s", (keys, sub, latents), format))
+    assert len(problems) == 1 and f"2 rows hold {bad}" in problems[0] and "row 7" in problems[0]
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_verify_finds_duplicate_key_sub(tmp_path, format):
+    keys, sub, latents = rows(150)
+    keys[100], sub[100] = keys[3], sub[3]
+    problems = verify_store(write(tmp_path / "s", (keys, sub, latents), format))
+    assert len(problems) == 1 and "1 duplicate (key, sub)" in problems[0]
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_verify_finds_count_beyond_the_data(tmp_path, format):
+    path = write(tmp_path / "s", rows(150), format)
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "count": 151}))
+    problems = verify_store(path)
+    assert len(problems) == 1 and str(path) in problems[0] and "damaged" in problems[0]
+
+
+def shard_file(path: Path, format: str) -> Path:
+    """A data file of the store: the second latent shard, the second tar, the HDF5 file."""
+    files = {
+        "zarr": path / "latent" / "c" / "1" / "0",
+        "wds": path / "shard-000001.tar",
+        "h5": path / "latents.h5",
+    }
+    return files[format]
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_verify_finds_a_truncated_shard(tmp_path, format):
+    path = write(tmp_path / "s", rows(150), format)
+    file = shard_file(path, format)
+    with open(file, "r+b") as f:
+        f.truncate(file.stat().st_size // 2)
+    problems = verify_store(path)
+    assert len(problems) == 1 and str(path) in problems[0] and "truncated" in problems[0]
+
+
+@pytest.mark.parametrize("name", ["sub", "latent"])
+def test_a_lost_zarr_shard_is_not_read_as_zeros(tmp_path, name):
+    keys, sub, latents = rows(150)
+    path = write(tmp_path / "s", (keys, np.zeros_like(sub), latents), "zarr")  # sub shards all zero
+    {"sub": path / "sub" / "c" / "1", "latent": path / "latent" / "c" / "1" / "0"}[name].unlink()
+    with pytest.raises(StoreError, match=f"{name} holds"):
+        open_store(path)
+    assert verify_store(path) and "damaged" in verify_store(path)[0]
+
+
+def test_wds_refuses_members_outside_the_layout(tmp_path):
+    path = write(tmp_path / "s", rows(40), "wds")
+    with tarfile.open(path / "shard-000000.tar", "w") as tar:
+        tar.add(path / "meta.json", arcname="../000000000000.key.txt")
+    with pytest.raises(StoreError, match="unexpected member '../000000000000.key.txt'"):
+        open_store(path).latents()
+
+
+# ---------------------------------------------------------------- errors name the path and the fix
+
+
+def test_missing_store(tmp_path):
+    with pytest.raises(StoreError, match=f"no latent store at {tmp_path / 'nope'}: run n2n-extract"):
+        open_store(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    ("meta_text", "message"),
+    [
+        (None, "no meta.json"),
+        ("{not json", "unreadable"),
+        ('{"n2n_store": 1, "format": "parquet", "dim": 4, "dtype": "float16", "count": 0, "complete": true}',
+         "unknown format 'parquet'"),
+        ('{"format": "zarr"}', "not an n2n store"),
+    ],
+)  # fmt: skip
+def test_bad_meta_json(tmp_path, meta_text, message):
+    path = tmp_path / "s"
+    path.mkdir()
+    if meta_text is not None:
+        (path / "meta.json").write_text(meta_text)
+    with pytest.raises(StoreError, match=message) as err:
+        open_store(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize(("field", "value"), [("dim", DIM + 1), ("dtype", "float32")])
+def test_meta_disagreeing_with_the_arrays(tmp_path, format, field, value):
+    path = write(tmp_path / "s", rows(20), format)
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, field: value}))
+    with pytest.raises(StoreError, match=str(path)):
+        open_store(path).latents()
+
+
+def test_create_refuses_an_existing_store(tmp_path):
+    path = write(tmp_path / "s", rows(5), "zarr")
+    with pytest.raises(StoreError, match=f"{path} already exists and is not empty: resume it"):
+        create_store(path, dim=DIM)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"format": "parquet"}, {"dtype": "int8"}, {"dim": 0}, {"meta": {"count": 3}}],
+)
+def test_create_refuses_bad_arguments(tmp_path, kwargs):
+    with pytest.raises(StoreError, match=str(tmp_path / "s")):
+        create_store(tmp_path / "s", **{"dim": DIM, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        (["a", "b"], [0, 0], np.zeros((2, DIM + 1))),  # wrong dim
+        (["a", "b"], [0, 0], np.zeros(DIM)),  # not 2-D
+        (["a"], [0, 0], np.zeros((2, DIM))),  # keys shorter than latents
+        (["a", "b"], [0], np.zeros((2, DIM))),  # subs shorter than latents
+        ([1, 2], [0, 0], np.zeros((2, DIM))),  # keys not strings
+        (["a", "b"], [0.5, 1.0], np.zeros((2, DIM))),  # subs not integers
+        (["a", "b"], [0, 0], np.zeros((2, DIM), dtype=np.int32)),  # latents not floats
+    ],
+)
+def test_append_validates_batches(tmp_path, batch):
+    writer = create_store(tmp_path / "s", dim=DIM)
+    with pytest.raises(StoreError, match=f"append to {tmp_path / 's'}"):
+        writer.append(*batch)
+    assert writer.count == 0

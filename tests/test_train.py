@@ -1,0 +1,211 @@
+"""n2n-train end to end on views with a known law, exact resume, and refusal of bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from shards.store import create_store
+from shards.synthetic import modes, write_synthetic
+from shards.view import create_view
+from train.checkpoint import CHECKPOINT, load_checkpoint, load_run, prefixed
+from train.cli import main
+from train.data import heldout_mask
+
+SMALL = ["--n-flows", "2", "--hidden-dim", "16", "--batch-size", "64", "--no-compile"]
+
+
+def n2n_train(*args: str) -> "click.testing.Result":  # noqa: F821
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def write_store(path: Path, keys, latents, sub=None, complete=True, **meta):
+    writer = create_store(path, dim=latents.shape[1], dtype="float32", meta=meta or None)
+    writer.append(list(keys), np.zeros(len(keys), np.int64) if sub is None else sub, latents.astype(np.float32))
+    writer.close() if complete else writer.flush()
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_view(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("shards"), "gaussian", n=3000, src_dim=6, dst_dim=4)
+
+
+def test_gaussian_law_reaches_analytic_nll(tmp_path):
+    """The trainer's acceptance test: within 0.05 nats/dim of the true conditional NLL, on CPU."""
+    view = write_synthetic(tmp_path / "shards", "gaussian")
+    start = time.perf_counter()
+    result = n2n_train("--shards", view, "--out", tmp_path / "run", "--steps", 2000, "--n-flows", 4,
+                       "--hidden-dim", 64, "--no-compile")
+    assert result.exit_code == 0, result.output
+    seconds = time.perf_counter() - start
+    truth = json.loads((view / "truth.json").read_text())["nll_nats_per_dim"]
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    gap = last["heldout_bpd"] * np.log(2) - truth
+    print(f"held-out gap {gap:+.4f} nats/dim in {seconds:.0f} s")
+    assert -0.02 < gap < 0.05, gap  # far below the truth would mean a bug in the NLL, not a good model
+    assert "gap" in result.output
+
+
+def test_bimodal_law_samples_both_modes(tmp_path):
+    view = write_synthetic(tmp_path / "shards", "bimodal")
+    result = n2n_train("--shards", view, "--out", tmp_path / "run", "--steps", 2000, "--n-flows", 4,
+                       "--hidden-dim", 64, "--no-compile")
+    assert result.exit_code == 0, result.output
+    params = {k: np.array(v) for k, v in json.loads((view / "truth.json").read_text())["params"].items()}
+    translator = load_run(tmp_path / "run")
+    c = np.random.default_rng(1).standard_normal((100, 16))
+    draws = np.stack([
+        translator.sample(torch.tensor(c, dtype=torch.float32), generator=torch.Generator().manual_seed(i)).numpy()
+        for i in range(40)
+    ])  # [40 draws, 100 conditions, 8]
+    mode = modes(params, c)
+    to_pos, to_neg = np.linalg.norm(draws - mode, axis=2), np.linalg.norm(draws + mode, axis=2)
+    positive = (to_pos < to_neg).mean(0)
+    assert 0.4 < positive.mean() < 0.6
+    assert (positive > 0).mean() > 0.95 and (positive < 1).mean() > 0.95  # both modes for nearly every c
+    # Samples sit on a mode (noise sigma * sqrt(dim) = 0.85), not between them (|mode| is about 3.2).
+    assert np.median(np.minimum(to_pos, to_neg)) < 1.2
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(small_view, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert n2n_train("--shards", small_view, "--out", full, "--steps", 60, "--eval-every", 20, *SMALL).exit_code == 0
+    assert n2n_train("--shards", small_view, "--out", part, "--steps", 20, "--eval-every", 20, *SMALL).exit_code == 0
+    result = n2n_train("--shards", small_view, "--out", part, "--steps", 60, "--eval-every", 20, "--resume", *SMALL)
+    assert result.exit_code == 0, result.output
+    a, meta_a = load_checkpoint(full / CHECKPOINT)
+    b, meta_b = load_checkpoint(part / CHECKPOINT)
+    assert meta_a["step"] == meta_b["step"] == 60
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert (full / "metrics.jsonl").read_text().count("\n") == (part / "metrics.jsonl").read_text().count("\n")
+
+
+def test_resume_after_kill_9(small_view, tmp_path):
+    """A real crash: kill -9 the trainer after its first checkpoint, resume, compare with a clean run."""
+    args = ["--shards", small_view, "--steps", 400, "--eval-every", 40, *SMALL]
+    assert n2n_train(*args, "--out", tmp_path / "clean").exit_code == 0
+    run = tmp_path / "crashed"
+    cmd = [sys.executable, "-c", "from train.cli import main; main()", *map(str, args), "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (run / CHECKPOINT).exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(run / CHECKPOINT)[1]["step"]  # the last checkpoint is whole and loads
+    assert killed_at < 400, "the run finished before it could be killed; make it longer"
+    assert n2n_train(*args, "--out", run, "--resume").exit_code == 0
+    clean = prefixed(load_checkpoint(tmp_path / "clean" / CHECKPOINT)[0], "model")
+    resumed = prefixed(load_checkpoint(run / CHECKPOINT)[0], "model")
+    assert clean.keys() == resumed.keys()
+    assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 400  # no step logged twice after the crash
+
+
+def test_standardisation_statistics_and_split_are_saved(small_view, tmp_path):
+    assert n2n_train("--shards", small_view, "--out", tmp_path / "r", "--steps", 5, "--eval-every", 5,
+                     *SMALL).exit_code == 0
+    tensors, meta = load_checkpoint(tmp_path / "r" / CHECKPOINT)
+    assert tensors["norm.source.mean"].shape == (6,) and tensors["norm.target.std"].shape == (4,)
+    assert meta["source"]["dim"] == 6 and meta["target"]["dim"] == 4 and meta["heldout_bpd"] is not None
+    translator = load_run(tmp_path / "r")
+    out = translator.sample(torch.zeros(3, 6))
+    assert out.shape == (3, 4) and torch.isfinite(out).all()
+
+
+def test_heldout_split_depends_on_key_only():
+    keys = np.array([f"img{i}" for i in range(5000)])
+    mask = heldout_mask(keys, 0.1)
+    assert 0.07 < mask.mean() < 0.13
+    shuffled = np.random.default_rng(0).permutation(len(keys))
+    assert np.array_equal(heldout_mask(keys[shuffled], 0.1), mask[shuffled])
+    captions = np.repeat(keys, 5)  # every caption of an image lands on the image's side
+    assert np.array_equal(heldout_mask(captions, 0.1), np.repeat(mask, 5))
+
+
+def test_dry_run_prints_the_net2net_size(tmp_path):
+    rng = np.random.default_rng(0)
+    keys = [f"k{i}" for i in range(4)]
+    src = write_store(tmp_path / "bert", keys, rng.standard_normal((4, 768)))
+    dst = write_store(tmp_path / "biggan", keys, rng.standard_normal((4, 268)))
+    create_view(tmp_path / "bert_biggan", src, dst)
+    result = n2n_train("--shards", tmp_path / "bert_biggan", "--dry-run", "--embedding-dim", 268)
+    assert result.exit_code == 0, result.output
+    assert "254,762,152" in result.output  # the count test_cinn derives from the layer shapes
+    assert not (tmp_path / "runs").exists()
+
+
+def test_loss_blowing_up_stops_and_keeps_the_last_good_checkpoint(small_view, tmp_path):
+    run = tmp_path / "r"
+    assert n2n_train("--shards", small_view, "--out", run, "--steps", 20, "--eval-every", 20, *SMALL).exit_code == 0
+    good = load_checkpoint(run / CHECKPOINT)[0]
+    # Same run continued with an absurd learning rate (a new run folder would not have a good checkpoint).
+    fresh = tmp_path / "r2"
+    result = n2n_train("--shards", small_view, "--out", fresh, "--steps", 400, "--eval-every", 20,
+                       "--lr", "1e6", *SMALL)
+    assert result.exit_code == 1
+    assert "loss became" in result.output and "lower --lr" in result.output
+    if (fresh / CHECKPOINT).exists():  # any checkpoint it left holds finite weights
+        kept = load_checkpoint(fresh / CHECKPOINT)[0]
+        assert all(torch.isfinite(v).all() for v in prefixed(kept, "model").values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in prefixed(good, "model").values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "problem", ["missing_store", "incomplete", "no_overlap", "nan", "no_view", "truncated_shard", "unknown_format"]
+)
+def test_bad_view_is_refused_with_one_line(problem, tmp_path):
+    rng = np.random.default_rng(0)
+    keys = [f"k{i}" for i in range(50)]
+    src = write_store(tmp_path / "src", keys, rng.standard_normal((50, 3)))
+    target_keys = [f"other{i}" for i in range(50)] if problem == "no_overlap" else keys
+    latents = rng.standard_normal((50, 2))
+    if problem == "nan":
+        latents[7, 1] = np.nan
+    dst = write_store(tmp_path / "dst", target_keys, latents)
+    view = tmp_path / "view"
+    if problem == "no_overlap":  # create_view refuses it already; write the file by hand as a stale view would be
+        view.mkdir()
+        (view / "view.json").write_text(json.dumps({"n2n_view": 1, "source": "../src", "target": "../dst"}))
+    elif problem != "no_view":
+        create_view(view, src, dst)
+    meta = json.loads((dst / "meta.json").read_text())
+    if problem in ("incomplete", "unknown_format"):
+        change = {"complete": False} if problem == "incomplete" else {"format": "parquet"}
+        (dst / "meta.json").write_text(json.dumps({**meta, **change}))
+    if problem == "truncated_shard":
+        files = [f for f in dst.rglob("*") if f.is_file() and f.name != "meta.json"]
+        biggest = max(files, key=lambda f: f.stat().st_size)
+        biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    if problem == "missing_store":
+        os.rename(dst, tmp_path / "moved")
+    result = n2n_train("--shards", view, "--out", tmp_path / "run", *SMALL)
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert message.startswith("error:") and len(message.splitlines()) <= 2, message  # rich may wrap a long line
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
+
+
+def test_resume_refusals(small_view, tmp_path):
+    run = tmp_path / "r"
+    assert n2n_train("--shards", small_view, "--out", run, "--resume", *SMALL).exit_code == 2  # nothing to resume
+    assert n2n_train("--shards", small_view, "--out", run, "--steps", 5, "--eval-every", 5, *SMALL).exit_code == 0
+    again = n2n_train("--shards", small_view, "--out", run, "--steps", 5, *SMALL)
+    assert again.exit_code == 2 and "--resume" in again.output
+    clash = n2n_train("--shards", small_view, "--out", run, "--steps", 10, "--resume", *SMALL[:-3], "--batch-size", 32)
+    assert clash.exit_code == 2 and "--batch-size 32" in clash.output
+    other = write_synthetic(tmp_path / "other", "gaussian", n=500, src_dim=5, dst_dim=4)
+    wrong = n2n_train("--shards", other, "--out", run, "--steps", 10, "--resume", *SMALL)
+    assert wrong.exit_code == 2 and "dims" in wrong.output

@@ -1,0 +1,125 @@
+"""Checkpoints: one safetensors file holding every tensor of a run, with its JSON in the header.
+
+Tensors: ``model.*`` (the flow's state dict), ``optim.<param>.<name>`` (optimizer moments),
+``norm.{source,target}.{mean,std}`` (standardisation statistics), ``rng.*`` (generator states).
+JSON (the safetensors ``__metadata__`` entry "n2n"): model config, training settings, step, the
+view and both stores' identities, optimizer hyper-parameters. One file means weights and state can
+never disagree, and one ``os.replace`` makes a new checkpoint visible atomically: a crash at any
+moment leaves the previous checkpoint or the new one, never half of either. Read it with
+``safetensors.safe_open(path, "pt").metadata()["n2n"]``; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cinn import ConditionalFlow
+from train.data import Standardizer
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing or unreadable; the message names the file and what to do."""
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON (hyper-parameters)."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"optim.{index}.{name}": value
+        for index, entries in state["state"].items()
+        for name, value in entries.items()
+    }
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write atomically: a temp file in the same folder, fsync, rename over the old checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"n2n": json.dumps(meta)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors (on CPU) and the JSON header of a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: train one with n2n-train, or point to its run folder")
+    meta = read_meta(path)
+    try:
+        with safe_open(path, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:  # safetensors raises several kinds for truncated or foreign files
+        raise CheckpointError(f"{path} is not a readable n2n checkpoint ({e}); use an earlier copy or retrain") from e
+    return tensors, meta
+
+
+def read_meta(path: Path) -> dict:
+    """Only the JSON header: cheap, no tensor is read."""
+    try:
+        with safe_open(path, "pt") as f:
+            return json.loads((f.metadata() or {})["n2n"])
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable n2n checkpoint ({e}); use an earlier copy or retrain") from e
+
+
+def saved_norms(tensors: dict[str, torch.Tensor]) -> tuple[Standardizer, Standardizer]:
+    """The (source, target) standardisation a checkpoint's weights were trained with."""
+    mean_std = lambda side: (tensors[f"norm.{side}.mean"], tensors[f"norm.{side}.std"])  # noqa: E731
+    return Standardizer(*mean_std("source")), Standardizer(*mean_std("target"))
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix.`` with the prefix removed (e.g. the model's state dict)."""
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+@dataclass
+class Translator:
+    """A trained run, ready to sample: target latents given source latents, both in stored units."""
+
+    flow: ConditionalFlow
+    source_norm: Standardizer
+    target_norm: Standardizer
+    meta: dict
+
+    @torch.no_grad()
+    def sample(self, source: torch.Tensor, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """One target latent per row of ``source`` [B, cond_dim]: z ~ N(0, T^2 I) through the inverse flow."""
+        c = self.source_norm(source.float())
+        return self.target_norm.inverse(self.flow.sample(c, temperature, generator))
+
+
+def load_run(run: Path | str, device: str | torch.device = "cpu") -> Translator:
+    """Load ``run/checkpoint.safetensors`` (or a checkpoint file) for sampling, in eval mode."""
+    run = Path(run)
+    tensors, meta = load_checkpoint(run / CHECKPOINT if run.is_dir() else run)
+    flow = ConditionalFlow(**meta["model"])
+    flow.load_state_dict(prefixed(tensors, "model"))
+    return Translator(flow.to(device).eval(), *saved_norms(tensors), meta)

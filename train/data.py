@@ -1,0 +1,127 @@
+"""A view's joined latents as standardised tensors, split into train and held-out rows by key.
+
+The whole point of stage 2 is that training touches nothing but these arrays: they are loaded
+once, standardised, and moved to the device, where every batch is an index gather.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shards.store import Store, StoreError
+from shards.view import View, open_view
+
+
+@dataclass
+class Standardizer:
+    """Per-dimension affine map to zero mean, unit variance; kept in the checkpoint so that
+    translation maps a new source latent exactly as training did."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> Standardizer:
+        x64 = x.astype(np.float64)
+        std = np.maximum(x64.std(0), 1e-6)
+        return cls(torch.from_numpy(x64.mean(0)).float(), torch.from_numpy(std).float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.std.to(y.device) + self.mean.to(y.device)
+
+    @property
+    def log_abs_det(self) -> float:
+        """log|det| of the inverse map: add it to an NLL of standardised latents to get the NLL of
+        the latents in their stored units."""
+        return float(self.std.double().log().sum())
+
+
+ARRAYS = ("source", "target", "held_source", "held_target")
+
+
+@dataclass
+class PairedLatents:
+    """Standardised (source, target) rows of one view, split into train and held-out parts."""
+
+    view: View
+    source: torch.Tensor
+    target: torch.Tensor
+    held_source: torch.Tensor
+    held_target: torch.Tensor
+    source_norm: Standardizer
+    target_norm: Standardizer
+    truth: dict | None  # truth.json of a synthetic view: the analytic NLL
+
+    def to(self, device: torch.device) -> PairedLatents:
+        """Move the arrays to the device; refuse (naming the sizes) where they would not fit."""
+        if device.type == "cuda":
+            needed = sum(getattr(self, k).nbytes for k in ARRAYS)
+            free, _ = torch.cuda.mem_get_info(device)
+            if needed > 0.8 * free:
+                raise StoreError(
+                    f"{self.view.path}: the joined latents need {needed / 2**30:.1f} GiB but {device} has "
+                    f"{free / 2**30:.1f} GiB free; train with --device cpu"
+                )
+        move = {k: getattr(self, k).to(device) for k in ARRAYS}
+        return PairedLatents(self.view, **move, source_norm=self.source_norm, target_norm=self.target_norm,
+                             truth=self.truth)
+
+
+def heldout_mask(keys: np.ndarray, fraction: float) -> np.ndarray:
+    """Rows whose key hashes into the held-out fraction. Deterministic from the key alone (not the
+    row order, not the seed), so every caption of one image lands on the same side, and the split
+    is the same for every run and every translation task over the same items."""
+    unique, inverse = np.unique(keys, return_inverse=True)
+    buckets = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") % 10_000 for k in unique),
+        dtype=np.int64,
+        count=len(unique),
+    )
+    return (buckets < round(fraction * 10_000))[inverse]
+
+
+def finite_latents(store: Store) -> np.ndarray:
+    """The store's latents, refused when any is NaN or infinite (a broken expert or a corrupt file)."""
+    x = store.latents()
+    bad = ~np.isfinite(x).all(1)
+    if bad.any():
+        raise StoreError(
+            f"{store.path}: {int(bad.sum())} of {len(x)} latents hold NaN or inf (first row {int(bad.argmax())}); "
+            f"check it with `n2n-shards verify {store.path}` and extract it again"
+        )
+    return x
+
+
+def load_pairs(
+    view_path: Path | str, holdout: float = 0.05, norms: tuple[Standardizer, Standardizer] | None = None
+) -> PairedLatents:
+    """Open a view, join its stores on key, split by key hash, and standardise: with the train rows'
+    statistics, or with given (source, target) ones (a resumed run keeps its checkpoint's)."""
+    view = open_view(view_path)
+    join = view.join()
+    source = finite_latents(view.source)[join.source_index].astype(np.float32)
+    target = finite_latents(view.target)[join.target_index].astype(np.float32)
+    held = heldout_mask(join.key, holdout)
+    if held.all():
+        raise StoreError(f"{view.path}: all {len(held)} pairs fall in the held-out split; lower --holdout")
+    source_norm, target_norm = norms or (Standardizer.fit(source[~held]), Standardizer.fit(target[~held]))
+    truth_file = Path(view.path) / "truth.json"
+    return PairedLatents(
+        view=view,
+        source=source_norm(torch.from_numpy(source[~held])),
+        target=target_norm(torch.from_numpy(target[~held])),
+        held_source=source_norm(torch.from_numpy(source[held])),
+        held_target=target_norm(torch.from_numpy(target[held])),
+        source_norm=source_norm,
+        target_norm=target_norm,
+        truth=json.loads(truth_file.read_text()) if truth_file.exists() else None,
+    )

@@ -1,0 +1,298 @@
+"""Stage 2: fit the cINN p(target | source) from a view's latents alone.
+
+Read top to bottom: settings, the loss, held-out evaluation, checkpoint contents, the loop.
+The joined arrays live on the device; a batch is ``torch.randint`` + an index gather, so a step
+costs the cINN's forward and backward and nothing else (no DataLoader, no per-sample Python).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from cinn import ConditionalFlow, bits_per_dim, nll
+from shards.view import open_view
+from train.checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    load_checkpoint,
+    optimizer_tensors,
+    prefixed,
+    restore_optimizer,
+    save_checkpoint,
+    saved_norms,
+)
+from train.data import PairedLatents, load_pairs
+
+NET2NET_BASE_LR = 4.5e-6  # net2net scales its learning rate by the batch size
+
+
+@dataclass
+class ModelConfig:
+    """The flow's size; dim and cond_dim come from the view."""
+
+    n_flows: int = 24
+    hidden_dim: int = 1024
+    hidden_depth: int = 2
+    embedding_dim: int | None = None
+    embedder_depth: int = 2
+    embedder_norm: str = "layer"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10_000
+    batch_size: int = 256
+    lr: float | None = None  # None: NET2NET_BASE_LR * batch_size
+    seed: int = 0
+    holdout: float = 0.05
+    eval_every: int = 500  # also the checkpoint interval
+    log_every: int = 50
+    eval_rows: int = 16_384  # held-out rows used per evaluation (the first ones, always the same)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else NET2NET_BASE_LR * self.batch_size
+
+
+class TrainError(Exception):
+    """Bad input or a diverged run; the message names what and how to go on."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError("--device cuda asked for, but this torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def build_flow(data: PairedLatents, model: ModelConfig) -> ConditionalFlow:
+    return ConditionalFlow(dim=data.target.shape[1], cond_dim=data.source.shape[1], **asdict(model))
+
+
+def make_optimizer(flow: ConditionalFlow, lr: float) -> torch.optim.Optimizer:
+    """net2net's Adam(betas=(0.5, 0.9), amsgrad); fused kernels where this torch has them."""
+    try:
+        return torch.optim.Adam(flow.parameters(), lr=lr, betas=(0.5, 0.9), amsgrad=True, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(flow.parameters(), lr=lr, betas=(0.5, 0.9), amsgrad=True, foreach=True)
+
+
+def make_loss(flow: ConditionalFlow, compile: bool, console: Console) -> Callable:
+    """Mean NLL in nats of standardised targets; compiled when asked, eager if compiling fails."""
+
+    def loss(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        z, logdet = flow(x, c)
+        return nll(z, logdet).mean()
+
+    if not compile:
+        return loss
+    compiled = torch.compile(loss)
+    current = [compiled]
+
+    def guarded(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        try:
+            return current[0](x, c)
+        except Exception as e:  # inductor needs a C++/triton toolchain; training must not depend on it
+            if current[0] is loss:
+                raise
+            console.print(f"[yellow]warning: torch.compile failed ({type(e).__name__}: {e}); training eagerly")
+            current[0] = loss
+            return loss(x, c)
+
+    return guarded
+
+
+@torch.no_grad()
+def heldout_bpd(flow: ConditionalFlow, data: PairedLatents, rows: int, chunk: int = 4096) -> float | None:
+    """Held-out NLL in bits/dim of the target latent in its stored units (the standardisation's
+    log-determinant added back), so that it is comparable across runs and with an analytic NLL."""
+    x, c = data.held_target[:rows], data.held_source[:rows]
+    if len(x) == 0:
+        return None
+    was_training = flow.training
+    flow.eval()
+    total = sum(nll(*flow(x[i : i + chunk], c[i : i + chunk])).double().sum() for i in range(0, len(x), chunk))
+    flow.train(was_training)
+    return float(bits_per_dim(float(total) / len(x) + data.target_norm.log_abs_det, x.shape[1]))
+
+
+def checkpoint_state(
+    flow: ConditionalFlow, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+    data: PairedLatents, cfg: TrainConfig, step: int, heldout: float | None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {f"model.{k}": v for k, v in flow.state_dict().items()}
+    optim, optim_meta = optimizer_tensors(optimizer)
+    tensors |= optim
+    for side, norm in (("source", data.source_norm), ("target", data.target_norm)):
+        tensors[f"norm.{side}.mean"], tensors[f"norm.{side}.std"] = norm.mean, norm.std
+    tensors["rng.batch"] = generator.get_state()
+    meta = {
+        "n2n_checkpoint": 1,
+        "step": step,
+        "model": flow.config,
+        "train": asdict(cfg),
+        "view": str(Path(data.view.path).resolve()),
+        "source": data.view.source.identity(),
+        "target": data.view.target.identity(),
+        "optimizer": optim_meta,
+        "heldout_bpd": heldout,
+    }
+    return tensors, meta
+
+
+def train_config_from(meta: dict, steps: int) -> TrainConfig:
+    """The settings a checkpoint was trained with; only the step budget may change on resume."""
+    settings = dict(meta["train"], steps=steps)
+    return TrainConfig(**{**settings, "model": ModelConfig(**settings["model"])})
+
+
+def check_fits(meta: dict, view: Path | str, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint on a view of other dimensions (cheap: reads only the stores' meta)."""
+    v = open_view(view)
+    model = meta["model"]
+    if (model["cond_dim"], model["dim"]) != (v.source.dim, v.target.dim):
+        raise TrainError(
+            f"{checkpoint} was trained on {model['cond_dim']} -> {model['dim']} dims but {v.path} holds "
+            f"{v.source.dim} -> {v.target.dim}; resume on the same view, or start a new run with another --out"
+        )
+
+
+def restore(tensors: dict[str, torch.Tensor], meta: dict, cfg: TrainConfig, device: torch.device):
+    """Rebuild flow, optimizer and batch generator from a checkpoint's tensors and header."""
+    flow = ConditionalFlow(**meta["model"]).to(device)
+    flow.load_state_dict(prefixed(tensors, "model"))
+    optimizer = make_optimizer(flow, cfg.learning_rate)
+    restore_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer"])
+    generator = torch.Generator(device)
+    generator.set_state(tensors["rng.batch"])
+    return flow, optimizer, generator, meta["step"]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after ``step`` (a crash after the last checkpoint), so a resumed
+    run's metrics.jsonl reads as one uninterrupted run."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def train(
+    view: Path | str,
+    out: Path | str,
+    cfg: TrainConfig,
+    *,
+    device: str = "auto",
+    compile: bool | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+) -> dict:
+    """Train (or resume) a run in ``out`` on ``view``; return the final summary.
+
+    ``compile=None`` compiles on CUDA only (see n2n-train --help for the CPU measurement).
+    """
+    console = console or Console(stderr=True)
+    out, dev = Path(out), pick_device(device)
+    ckpt_path, metrics_path = out / CHECKPOINT, out / "metrics.jsonl"
+    if ckpt_path.exists() and not resume:
+        raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    if resume and not ckpt_path.exists():
+        raise CheckpointError(f"--resume: no checkpoint in {out}; drop --resume to start this run")
+
+    if resume:
+        tensors, meta = load_checkpoint(ckpt_path)
+        cfg = train_config_from(meta, cfg.steps)
+        check_fits(meta, view, ckpt_path)
+        data = load_pairs(view, cfg.holdout, saved_norms(tensors)).to(dev)  # bit for bit the trained-with stats
+        flow, optimizer, generator, step = restore(tensors, meta, cfg, dev)
+        heldout = meta["heldout_bpd"]
+        truncate_metrics(metrics_path, step)
+    else:
+        data = load_pairs(view, cfg.holdout).to(dev)
+        torch.manual_seed(cfg.seed)
+        flow = build_flow(data, cfg.model).to(dev)
+        optimizer = make_optimizer(flow, cfg.learning_rate)
+        generator = torch.Generator(dev).manual_seed(cfg.seed)
+        step, heldout = 0, None
+        with torch.no_grad():  # ActNorm's data-dependent init, eagerly, before any compiled graph
+            flow(*batch(data, cfg.batch_size, generator))
+    out.mkdir(parents=True, exist_ok=True)
+    loss_fn = make_loss(flow, dev.type == "cuda" if compile is None else compile, console)
+    flow.train()
+
+    dim = data.target.shape[1]
+    console.print(
+        f"[bold]n2n-train[/] {data.view.path}: {data.source.shape[1]} -> {dim} dims, {len(data.target)} train / "
+        f"{len(data.held_target)} held-out pairs, {sum(p.numel() for p in flow.parameters()):,} parameters, "
+        f"device {dev}, batch {cfg.batch_size}, lr {cfg.learning_rate:.3g}"
+    )
+    to_bpd = lambda nats: bits_per_dim(nats + data.target_norm.log_abs_det, dim)  # noqa: E731
+    loss_sum, train_bpd = torch.zeros((), device=dev), None
+    t0 = last_time = time.perf_counter()
+    last_step = step
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(), console=console,
+    )
+    with progress, open(metrics_path, "a") as metrics:
+        task = progress.add_task("train", total=cfg.steps, completed=step, info="")
+        try:
+            while step < cfg.steps:
+                x, c = batch(data, cfg.batch_size, generator)
+                loss = loss_fn(x, c)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach()
+                step += 1
+                evaluate = step % cfg.eval_every == 0 or step == cfg.steps
+                if step % cfg.log_every and not evaluate:
+                    continue
+                # One host sync per log interval: the mean loss, checked before anything is saved.
+                mean_loss = float(loss_sum) / (step - last_step)
+                params_finite = bool(torch.stack([torch.isfinite(p).all() for p in flow.parameters()]).all())
+                if not (math.isfinite(mean_loss) and params_finite):
+                    raise TrainError(
+                        f"loss became {mean_loss} by step {step}; the last good checkpoint stays in {ckpt_path} "
+                        f"(lower --lr, or check the stores with n2n-shards verify)"
+                    )
+                now = time.perf_counter()
+                rate = (step - last_step) / (now - last_time)
+                loss_sum.zero_()
+                last_step, last_time, train_bpd = step, now, to_bpd(mean_loss)
+                record = {"step": step, "train_bpd": train_bpd, "steps_per_s": rate}
+                if evaluate:
+                    heldout = record["heldout_bpd"] = heldout_bpd(flow, data, cfg.eval_rows)
+                    save_checkpoint(ckpt_path, *checkpoint_state(flow, optimizer, generator, data, cfg, step, heldout))
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                held = f"  held-out {heldout:.4f}" if heldout is not None else ""
+                progress.update(task, completed=step, info=f"{train_bpd:.4f} bits/dim{held}  {rate:.1f} steps/s")
+        except KeyboardInterrupt:
+            raise TrainError(
+                f"interrupted at step {step}; the last checkpoint is in {ckpt_path}: --resume continues it"
+            ) from None
+    elapsed = time.perf_counter() - t0
+    summary = {"run": str(out), "step": step, "train_bpd": train_bpd, "heldout_bpd": heldout,
+               "seconds": elapsed, "checkpoint": str(ckpt_path)}
+    if data.truth is not None and heldout is not None:
+        truth = data.truth["nll_nats_per_dim"]
+        summary["truth_bpd"] = truth / math.log(2)
+        summary["gap_nats_per_dim"] = heldout * math.log(2) - truth
+    return summary
+
+
+def batch(data: PairedLatents, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch (with replacement) as one index gather on the device."""
+    idx = torch.randint(len(data.target), (size,), device=data.target.device, generator=generator)
+    return data.target[idx], data.source[idx]
