@@ -2,10 +2,13 @@
 PY      := .venv/bin/python
 BIN     := .venv/bin
 SHARDS  ?= shards/synth-gaussian
+EXPERT  ?= minilm
+DATA    ?= shapes
+DATA_ROOT ?=
 OUT     ?=
 ARGS    ?=
 
-.PHONY: install test test-slow lint train synthetic check-synthetic clean
+.PHONY: install test test-slow lint extract train synthetic check-synthetic clean
 
 install: .venv/installed
 
@@ -23,6 +26,10 @@ test-slow: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# Latents of one expert over one dataset: make extract EXPERT=bert DATA=coco DATA_ROOT=/data/coco [ARGS="--limit 1000"]
+extract: install
+	$(BIN)/n2n-extract --expert $(EXPERT) --data $(DATA) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS)
 
 # Train a translator on a view: make train SHARDS=shards/minilm_ae [OUT=runs/x] [ARGS="--steps 2000"]
 train: install

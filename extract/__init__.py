@@ -1,0 +1,1 @@
+"""Stage 1: run frozen experts once over datasets and cache their latents in stores."""

@@ -1,0 +1,109 @@
+"""biggan: items sampled for the BigGAN generator (net2net's text-to-BigGAN recipe).
+
+Item i is drawn from (seed, split, i) alone: z = a standard normal truncated to |z| <= 2 (values
+outside are redrawn, as the package's ``truncnorm(-2, 2)``) times ``truncation``, and an ImageNet
+class. Modalities: "biggan" (z and class: what the ``biggan`` expert stores exactly), "label" (the
+class), "text" (a caption from the class name by a template, so ``bert``/``minilm`` over the same
+keys gives the source side of text-to-BigGAN) and, with ``render=True``, "image" (rendered by the
+generator, loaded lazily once per loader worker).
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from extract.datasets import DatasetError, ItemDataset
+
+Z_DIM = 128
+Z_BOUND = 2.0
+TEMPLATES = ("a photo of {a} {name}", "a picture of {a} {name}", "an image of {a} {name}",
+             "a close-up photo of {a} {name}", "a photo of the {name}")
+
+
+@cache
+def class_names() -> tuple[str, ...]:
+    """The 1000 ImageNet class names BigGAN was trained on, first synonym each ("tench, Tinca tinca" -> "tench")."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return tuple(info.index_to_description(i).split(",")[0].strip() for i in range(info.num_classes()))
+
+
+def caption(class_index: int, template: int) -> str:
+    name = class_names()[class_index]
+    return TEMPLATES[template].format(a="an" if name[0].lower() in "aeiou" else "a", name=name)
+
+
+class BigGANDataset(ItemDataset):
+    """Deterministic BigGAN inputs (z, class), their captions and, on request, their images."""
+
+    name = "biggan"
+
+    def __init__(self, root: str | Path | None = None, split: str = "train", seed: int = 0, count: int = 10000,
+                 num_classes: int = 1000, truncation: float = 0.4, model: str = "biggan-deep-128",
+                 weights: str | Path | None = None, render: bool = False) -> None:
+        from extract.experts.biggan import MODELS
+
+        super().__init__(None, split)  # nothing is read from disk: a root given out of habit is not recorded
+        if not split:
+            raise DatasetError("biggan needs a split name (it seeds the items), e.g. train or val")
+        if seed < 0 or count < 1:
+            raise DatasetError(f"biggan needs seed >= 0 and count >= 1, not seed={seed}, count={count}")
+        if not 1 <= num_classes <= 1000:
+            raise DatasetError(f"biggan num_classes must be in 1..1000 (ImageNet classes), not {num_classes}")
+        if not 0 < truncation <= 1:
+            raise DatasetError(f"biggan truncation must be in (0, 1], not {truncation}")
+        if model not in MODELS:
+            raise DatasetError(f"biggan model must be one of {', '.join(MODELS)}, not {model!r}")
+        self.seed, self.count, self.num_classes = int(seed), int(count), int(num_classes)
+        self.truncation, self.model, self.weights = float(truncation), model, weights
+        self.modalities = ("biggan", "label", "text", *(("image",) if render else ()))
+        self._generator = None  # loaded on the first rendered image, in the process (worker) that renders
+
+    def __len__(self) -> int:
+        return self.count
+
+    def key(self, index: int) -> str:
+        return f"biggan-{self.split}-{self.check_index(index):07d}"
+
+    def draw(self, index: int) -> tuple[np.ndarray, int, int]:
+        """(z float32 [128], class, template index) of item ``index``; independent of PYTHONHASHSEED."""
+        rng = np.random.default_rng([self.seed, zlib.crc32(self.split.encode()), self.check_index(index)])
+        z = rng.standard_normal(Z_DIM)
+        while (outside := np.abs(z) > Z_BOUND).any():
+            z[outside] = rng.standard_normal(int(outside.sum()))
+        return (z * self.truncation).astype(np.float32), int(rng.integers(self.num_classes)), int(
+            rng.integers(len(TEMPLATES)))
+
+    def render(self, z: np.ndarray, class_index: int) -> Image.Image:
+        """The generator's image of (z, class) at the dataset's truncation."""
+        if self._generator is None:
+            from extract.experts import load_expert
+
+            self._generator = load_expert(f"biggan:{self.model}", self.weights)
+        expert = self._generator
+        latent = expert.encode(expert.collate(expert.rows({"z": z, "class": class_index})))["latent"]
+        image = expert.decode(latent, self.truncation)[0]
+        return Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().cpu().numpy())
+
+    def __getitem__(self, index: int) -> dict:
+        z, class_index, template = self.draw(index)
+        item = {"key": self.key(index)}
+        if "biggan" in self.modalities:
+            item["z"], item["class"] = z, class_index
+        if "label" in self.modalities:
+            item["label"] = class_index
+        if "text" in self.modalities:
+            item["text"] = [caption(class_index, template)]
+        if "image" in self.modalities:
+            item["image"] = self.render(z, class_index)
+        return item
+
+    def describe(self) -> dict:
+        return {**super().describe(), "seed": self.seed, "num_classes": self.num_classes,
+                "truncation": self.truncation, "model": self.model}

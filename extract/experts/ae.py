@@ -1,0 +1,154 @@
+"""ae:PATH: a convolutional autoencoder trained by n2n, as an expert that both encodes and decodes.
+
+net2net trains its own autoencoders as experts too; here one gives the offline demo an image
+generator: ``shapes`` images -> ``ae`` latents, and a cINN from ``minilm`` latents into them
+becomes text-to-image. Saved as ``PATH/config.json`` + ``PATH/model.safetensors``, written into a
+temporary folder and renamed into place, so a crash never leaves a half-written expert.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import transforms
+
+from extract.experts import Expert, ExpertError, first_line, folder_name, rgb
+
+FORMAT = "n2n-conv-autoencoder"
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+
+
+def _block(conv: nn.Module, channels: int) -> nn.Sequential:
+    # GroupNorm, not BatchNorm: a latent must not depend on the other images of its batch.
+    return nn.Sequential(conv, nn.GroupNorm(math.gcd(channels, 8), channels), nn.SiLU())
+
+
+class ConvAutoencoder(nn.Module):
+    """Images [B, 3, S, S] in [0, 1] <-> latents [B, latent_dim].
+
+    Encoder: one stride-2 conv block per entry of ``channels``, then a linear map to the latent.
+    Decoder: a linear map back, one upsample + conv block per entry in reverse, a conv to RGB and a
+    sigmoid (nearest upsampling + conv avoids the checkerboard of transposed convolutions).
+    """
+
+    def __init__(self, image_size: int = 64, channels: Sequence[int] = (32, 64, 128, 256), latent_dim: int = 128):
+        super().__init__()
+        side = image_size // 2 ** len(channels)
+        if side < 1 or side * 2 ** len(channels) != image_size:
+            raise ValueError(f"image_size {image_size} must be a multiple of 2**{len(channels)} (one halving per "
+                             "channel entry)")
+        self.config = {"image_size": image_size, "channels": list(channels), "latent_dim": latent_dim}
+        widths = [3, *channels]
+        self.encoder = nn.Sequential(
+            *(_block(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), c_out) for c_in, c_out in zip(widths, channels)),
+            nn.Flatten(), nn.Linear(channels[-1] * side * side, latent_dim))
+        back = [*reversed(channels), channels[0]]
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, channels[-1] * side * side), nn.Unflatten(1, (channels[-1], side, side)),
+            *(nn.Sequential(nn.Upsample(scale_factor=2), _block(nn.Conv2d(c_in, c_out, 3, padding=1), c_out))
+              for c_in, c_out in zip(back, back[1:])),
+            nn.Conv2d(channels[0], 3, 3, padding=1), nn.Sigmoid())
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x * 2 - 1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def save_autoencoder(model: ConvAutoencoder, path: str | Path) -> Path:
+    """Write ``model`` to the folder ``path`` atomically: a sibling temp folder, then a rename."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        save_model(model, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps({"format": FORMAT, **model.config}, indent=2) + "\n", encoding="utf-8")
+        if path.exists():  # replace an older save: move it aside first (a folder cannot be renamed over)
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_autoencoder(path: str | Path) -> ConvAutoencoder:
+    """The autoencoder saved at ``path`` in eval mode; FileNotFoundError / ValueError for anything else."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"no autoencoder at {path}: expected {path / CONFIG} and {path / WEIGHTS}")
+    config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    if config.pop("format", None) != FORMAT:
+        raise ValueError(f"{path / CONFIG} is not an n2n autoencoder config (format {FORMAT!r})")
+    model = ConvAutoencoder(**config)
+    load_model(model, str(path / WEIGHTS))
+    return model.eval()
+
+
+def ae_transform(image_size: int) -> transforms.Compose:
+    """PIL image -> [3, S, S] in [0, 1]: shorter side resized to S, centre crop (the trainer uses it too)."""
+    return transforms.Compose([transforms.Resize(image_size, antialias=True), transforms.CenterCrop(image_size),
+                               transforms.ToTensor()])
+
+
+class AutoencoderExpert(Expert):
+    """Layer "latent" = the encoder's output; ``decode`` = the decoder."""
+
+    modality = "image"
+    can_decode = True
+
+    def __init__(self, path: str, weights: str | None, layer: str | None) -> None:
+        source = weights or path
+        try:
+            network = load_autoencoder(source)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ExpertError(f"ae:{path}: {first_line(err)}; give the folder as ae:PATH or --weights PATH") from err
+        self.image_size = network.config["image_size"]
+        self.transform = ae_transform(self.image_size)
+        super().__init__(f"ae:{path}", f"ae-{folder_name(Path(path).name)}", source, network, ("latent",),
+                         {"latent": network.config["latent_dim"]}, layer)
+
+    def rows(self, item: dict) -> list[torch.Tensor]:
+        return [self.transform(rgb(item["image"]))]
+
+    def collate(self, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"image": torch.stack(rows)}
+
+    def _encode(self, batch: dict[str, torch.Tensor], layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {"latent": self.network.encode(batch["image"])}
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, S, S] in [0, 1]."""
+        with torch.inference_mode():
+            return self.network.decode(latent.to(self.device, torch.float32))
+
+    def preprocess(self) -> dict:
+        return {"image_size": self.image_size, "resize": "shorter side, bilinear, antialias", "crop": "center",
+                "range": [0, 1]}
+
+
+def load(model: str | None, layer: str | None, weights: str | None) -> AutoencoderExpert:
+    """ae:PATH[@latent]; ``--weights PATH`` alone names the folder too."""
+    path = model or weights
+    if not path:
+        raise ExpertError("ae needs the folder of a saved autoencoder: ae:PATH or --weights PATH")
+    return AutoencoderExpert(path, weights, layer)

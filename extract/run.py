@@ -1,0 +1,344 @@
+"""Stage 1: run one frozen expert once over one dataset and write its latents to stores.
+
+Three things overlap, so the expert never waits on decoding or on disk:
+
+    loader workers   dataset[i] -> expert.rows(item) -> expert.collate(rows)   decode, preprocess, tokenise
+    main thread      batch -> device -> expert.encode (autocast on GPU)         the forward pass
+    writer thread    latents -> one StoreWriter per layer, committed every few seconds
+
+Resuming after a crash gives the store an uninterrupted run would have written, bit for bit on a
+deterministic CPU expert: batches are always cut at the same item boundaries (the batch size is
+kept in the store's meta), a resumed run restarts at the batch that holds the last committed row,
+and each store skips the rows it already has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from extract.datasets import ItemDataset, ItemError, open_dataset
+from extract.experts import Expert, load_expert
+from shards.store import StoreWriter, create_store, open_store, resume_store
+
+ERRORS = "errors.jsonl"
+ATTRIBUTES = "attributes.jsonl"
+
+
+class ExtractError(Exception):
+    """Bad input or a failed item under --on-error fail; the message names it and the way on."""
+
+
+@dataclass
+class ExtractConfig:
+    expert: str
+    data: str
+    data_root: Path | None = None
+    split: str = "train"
+    out: Path = Path("shards")
+    format: str = "zarr"
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str = "auto"
+    dtype: str = "float16"
+    limit: int | None = None
+    layers: list[str] | None = None
+    weights: Path | None = None
+    on_error: str = "skip"
+    overwrite: bool = False
+    commit_every: float = 30.0  # seconds between commits: the most work a crash can cost
+    dataset_options: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- loader side (runs in workers)
+
+
+class ItemRows(torch.utils.data.Dataset):
+    """dataset[i] -> (key, rows, error) in a loader worker: a bad item becomes a record, not a crash."""
+
+    def __init__(self, dataset: ItemDataset, expert: Expert) -> None:
+        self.dataset, self.expert = dataset, expert
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[str, list, str | None]:
+        try:
+            item = self.dataset[index]
+            return item["key"], self.expert.rows(item), None
+        except ItemError as e:
+            return e.key, [], e.reason
+        except Exception as e:  # a decoder's own exception on a broken file: record it with the key
+            return self.dataset.key(index), [], f"{type(e).__name__}: {e}"
+
+
+class Collate:
+    """Flatten items to rows (one per caption for text experts) and let the expert batch them."""
+
+    def __init__(self, expert: Expert) -> None:
+        self.expert = expert
+
+    def __call__(self, records: list[tuple[str, list, str | None]]) -> dict:
+        keys, subs, rows, errors = [], [], [], []
+        for key, item_rows, error in records:
+            if error is not None:
+                errors.append((key, error))
+            keys += [key] * len(item_rows)
+            subs += range(len(item_rows))
+            rows += item_rows
+        return {"keys": keys, "sub": np.asarray(subs, dtype=np.int64), "errors": errors, "items": len(records),
+                "inputs": self.expert.collate(rows) if rows else None}
+
+
+# ---------------------------------------------------------------- writer side (a background thread)
+
+
+class StoreSink:
+    """Appends each layer's latents to its store in a background thread; commits every few seconds.
+
+    ``skip[layer]`` rows at the start of the stream are already committed in that store (a resumed
+    run recomputes the whole batch that holds its last committed row) and are dropped here.
+    """
+
+    def __init__(self, writers: dict[str, StoreWriter], skip: dict[str, int], commit_every: float) -> None:
+        self.writers, self.skip, self.commit_every = writers, dict(skip), commit_every
+        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="n2n-store-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, keys: list[str], sub: np.ndarray, latents: dict[str, np.ndarray]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((keys, sub, latents))
+
+    def close(self) -> None:
+        """Drain the queue and commit; raises what the writer thread hit."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        last_commit = time.monotonic()
+        try:
+            while (entry := self.queue.get()) is not None:
+                keys, sub, latents = entry
+                for layer, writer in self.writers.items():
+                    drop = min(self.skip[layer], len(keys))
+                    self.skip[layer] -= drop
+                    if drop < len(keys):
+                        writer.append(keys[drop:], sub[drop:], latents[layer][drop:])
+                if time.monotonic() - last_commit >= self.commit_every:
+                    for writer in self.writers.values():
+                        writer.flush()
+                    last_commit = time.monotonic()
+            for writer in self.writers.values():
+                writer.flush()
+        except BaseException as e:  # surfaced to the main thread by put() / close()
+            self.error = e
+            while self.queue.get() is not None:  # unblock the producer until it sees the error
+                pass
+
+
+# ---------------------------------------------------------------- planning: paths, resume points
+
+
+def store_paths(cfg: ExtractConfig, expert: Expert, layers: list[str]) -> dict[str, Path]:
+    """shards/<data>/<expert>/ for the expert's default layer alone, else <expert>@<layer>/ per layer.
+    Splits other than train get their own data folder, shards/<data>-<split>/, so both can coexist."""
+    base = Path(cfg.out) / (cfg.data if cfg.split == "train" else f"{cfg.data}-{cfg.split}")
+    if layers == [expert.layers[0]] and cfg.layers is None:
+        return {layers[0]: base / expert.name}
+    return {layer: base / f"{expert.name}@{layer}" for layer in layers}
+
+
+def pick_layers(cfg: ExtractConfig, expert: Expert) -> list[str]:
+    layers = cfg.layers or [expert.layers[0]]
+    unknown = [layer for layer in layers if layer not in expert.layers]
+    if unknown:
+        raise ExtractError(
+            f"expert {expert.spec} has no layer {', '.join(unknown)}; its layers: {', '.join(expert.layers)}"
+        )
+    return layers
+
+
+def store_meta(cfg: ExtractConfig, expert: Expert, dataset: ItemDataset, layer: str, limit: int) -> dict:
+    """What a store records of its origin: a view refuses to pair stores that do not belong together."""
+    return {
+        "expert": {**expert.identity(), "layer": layer},
+        "dataset": {**dataset.describe(), "limit": cfg.limit},
+        "split": cfg.split,
+        "extraction": {"batch_size": cfg.batch_size, "items": limit, "dtype": cfg.dtype},
+    }
+
+
+def same_origin(existing: dict, wanted: dict) -> bool:
+    return all(existing.get(k) == wanted[k] for k in ("expert", "dataset", "split"))
+
+
+def resume_point(keys: np.ndarray, index_of: dict[str, int], batch_size: int) -> int:
+    """The first item of the batch that holds a store's last committed row (0 for an empty store)."""
+    return index_of[str(keys[-1])] // batch_size * batch_size if len(keys) else 0
+
+
+def rows_before(keys: np.ndarray, index_of: dict[str, int], item: int) -> int:
+    """Committed rows that belong to items before ``item`` (rows are in item order)."""
+    items = np.fromiter((index_of[k] for k in keys.tolist()), dtype=np.int64, count=len(keys))
+    return int(np.searchsorted(items, item, side="left"))
+
+
+# ---------------------------------------------------------------- the run
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ExtractError("--device cuda asked for, but this torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def batches(start: int, stop: int, size: int) -> list[list[int]]:
+    """Item indices cut at fixed multiples of ``size``: the same boundaries on every run."""
+    return [list(range(i, min(i + size, stop))) for i in range(start, stop, size)]
+
+
+def encode_batches(expert: Expert, loader: torch.utils.data.DataLoader, layers: list[str],
+                   device: torch.device) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
+    """Run the expert on each loaded batch; yield the batch and its latents on the host."""
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+    for batch in loader:
+        latents: dict[str, np.ndarray] = {}
+        if batch["inputs"] is not None:
+            inputs = {k: v.to(device, non_blocking=True) for k, v in batch["inputs"].items()}
+            with torch.inference_mode(), autocast:
+                out = expert.encode(inputs, layers)
+            latents = {layer: out[layer].float().cpu().numpy() for layer in layers}
+        yield batch, latents
+
+
+def append_errors(paths: list[Path], errors: list[tuple[str, str]]) -> None:
+    """Record skipped items (key, reason) in every store's errors.jsonl as they happen."""
+    if not errors:
+        return
+    for path in paths:
+        with open(path / ERRORS, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps({"key": k, "reason": r}) + "\n" for k, r in errors)
+
+
+def finish_side_files(path: Path, dataset: ItemDataset, index_of: dict[str, int]) -> int:
+    """De-duplicate errors.jsonl (a resumed batch logs its errors again) and write the items'
+    ground-truth attributes where the dataset has them. Returns the number of failed items."""
+    errors_file = path / ERRORS
+    failed = 0
+    if errors_file.exists():
+        unique = {json.loads(line)["key"]: line for line in errors_file.read_text().splitlines() if line.strip()}
+        errors_file.write_text("".join(line + "\n" for line in unique.values()))
+        failed = len(unique)
+    keys = open_store(path, require_complete=False).keys
+    first = [str(k) for k in keys[np.r_[True, keys[1:] != keys[:-1]]]] if len(keys) else []
+    attrs = [dataset.attributes(index_of[k]) for k in first]
+    if attrs and attrs[0] is not None:
+        tmp = path / f".{ATTRIBUTES}.tmp"
+        tmp.write_text("".join(json.dumps({"key": k, **a}) + "\n" for k, a in zip(first, attrs, strict=True)))
+        os.replace(tmp, path / ATTRIBUTES)
+    return failed
+
+
+def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
+    """Extract (or resume, or confirm complete) the stores of one expert over one dataset."""
+    console = console or Console(stderr=True)
+    device = pick_device(cfg.device)
+    dataset = open_dataset(cfg.data, cfg.data_root, cfg.split, **cfg.dataset_options)  # cheap checks first
+    expert = load_expert(cfg.expert, cfg.weights)
+    if expert.modality not in dataset.modalities:
+        raise ExtractError(
+            f"expert {expert.spec} reads {expert.modality!r} but dataset {cfg.data} has "
+            f"{', '.join(dataset.modalities)}; pick an expert for one of those"
+        )
+    dataset = dataset.with_modalities([expert.modality])  # a text expert never decodes the images
+    layers = pick_layers(cfg, expert)
+    n_items = min(len(dataset), cfg.limit) if cfg.limit else len(dataset)
+    paths = store_paths(cfg, expert, layers)
+    metas = {layer: store_meta(cfg, expert, dataset, layer, n_items) for layer in layers}
+    if cfg.overwrite:
+        for path in paths.values():
+            shutil.rmtree(path, ignore_errors=True)
+
+    existing = {layer: open_store(p, require_complete=False) for layer, p in paths.items() if (p / "meta.json").exists()}
+    for layer, store in existing.items():
+        if not same_origin(store.meta, metas[layer]):
+            raise ExtractError(
+                f"{store.path} holds latents of another expert, dataset or split; pass --overwrite to "
+                f"replace it, or --out elsewhere"
+            )
+    if len(existing) == len(paths) and all(s.complete for s in existing.values()):
+        console.print(f"already complete: {', '.join(str(p) for p in paths.values())} "
+                      f"({len(next(iter(existing.values())))} rows); --overwrite redoes it")
+        return {"stores": [str(p) for p in paths.values()], "rows": len(next(iter(existing.values()))),
+                "skipped": 0, "seconds": 0.0, "items_per_s": 0.0, "already_complete": True}
+
+    # Resume: the stored batch size fixes the batch boundaries; restart at the earliest store's batch.
+    batch_size = next((s.meta["extraction"]["batch_size"] for s in existing.values()), cfg.batch_size)
+    index_of = {dataset.key(i): i for i in range(n_items)}
+    start = min((resume_point(existing[layer].keys, index_of, batch_size) if layer in existing else 0)
+                for layer in layers)
+    skip = {layer: len(existing[layer]) - rows_before(existing[layer].keys, index_of, start) if layer in existing
+            else 0 for layer in layers}
+    writers = {
+        layer: resume_store(paths[layer]) if layer in existing and not existing[layer].complete
+        else create_store(paths[layer], dim=expert.dims[layer], dtype=cfg.dtype, format=cfg.format, meta=metas[layer])
+        for layer in layers
+    }
+    if start:
+        console.print(f"resuming at item {start} of {n_items} (batch size {batch_size}, as first run)")
+
+    expert.to(device)
+    loader = torch.utils.data.DataLoader(
+        ItemRows(dataset, expert), batch_sampler=batches(start, n_items, batch_size), num_workers=cfg.num_workers,
+        collate_fn=Collate(expert), pin_memory=device.type == "cuda",
+    )
+    sink = StoreSink(writers, skip, cfg.commit_every)
+    t0 = time.perf_counter()
+    progress = Progress(TextColumn(f"[bold]extract {expert.name} on {cfg.data}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]} items/s"), TimeRemainingColumn(), console=console)
+    try:
+        with progress:
+            task = progress.add_task("extract", total=n_items, completed=start, rate="-")
+            for batch, latents in encode_batches(expert, loader, layers, device):
+                if batch["errors"] and cfg.on_error == "fail":
+                    key, reason = batch["errors"][0]
+                    raise ExtractError(f"item {key}: {reason} (--on-error skip records it and goes on)")
+                append_errors(list(paths.values()), batch["errors"])
+                if latents:
+                    sink.put(batch["keys"], batch["sub"], latents)
+                done = progress.tasks[0].completed + batch["items"]
+                progress.update(task, completed=done, rate=f"{(done - start) / (time.perf_counter() - t0):.1f}")
+    except KeyboardInterrupt:
+        raise ExtractError(f"interrupted; what was extracted is committed in {paths[layers[0]].parent}: "
+                           "rerun the same command to resume") from None
+    finally:
+        sink.close()  # commits every row handed over so far, on success and on failure alike
+    for writer in writers.values():
+        writer.close()
+    failed = max(finish_side_files(p, dataset, index_of) for p in paths.values())
+    seconds = time.perf_counter() - t0
+    rows = len(open_store(next(iter(paths.values()))))
+    return {"stores": [str(p) for p in paths.values()], "rows": rows, "skipped": failed, "seconds": seconds,
+            "items_per_s": (n_items - start) / seconds if seconds else 0.0, "already_complete": False,
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}}
+
