@@ -19,6 +19,19 @@ from shards.store import FORMATS, StoreError
 console = Console(stderr=True)
 
 
+def parse_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE as an int, a float, true/false, or else the string itself."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"{text!r}: write it as KEY=VALUE, e.g. seed=1", param_hint="--data-option")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--expert", required=True,
               help=f"Expert spec name[:model][@layer]; families: {', '.join(known_experts())}. "
@@ -27,6 +40,8 @@ console = Console(stderr=True)
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="Where the dataset lives (coco, folder, wds); shapes and biggan need none.")
 @click.option("--split", default="train", help="train | val (the dataset's own split).")
+@click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE",
+              help="A dataset option, repeatable: e.g. seed=1, size=128 (shapes), classes=1,207,980 (biggan).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("shards"),
               help="Root of the stores: writes OUT/<data>/<expert>[@layer]/.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="zarr", help="Store format.")
@@ -42,7 +57,8 @@ console = Console(stderr=True)
               help="A corrupt image or empty caption: skip it (recorded in errors.jsonl) or stop.")
 @click.option("--overwrite", is_flag=True, help="Redo the stores even if they are complete.")
 @click.option("--commit-every", default=30.0, help="Seconds between commits: the most work a crash can cost.")
-def main(expert: str, data: str, data_root: Path | None, split: str, out: Path, fmt: str, batch_size: int,
+def main(expert: str, data: str, data_root: Path | None, split: str, data_options: tuple[str, ...], out: Path,
+         fmt: str, batch_size: int,
          num_workers: int, device: str, dtype: str, limit: int | None, layers: str | None, weights: Path | None,
          on_error: str, overwrite: bool, commit_every: float) -> None:
     """Run one frozen expert over one dataset, once, and write its latents to a store.
@@ -57,7 +73,8 @@ def main(expert: str, data: str, data_root: Path | None, split: str, out: Path, 
     cfg = ExtractConfig(expert=expert, data=data, data_root=data_root, split=split, out=out, format=fmt,
                         batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype, limit=limit,
                         layers=layers.split(",") if layers else None, weights=weights, on_error=on_error,
-                        overwrite=overwrite, commit_every=commit_every)
+                        overwrite=overwrite, commit_every=commit_every,
+                        dataset_options=dict(parse_option(o) for o in data_options))
     try:
         summary = extract(cfg, console)
     except (ExtractError, ExpertError, DatasetError, StoreError) as e:

@@ -158,10 +158,11 @@ class StoreSink:
 
 
 def store_paths(cfg: ExtractConfig, expert: Expert, layers: list[str]) -> dict[str, Path]:
-    """shards/<data>/<expert>/ for the expert's default layer alone, else <expert>@<layer>/ per layer.
-    Splits other than train get their own data folder, shards/<data>-<split>/, so both can coexist."""
+    """shards/<data>/<expert>/ for the expert's default layer, else <expert>@<layer>/ for each layer
+    named (in the spec or by --layers). Splits other than train get their own data folder,
+    shards/<data>-<split>/, so that both can coexist."""
     base = Path(cfg.out) / (cfg.data if cfg.split == "train" else f"{cfg.data}-{cfg.split}")
-    if layers == [expert.layers[0]] and cfg.layers is None:
+    if cfg.layers is None and expert.spec_layer is None:
         return {layers[0]: base / expert.name}
     return {layer: base / f"{expert.name}@{layer}" for layer in layers}
 
@@ -279,7 +280,8 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
         for path in paths.values():
             shutil.rmtree(path, ignore_errors=True)
 
-    existing = {layer: open_store(p, require_complete=False) for layer, p in paths.items() if (p / "meta.json").exists()}
+    existing = {layer: open_store(p, require_complete=False)
+                for layer, p in paths.items() if (p / "meta.json").exists()}
     for layer, store in existing.items():
         if not same_origin(store.meta, metas[layer]):
             raise ExtractError(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from extract.cli import main
@@ -67,20 +68,66 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     committed = json.loads(meta.read_text())
-    assert not committed["complete"] and 0 < committed["count"], "kill came too late or too early"
+    assert not committed["complete"] and committed["count"] > 0, "kill came too late or too early"
     result = n2n_extract(*args, "--out", out)
     assert result.exit_code == 0, result.output
     assert "resuming at item" in result.output
     same_store(tmp_path / "clean" / "shapes" / "minilm", out / "shapes" / "minilm")
 
 
-def test_several_layers_from_one_pass(tmp_path):
-    result = n2n_extract("--expert", "minilm", "--data", "shapes", "--limit", 8, "--layers", "mean,cls",
-                         "--num-workers", 0, "--out", tmp_path)
+def test_several_layers_from_one_pass_equal_separate_runs(tmp_path):
+    common = ["--data", "shapes", "--limit", 8, "--num-workers", 0]
+    result = n2n_extract("--expert", "minilm", *common, "--layers", "mean,cls", "--out", tmp_path / "both")
     assert result.exit_code == 0, result.output
-    mean, cls = open_store(tmp_path / "shapes" / "minilm@mean"), open_store(tmp_path / "shapes" / "minilm@cls")
-    assert np.array_equal(mean.keys, cls.keys)
+    assert n2n_extract("--expert", "minilm@cls", *common, "--out", tmp_path / "one").exit_code == 0
+    mean, cls = open_store(tmp_path / "both/shapes/minilm@mean"), open_store(tmp_path / "both/shapes/minilm@cls")
     assert not np.allclose(mean.latents(), cls.latents())
+    same_store(tmp_path / "both/shapes/minilm@cls", tmp_path / "one/shapes/minilm@cls")
+
+
+def test_identical_captions_give_identical_latents(tmp_path):
+    from extract.datasets import open_dataset
+
+    assert n2n_extract("--expert", "minilm", "--data", "shapes", "--limit", 200, "--num-workers", 0,
+                       "--batch-size", 32, "--out", tmp_path).exit_code == 0
+    store, shapes = open_store(tmp_path / "shapes" / "minilm"), open_dataset("shapes")
+    texts = np.array([shapes[i]["text"][s] for i in range(200) for s in range(len(shapes[i]["text"]))])
+    assert np.array_equal(store.keys, np.repeat([shapes.key(i) for i in range(200)], len(texts) // 200))
+    latents = store.latents().astype(np.float32)
+    repeated = [t for t, n in zip(*np.unique(texts, return_counts=True), strict=True) if n > 1]
+    assert repeated, "shapes should repeat some captions in 1000"
+    for text in repeated:  # whatever batch and padding they were encoded in
+        rows = latents[texts == text]
+        assert np.abs(rows - rows[0]).max() < 2e-3, text
+
+
+def test_coco_captions_and_images_go_to_two_stores_that_pair(tmp_path):
+    from test_datasets import write_coco
+
+    from extract.experts.ae import ConvAutoencoder, save_autoencoder
+    from shards.view import create_view, open_view
+
+    root = write_coco(tmp_path / "coco")
+    ae = save_autoencoder(ConvAutoencoder(image_size=64, channels=(8, 16), latent_dim=16), tmp_path / "ae-coco")
+    common = ["--data", "coco", "--data-root", root, "--num-workers", 0, "--out", tmp_path / "shards"]
+    assert n2n_extract("--expert", "minilm", *common).exit_code == 0
+    assert n2n_extract("--expert", f"ae:{ae}", *common).exit_code == 0
+    text, images = open_store(tmp_path / "shards/coco/minilm"), open_store(tmp_path / "shards/coco/ae-ae-coco")
+    assert len(np.unique(images.keys)) == len(images) and set(images.sub.tolist()) == {0}
+    per_image = {k: sorted(text.sub[text.keys == k].tolist()) for k in np.unique(text.keys)}
+    assert all(subs == list(range(len(subs))) for subs in per_image.values())
+    assert set(per_image) <= set(images.keys.tolist())
+    join = open_view(create_view(tmp_path / "shards/minilm_ae", text.path, images.path)).join()
+    assert len(join) == sum(len(v) for v in per_image.values())
+    assert np.array_equal(images.keys[join.target_index], text.keys[join.source_index])
+
+
+def test_dataset_options_reach_the_dataset(tmp_path):
+    result = n2n_extract("--expert", "minilm", "--data", "biggan", "--data-option", "classes=207,980",
+                         "--data-option", "count=12", "--num-workers", 0, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    store = open_store(tmp_path / "biggan" / "minilm")
+    assert len(store) == 12 and store.meta["dataset"]["classes"] == [207, 980]
 
 
 @pytest.mark.parametrize(
@@ -109,3 +156,76 @@ def test_a_store_of_another_origin_is_not_resumed(tmp_path):
     assert refused.exit_code == 2 and "--overwrite" in refused.output
     assert n2n_extract(*base, "--limit", 8, "--overwrite").exit_code == 0
     assert len(np.unique(open_store(tmp_path / "shapes" / "minilm").keys)) == 8
+
+
+# ---------------------------------------------------------------- every expert family through n2n-extract
+
+
+def shapes_folder(root: Path, n: int = 12) -> Path:
+    """An ImageNet-layout folder of rendered shapes, one class per shape kind."""
+    from extract.datasets import open_dataset
+
+    shapes = open_dataset("shapes")
+    for i in range(n):
+        attrs = shapes.attributes(i)
+        (root / attrs["shape"]).mkdir(parents=True, exist_ok=True)
+        shapes[i]["image"].save(root / attrs["shape"] / f"img{i:03d}.png")
+    return root
+
+
+def test_timm_on_a_folder_skips_and_records_a_corrupt_image(tmp_path, resnet18_file):
+    root = shapes_folder(tmp_path / "images")
+    broken = next(root.iterdir()) / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    args = ["--expert", "timm:resnet18@stage3", "--weights", resnet18_file, "--data", "folder", "--data-root", root,
+            "--num-workers", 0, "--batch-size", 4, "--out", tmp_path / "shards"]
+    result = n2n_extract(*args)
+    assert result.exit_code == 0, result.output
+    store = open_store(tmp_path / "shards" / "folder" / "timm-resnet18@stage3")
+    assert len(store) == 12 and store.dim == 256 and set(store.sub.tolist()) == {0}
+    errors = [json.loads(line) for line in (store.path / "errors.jsonl").read_text().splitlines()]
+    assert [e["key"] for e in errors] == [f"{broken.parent.name}/broken"] and errors[0]["reason"]
+    assert "1 (see errors.jsonl)" in result.output
+
+    failed = n2n_extract(*args[:-1], tmp_path / "strict", "--on-error", "fail")
+    assert failed.exit_code == 2 and "broken" in failed.output
+    meta = json.loads((tmp_path / "strict" / "folder" / "timm-resnet18@stage3" / "meta.json").read_text())
+    assert meta["complete"] is False  # nothing that looks complete
+
+
+def test_bert_and_autoencoder_on_shapes(tmp_path):
+    from conftest import save_tiny_bert
+
+    from extract.experts.ae import ConvAutoencoder, save_autoencoder
+
+    torch.manual_seed(0)
+    bert = save_tiny_bert(tmp_path / "tiny-bert", seed=0)
+    ae = save_autoencoder(ConvAutoencoder(image_size=64, channels=(8, 16), latent_dim=24), tmp_path / "ae-tiny")
+    common = ["--data", "shapes", "--limit", 10, "--num-workers", 0, "--out", tmp_path / "shards"]
+    assert n2n_extract("--expert", f"bert:{bert}@cls", *common).exit_code == 0
+    assert n2n_extract("--expert", f"ae:{ae}", *common).exit_code == 0
+    text = open_store(tmp_path / "shards" / "shapes" / "bert-tiny-bert@cls")
+    images = open_store(tmp_path / "shards" / "shapes" / "ae-ae-tiny")
+    assert text.dim == 32 and len(text) == 50 and images.dim == 24 and len(images) == 10
+    # Many captions onto one image: the view joins them, and the cINN trains from the stores alone.
+    from shards.view import create_view, open_view
+    from train.cli import main as n2n_train
+
+    view = create_view(tmp_path / "shards" / "bert_ae", text.path, images.path)
+    assert len(open_view(view).join()) == 50
+    trained = CliRunner().invoke(n2n_train, ["--shards", str(view), "--out", str(tmp_path / "run"), "--steps", "10",
+                                             "--eval-every", "10", "--n-flows", "2", "--hidden-dim", "16",
+                                             "--holdout", "0.2", "--no-compile"])
+    assert trained.exit_code == 0, trained.output
+
+
+def test_biggan_latents_of_the_biggan_dataset(tmp_path):
+    from conftest import save_tiny_biggan
+
+    weights = save_tiny_biggan(tmp_path / "biggan", seed=0)
+    result = n2n_extract("--expert", "biggan:biggan-deep-128", "--weights", weights, "--data", "biggan",
+                         "--limit", 6, "--num-workers", 0, "--out", tmp_path / "shards")
+    assert result.exit_code == 0, result.output
+    store = open_store(tmp_path / "shards" / "biggan" / "biggan-deep-128")
+    assert store.dim == 256 and len(store) == 6
+    assert np.isfinite(store.latents()).all()

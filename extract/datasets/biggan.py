@@ -11,6 +11,7 @@ generator, loaded lazily once per loader worker).
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from PIL import Image
 from extract.datasets import DatasetError, ItemDataset
 
 Z_DIM = 128
-Z_BOUND = 2.0
+Z_BOUND = 2.5  # net2net samples z from a normal truncated at |z| <= 2.5
 TEMPLATES = ("a photo of {a} {name}", "a picture of {a} {name}", "an image of {a} {name}",
              "a close-up photo of {a} {name}", "a photo of the {name}")
 
@@ -39,13 +40,26 @@ def caption(class_index: int, template: int) -> str:
     return TEMPLATES[template].format(a="an" if name[0].lower() in "aeiou" else "a", name=name)
 
 
+def parse_classes(classes: str | Sequence[int] | None) -> list[int]:
+    """The ImageNet classes to draw from: all 1000 by default, else a list or "1,207,980"."""
+    if classes is None:
+        return list(range(1000))
+    try:
+        chosen = [int(c) for c in (classes.split(",") if isinstance(classes, str) else classes)]
+    except ValueError as e:
+        raise DatasetError(f"biggan classes must be ImageNet class indices like 1,207,980, not {classes!r}") from e
+    if not chosen or not all(0 <= c < 1000 for c in chosen):
+        raise DatasetError(f"biggan classes must be ImageNet class indices in 0..999, not {classes!r}")
+    return chosen
+
+
 class BigGANDataset(ItemDataset):
     """Deterministic BigGAN inputs (z, class), their captions and, on request, their images."""
 
     name = "biggan"
 
     def __init__(self, root: str | Path | None = None, split: str = "train", seed: int = 0, count: int = 10000,
-                 num_classes: int = 1000, truncation: float = 0.4, model: str = "biggan-deep-128",
+                 classes: str | Sequence[int] | None = None, truncation: float = 0.4, model: str = "biggan-deep-128",
                  weights: str | Path | None = None, render: bool = False) -> None:
         from extract.experts.biggan import MODELS
 
@@ -54,13 +68,12 @@ class BigGANDataset(ItemDataset):
             raise DatasetError("biggan needs a split name (it seeds the items), e.g. train or val")
         if seed < 0 or count < 1:
             raise DatasetError(f"biggan needs seed >= 0 and count >= 1, not seed={seed}, count={count}")
-        if not 1 <= num_classes <= 1000:
-            raise DatasetError(f"biggan num_classes must be in 1..1000 (ImageNet classes), not {num_classes}")
+        self.classes = parse_classes(classes)
         if not 0 < truncation <= 1:
             raise DatasetError(f"biggan truncation must be in (0, 1], not {truncation}")
         if model not in MODELS:
             raise DatasetError(f"biggan model must be one of {', '.join(MODELS)}, not {model!r}")
-        self.seed, self.count, self.num_classes = int(seed), int(count), int(num_classes)
+        self.seed, self.count = int(seed), int(count)
         self.truncation, self.model, self.weights = float(truncation), model, weights
         self.modalities = ("biggan", "label", "text", *(("image",) if render else ()))
         self._generator = None  # loaded on the first rendered image, in the process (worker) that renders
@@ -77,8 +90,8 @@ class BigGANDataset(ItemDataset):
         z = rng.standard_normal(Z_DIM)
         while (outside := np.abs(z) > Z_BOUND).any():
             z[outside] = rng.standard_normal(int(outside.sum()))
-        return (z * self.truncation).astype(np.float32), int(rng.integers(self.num_classes)), int(
-            rng.integers(len(TEMPLATES)))
+        class_index = self.classes[int(rng.integers(len(self.classes)))]
+        return (z * self.truncation).astype(np.float32), class_index, int(rng.integers(len(TEMPLATES)))
 
     def render(self, z: np.ndarray, class_index: int) -> Image.Image:
         """The generator's image of (z, class) at the dataset's truncation."""
@@ -104,6 +117,10 @@ class BigGANDataset(ItemDataset):
             item["image"] = self.render(z, class_index)
         return item
 
+    @property
+    def classes_described(self) -> list[int] | str:
+        return "all" if self.classes == list(range(1000)) else self.classes
+
     def describe(self) -> dict:
-        return {**super().describe(), "seed": self.seed, "num_classes": self.num_classes,
+        return {**super().describe(), "seed": self.seed, "classes": self.classes_described,
                 "truncation": self.truncation, "model": self.model}

@@ -115,6 +115,7 @@ class Expert(ABC):
         self.name = name
         self.weights = weights
         self.dims = dict(dims)
+        self.spec_layer = layer  # the layer the spec named, if any: it then names the store folder too
         chosen = layer or layers[0]
         if chosen not in layers:
             raise ExpertError(f"expert {base_spec} has no layer {chosen!r}; its layers: {', '.join(layers)}")

@@ -13,6 +13,7 @@ import math
 import shutil
 import uuid
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -45,15 +46,15 @@ class ConvAutoencoder(nn.Module):
             raise ValueError(f"image_size {image_size} must be a multiple of 2**{len(channels)} (one halving per "
                              "channel entry)")
         self.config = {"image_size": image_size, "channels": list(channels), "latent_dim": latent_dim}
-        widths = [3, *channels]
         self.encoder = nn.Sequential(
-            *(_block(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), c_out) for c_in, c_out in zip(widths, channels)),
+            *(_block(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), c_out)
+              for c_in, c_out in pairwise([3, *channels])),
             nn.Flatten(), nn.Linear(channels[-1] * side * side, latent_dim))
         back = [*reversed(channels), channels[0]]
         self.decoder = nn.Sequential(
             nn.Linear(latent_dim, channels[-1] * side * side), nn.Unflatten(1, (channels[-1], side, side)),
             *(nn.Sequential(nn.Upsample(scale_factor=2), _block(nn.Conv2d(c_in, c_out, 3, padding=1), c_out))
-              for c_in, c_out in zip(back, back[1:])),
+              for c_in, c_out in pairwise(back)),
             nn.Conv2d(channels[0], 3, 3, padding=1), nn.Sigmoid())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,11 +39,12 @@ class TextExpert(Expert):
     def __init__(self, base_spec: str, name: str, weights: str, model: torch.nn.Module, tokenizer, layer: str | None,
                  *, max_length: int, pool: str, normalize: bool) -> None:
         depth, width = model.config.num_hidden_layers, model.config.hidden_size
-        layers = ("mean", "cls", *(f"layer{n}" for n in range(depth + 1)))
+        poolings = ("mean", "cls", *(f"layer{n}" for n in range(depth + 1)))
+        layers = (pool, *(other for other in poolings if other != pool))  # the checkpoint's own pooling first
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.normalized = pool if normalize else None
-        super().__init__(base_spec, name, weights, model, layers, dict.fromkeys(layers, width), layer or pool)
+        super().__init__(base_spec, name, weights, model, layers, dict.fromkeys(layers, width), layer)
 
     def rows(self, item: dict) -> list[str]:
         text = item["text"]

@@ -35,7 +35,8 @@ def _hub_files(model: str) -> tuple[Path, Path]:
     if hub_offline():
         raise missing_weights("biggan", model, LOCAL_FILES, "offline")
     try:
-        return Path(cached_path(PRETRAINED_CONFIG_ARCHIVE_MAP[model])), Path(cached_path(PRETRAINED_MODEL_ARCHIVE_MAP[model]))
+        config = cached_path(PRETRAINED_CONFIG_ARCHIVE_MAP[model])
+        return Path(config), Path(cached_path(PRETRAINED_MODEL_ARCHIVE_MAP[model]))
     except (OSError, ValueError) as err:
         raise missing_weights("biggan", model, LOCAL_FILES, first_line(err)) from err
 
