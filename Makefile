@@ -8,9 +8,27 @@ DATA_ROOT ?=
 OUT     ?=
 ARGS    ?=
 
-.PHONY: install test test-slow lint extract train synthetic check-synthetic clean
+.PHONY: install test test-slow lint demo extract train synthetic check-synthetic clean
 
 install: .venv/installed
+
+# The offline default, end to end (see README): text-to-image on shapes with MiniLM + an autoencoder
+# trained here, then image-to-text over the same two stores. Each stage skips what is complete.
+DEMO_ITEMS ?= 4000
+DEMO_CINN  ?= --steps 3000 --n-flows 12 --hidden-dim 256 --batch-size 256
+demo: install
+	$(BIN)/n2n-train-ae --data shapes --out experts/ae-shapes
+	$(BIN)/n2n-extract --expert minilm --data shapes --limit $(DEMO_ITEMS)
+	$(BIN)/n2n-extract --expert ae:experts/ae-shapes --data shapes --limit $(DEMO_ITEMS)
+	test -f shards/minilm_ae/view.json || $(BIN)/n2n-shards pair shards/shapes/minilm shards/shapes/ae-shapes --name minilm_ae
+	test -f shards/ae_minilm/view.json || $(BIN)/n2n-shards pair shards/shapes/ae-shapes shards/shapes/minilm --name ae_minilm
+	for task in minilm_ae ae_minilm; do \
+	  $(BIN)/n2n-train --shards shards/$$task --out runs/$$task $(DEMO_CINN) \
+	    $$(test -f runs/$$task/checkpoint.safetensors && echo --resume) || exit 1; \
+	done
+	$(BIN)/n2n-translate --run runs/minilm_ae --text-file demo/captions.txt -n 8 --out demo/grid.png
+	$(BIN)/n2n-eval --run runs/minilm_ae --out demo/eval.json
+	$(BIN)/n2n-eval --run runs/ae_minilm --out demo/eval-ae_minilm.json
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -46,4 +64,4 @@ check-synthetic: synthetic
 		--hidden-dim 64 $(ARGS)
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache demo/eval*.json

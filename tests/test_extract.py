@@ -112,7 +112,7 @@ def test_coco_captions_and_images_go_to_two_stores_that_pair(tmp_path):
     common = ["--data", "coco", "--data-root", root, "--num-workers", 0, "--out", tmp_path / "shards"]
     assert n2n_extract("--expert", "minilm", *common).exit_code == 0
     assert n2n_extract("--expert", f"ae:{ae}", *common).exit_code == 0
-    text, images = open_store(tmp_path / "shards/coco/minilm"), open_store(tmp_path / "shards/coco/ae-ae-coco")
+    text, images = open_store(tmp_path / "shards/coco/minilm"), open_store(tmp_path / "shards/coco/ae-coco")
     assert len(np.unique(images.keys)) == len(images) and set(images.sub.tolist()) == {0}
     per_image = {k: sorted(text.sub[text.keys == k].tolist()) for k in np.unique(text.keys)}
     assert all(subs == list(range(len(subs))) for subs in per_image.values())
@@ -205,7 +205,7 @@ def test_bert_and_autoencoder_on_shapes(tmp_path):
     assert n2n_extract("--expert", f"bert:{bert}@cls", *common).exit_code == 0
     assert n2n_extract("--expert", f"ae:{ae}", *common).exit_code == 0
     text = open_store(tmp_path / "shards" / "shapes" / "bert-tiny-bert@cls")
-    images = open_store(tmp_path / "shards" / "shapes" / "ae-ae-tiny")
+    images = open_store(tmp_path / "shards" / "shapes" / "ae-tiny")
     assert text.dim == 32 and len(text) == 50 and images.dim == 24 and len(images) == 10
     # Many captions onto one image: the view joins them, and the cINN trains from the stores alone.
     from shards.view import create_view, open_view

@@ -17,8 +17,8 @@ from train.trainer import ModelConfig, TrainConfig, TrainError, train
 
 console = Console(stderr=True)
 # Options that shape the run; on --resume they come from the checkpoint and may not be changed.
-FIXED_ON_RESUME = ("batch_size", "lr", "seed", "holdout", "n_flows", "hidden_dim", "hidden_depth", "embedding_dim",
-                   "embedder_norm")
+FIXED_ON_RESUME = ("batch_size", "lr", "seed", "holdout", "target_noise", "n_flows", "hidden_dim", "hidden_depth",
+                   "embedding_dim", "embedder_norm")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -66,6 +66,9 @@ def print_dry_run(view: Path, model: ModelConfig, cfg: TrainConfig) -> None:
               help="Condition embedding size.  [default: max(target dim, 64)]")
 @click.option("--embedder-norm", type=click.Choice(["layer", "batch", "none"]), default="layer",
               help="Normalisation in the condition embedder (net2net: batch; breaks at batch size 1).")
+@click.option("--target-noise", default=TrainConfig.target_noise,
+              help="Gaussian noise (standardised units) on training targets: dequantises targets that are "
+                   "point masses given their source (e.g. 0.05 for a renderer's latents).")
 @click.option("--holdout", default=TrainConfig.holdout, help="Fraction of keys held out (by key hash) for evaluation.")
 @click.option("--eval-every", default=TrainConfig.eval_every,
               help="Steps between held-out evaluations and checkpoints.")
@@ -79,8 +82,8 @@ def print_dry_run(view: Path, model: ModelConfig, cfg: TrainConfig) -> None:
 @click.pass_context
 def main(ctx: click.Context, view: Path, out: Path | None, steps: int, batch_size: int, lr: float | None,
          n_flows: int, hidden_dim: int, hidden_depth: int, embedding_dim: int | None, embedder_norm: str,
-         holdout: float, eval_every: int, seed: int, device: str, compile: bool | None, resume: bool,
-         dry_run: bool) -> None:
+         target_noise: float, holdout: float, eval_every: int, seed: int, device: str, compile: bool | None,
+         resume: bool, dry_run: bool) -> None:
     """Train a conditional INN p(target latent | source latent) from a view's stores alone.
 
     Both sides are standardised (statistics kept in the checkpoint); keys hashing into --holdout are
@@ -92,6 +95,7 @@ def main(ctx: click.Context, view: Path, out: Path | None, steps: int, batch_siz
     model = ModelConfig(n_flows=n_flows, hidden_dim=hidden_dim, hidden_depth=hidden_depth,
                         embedding_dim=embedding_dim, embedder_norm=embedder_norm)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, holdout=holdout,
+                      target_noise=target_noise,
                       eval_every=eval_every, log_every=min(50, eval_every), model=model)
     out = out or Path("runs") / view.name
     try:

@@ -60,6 +60,8 @@ class PairedLatents:
     source_norm: Standardizer
     target_norm: Standardizer
     truth: dict | None  # truth.json of a synthetic view: the analytic NLL
+    held_key: np.ndarray | None = None  # key of each held-out pair (for evaluation against ground truth)
+    held_rows: tuple[np.ndarray, np.ndarray] | None = None  # (source row, target row) of each held-out pair
 
     def to(self, device: torch.device) -> PairedLatents:
         """Move the arrays to the device; refuse (naming the sizes) where they would not fit."""
@@ -73,7 +75,7 @@ class PairedLatents:
                 )
         move = {k: getattr(self, k).to(device) for k in ARRAYS}
         return PairedLatents(self.view, **move, source_norm=self.source_norm, target_norm=self.target_norm,
-                             truth=self.truth)
+                             truth=self.truth, held_key=self.held_key, held_rows=self.held_rows)
 
 
 def heldout_mask(keys: np.ndarray, fraction: float) -> np.ndarray:
@@ -124,4 +126,6 @@ def load_pairs(
         source_norm=source_norm,
         target_norm=target_norm,
         truth=json.loads(truth_file.read_text()) if truth_file.exists() else None,
+        held_key=join.key[held],
+        held_rows=(join.source_index[held], join.target_index[held]),
     )

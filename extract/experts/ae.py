@@ -111,6 +111,12 @@ def ae_transform(image_size: int) -> transforms.Compose:
                                transforms.ToTensor()])
 
 
+def ae_name(folder: str) -> str:
+    """Store folder name: ae-<folder>, without doubling a prefix the folder already has (ae-shapes)."""
+    name = folder_name(folder)
+    return name if name.startswith("ae-") else f"ae-{name}"
+
+
 class AutoencoderExpert(Expert):
     """Layer "latent" = the encoder's output; ``decode`` = the decoder."""
 
@@ -125,7 +131,7 @@ class AutoencoderExpert(Expert):
             raise ExpertError(f"ae:{path}: {first_line(err)}; give the folder as ae:PATH or --weights PATH") from err
         self.image_size = network.config["image_size"]
         self.transform = ae_transform(self.image_size)
-        super().__init__(f"ae:{path}", f"ae-{folder_name(Path(path).name)}", source, network, ("latent",),
+        super().__init__(f"ae:{path}", ae_name(Path(path).name), source, network, ("latent",),
                          {"latent": network.config["latent_dim"]}, layer)
 
     def rows(self, item: dict) -> list[torch.Tensor]:

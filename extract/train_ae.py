@@ -1,0 +1,337 @@
+"""n2n-train-ae: train the convolutional autoencoder that serves as the ``ae:PATH`` expert.
+
+No pretrained image decoder can be downloaded offline, so n2n trains its own (as net2net trains
+its BigAE / BasicAE): a dataset's images are decoded once into a uint8 tensor in memory, random
+batches are cut from it by index on the device (no per-step decoding), and the model is fit with
+a pixel MSE that weights foreground pixels up, because a small shape is a few dozen pixels of a
+4096-pixel image and a plain MSE would happily blur it into the background. For ``shapes`` the
+run also asks the shapes judge how many held-out reconstructions keep each attribute, which is
+the number that decides whether text-to-image through this decoder can be scored at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from torchvision import transforms
+
+from extract.datasets import DatasetError, ItemDataset, ItemError, known_datasets, open_dataset
+from extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
+
+console = Console(stderr=True)
+MAX_IN_MEMORY_BYTES = 8 << 30  # images are held as uint8; above this, ask for --limit instead of swapping
+EVAL_COUNT = 2000  # held-out shapes images the judge scores (the whole val split)
+
+
+class TrainAEError(Exception):
+    """Bad input the user can fix; the one-line message says how."""
+
+
+@dataclass
+class TrainAEConfig:
+    data: str = "shapes"
+    data_root: Path | None = None
+    dataset_options: dict = field(default_factory=dict)
+    limit: int | None = None
+    image_size: int = 64
+    latent_dim: int = 128
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    foreground_weight: float = 4.0
+    out: Path = Path("experts/ae-shapes")
+    device: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+    judge: Path = Path("experts/judge-shapes")
+
+
+# ---------------------------------------------------------------- data
+
+
+class _Pixels(torch.utils.data.Dataset):
+    """Item i of ``dataset`` as uint8 [3, S, S] (resized and centre-cropped as the expert does), or None
+    for an unusable item, so one corrupt file is skipped instead of ending the run."""
+
+    def __init__(self, dataset: ItemDataset, image_size: int) -> None:
+        self.dataset = dataset
+        self.transform = transforms.Compose([transforms.Resize(image_size, antialias=True),
+                                             transforms.CenterCrop(image_size), transforms.PILToTensor()])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        try:
+            return self.transform(self.dataset[index]["image"].convert("RGB"))
+        except ItemError:
+            return None
+
+
+def _stack_usable(rows: list[torch.Tensor | None]) -> torch.Tensor:
+    usable = [r for r in rows if r is not None]
+    return torch.stack(usable) if usable else torch.empty(0, dtype=torch.uint8)
+
+
+def open_images(cfg: TrainAEConfig, split: str = "train") -> ItemDataset:
+    """The dataset restricted to its images; TrainAEError if it has none."""
+    try:
+        dataset = open_dataset(cfg.data, cfg.data_root, split, **cfg.dataset_options)
+    except DatasetError as err:
+        raise TrainAEError(str(err)) from err
+    if "image" not in dataset.modalities:
+        raise TrainAEError(f"dataset {cfg.data} has no images (modalities: {', '.join(dataset.modalities)}); "
+                           "an autoencoder needs an image dataset")
+    return dataset.with_modalities(["image"])
+
+
+def load_images(dataset: ItemDataset, image_size: int, limit: int | None = None,
+                progress: Progress | None = None) -> tuple[torch.Tensor, int]:
+    """The first ``limit`` images as one uint8 tensor [N, 3, S, S], and how many items were unusable.
+
+    Decoded once, in loader workers: every later step is an index into this tensor.
+    """
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n * 3 * image_size**2 > MAX_IN_MEMORY_BYTES:
+        raise TrainAEError(f"{n} images of {image_size}px need {n * 3 * image_size**2 / 2**30:.1f} GiB in memory; "
+                           f"pass --limit N (at most {MAX_IN_MEMORY_BYTES // (3 * image_size**2)})")
+    subset = torch.utils.data.Subset(_Pixels(dataset, image_size), range(n))
+    workers = 0 if dataset.name == "shapes" else 2  # shapes renders faster than a worker starts
+    loader = torch.utils.data.DataLoader(subset, batch_size=256, num_workers=workers, collate_fn=_stack_usable)
+    task = progress.add_task("decoding images", total=n, loss=float("nan")) if progress else None
+    chunks = []
+    for chunk in loader:
+        chunks.append(chunk)
+        if progress:
+            progress.advance(task, 256)
+    images = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+    if len(images) == 0:
+        raise TrainAEError(f"dataset {dataset.name} gave no usable image")
+    return images, n - len(images)
+
+
+# ---------------------------------------------------------------- training
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when there is one; an unusable explicit device is a TrainAEError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise TrainAEError(f"--device {name!r}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainAEError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+def foreground_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, S, S]: 1 + ``weight`` where a pixel differs from the image's border colour.
+
+    The border median is the background on ``shapes`` (and roughly so on photos, where the weighting then
+    spreads over most pixels and does no harm); the weights are normalised to mean 1 per image.
+    """
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]
+    mask = ((x - background).abs().amax(1, keepdim=True) > 0.1).float()
+    w = 1 + weight * mask
+    return w / w.mean((2, 3), keepdim=True)
+
+
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, foreground_weight: float) -> torch.Tensor:
+    """Pixel MSE weighted towards the foreground (see ``foreground_weights``)."""
+    return (foreground_weights(x, foreground_weight) * (recon - x) ** 2).mean()
+
+
+def fit(model: ConvAutoencoder, images: torch.Tensor, cfg: TrainAEConfig, device: torch.device,
+        progress: Progress) -> float:
+    """Train ``model`` in place on random batches of ``images`` (uint8, on ``device``); the final loss
+    (mean of the last 50 steps, so one lucky batch does not make the report)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    order = torch.empty(0, dtype=torch.long)
+    recent: list[float] = []
+    task = progress.add_task("training the autoencoder", total=cfg.steps, loss=float("nan"))
+    model.train()
+    for _ in range(cfg.steps):
+        if len(order) < cfg.batch_size:  # a fresh permutation per epoch: each image once per pass
+            order = torch.cat([order, torch.randperm(len(images), generator=generator)])
+        index, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        x = images[index.to(images.device)].float() / 255
+        loss = reconstruction_loss(model(x), x, cfg.foreground_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        recent = [*recent[-49:], loss.item()]
+        progress.update(task, advance=1, loss=recent[-1])
+    model.eval()
+    return sum(recent) / len(recent)
+
+
+@torch.inference_mode()
+def reconstruct(model: ConvAutoencoder, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Reconstructions (float [N, 3, S, S] on the CPU) of uint8 ``images``, in chunks."""
+    return torch.cat([model(chunk.to(device).float() / 255).cpu() for chunk in images.split(256)])
+
+
+def judge_shapes(model: ConvAutoencoder, cfg: TrainAEConfig, device: torch.device) -> dict:
+    """The shapes judge's per-attribute accuracy on held-out ``val`` images and on their reconstructions."""
+    from extract.datasets.shapes_judge import accuracy, load_judge
+
+    dataset = open_images(cfg, "val")
+    count = min(EVAL_COUNT, len(dataset))
+    images, _ = load_images(dataset, cfg.image_size, count)
+    attributes = [dataset.attributes(i) for i in range(count)]
+    judge = load_judge(cfg.judge, console=console)
+    recon = reconstruct(model, images, device)
+    return {"count": count, "real": accuracy(judge, images.float() / 255, attributes),
+            "reconstructed": accuracy(judge, recon, attributes),
+            "val_mse": float(((recon - images.float() / 255) ** 2).mean())}
+
+
+def saved_autoencoder(out: Path) -> bool:
+    """Whether ``out`` already holds a loadable autoencoder (then the run is skipped)."""
+    if not out.exists():
+        return False
+    try:
+        load_autoencoder(out)
+    except (OSError, ValueError, RuntimeError) as err:
+        if out.is_dir() and not any(out.iterdir()):
+            return False
+        raise TrainAEError(f"--out {out} exists but holds no loadable autoencoder ({err}); "
+                           "pass --overwrite to replace it or choose another --out") from err
+    return True
+
+
+def check(cfg: TrainAEConfig) -> None:
+    """Reject bad numbers before anything slow happens."""
+    for name in ("latent_dim", "steps", "batch_size", "image_size"):
+        if getattr(cfg, name) < 1:
+            raise TrainAEError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(cfg, name)}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise TrainAEError(f"--limit must be >= 1, not {cfg.limit}")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise TrainAEError(f"--lr must be a positive number, not {cfg.lr}")
+    if cfg.foreground_weight < 0:
+        raise TrainAEError(f"--foreground-weight must be >= 0, not {cfg.foreground_weight}")
+    side = cfg.image_size // 2 ** len(cfg.channels)
+    if side < 1 or side * 2 ** len(cfg.channels) != cfg.image_size:
+        raise TrainAEError(f"--image-size {cfg.image_size} must be a multiple of {2 ** len(cfg.channels)} "
+                           f"(one halving per entry of --channels)")
+
+
+def train_autoencoder(cfg: TrainAEConfig, progress_console: Console = console) -> dict:
+    """Train, save to ``cfg.out`` and write ``cfg.out/report.json``; the report (``skipped`` if already done)."""
+    check(cfg)
+    if not cfg.overwrite and saved_autoencoder(cfg.out):
+        return {"skipped": True, "out": str(cfg.out)}
+    device = resolve_device(cfg.device)
+    dataset = open_images(cfg)
+    torch.manual_seed(cfg.seed)
+    model = ConvAutoencoder(cfg.image_size, cfg.channels, cfg.latent_dim).to(device)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]:.5f}"), TimeRemainingColumn(), console=progress_console,
+                  transient=True) as progress:
+        images, unusable = load_images(dataset, cfg.image_size, cfg.limit, progress)
+        started = time.perf_counter()
+        loss = fit(model, images.to(device), cfg, device, progress)
+        seconds = time.perf_counter() - started
+    report = {"out": str(cfg.out), "data": cfg.data, "images": len(images), "unusable_items": unusable,
+              "steps": cfg.steps, "seconds": round(seconds, 1), "final_train_loss": loss,
+              "config": {**asdict(cfg), "out": str(cfg.out), "judge": str(cfg.judge),
+                         "data_root": None if cfg.data_root is None else str(cfg.data_root)},
+              "device": str(device)}
+    save_autoencoder(model.cpu(), cfg.out)
+    if cfg.data == "shapes":
+        report["judge"] = judge_shapes(model, cfg, torch.device("cpu"))
+    (cfg.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+# ---------------------------------------------------------------- command line
+
+
+def summary_table(report: dict) -> Table:
+    table = Table(title="n2n-train-ae", show_header=False)
+    table.add_row("saved to", f"{report['out']} (use --expert ae:{report['out']})")
+    table.add_row("images", f"{report['images']}" + (f" ({report['unusable_items']} unusable, skipped)"
+                                                       if report["unusable_items"] else ""))
+    table.add_row("steps", str(report["steps"]))
+    table.add_row("time", f"{report['seconds']:.1f} s on {report['device']}")
+    table.add_row("final train loss", f"{report['final_train_loss']:.5f}")
+    if "judge" in report:
+        judged = report["judge"]
+        for kind in ("reconstructed", "real"):
+            scores = ", ".join(f"{k} {v:.1%}" for k, v in judged[kind].items())
+            table.add_row(f"judge on {kind} val ({judged['count']})", scores)
+    return table
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--data", default="shapes", help=f"Image dataset: {', '.join(known_datasets())}.")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="Where the dataset lives (coco, folder, wds); shapes needs none.")
+@click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE",
+              help="A dataset option, repeatable: e.g. seed=1 or count=5000 (shapes).")
+@click.option("--limit", type=int, default=None, help="Train on the first N images only.")
+@click.option("--image-size", default=64, help="Images are resized (shorter side) and centre-cropped to this.")
+@click.option("--latent-dim", default=TrainAEConfig.latent_dim, help="Size of the latent the expert stores.")
+@click.option("--channels", default=",".join(map(str, TrainAEConfig.channels)),
+              help="Conv widths, one stride-2 stage each (comma-separated).")
+@click.option("--steps", default=TrainAEConfig.steps, help="Optimiser steps.")
+@click.option("--batch-size", default=TrainAEConfig.batch_size, help="Images per step.")
+@click.option("--lr", default=TrainAEConfig.lr, help="Peak learning rate (one-cycle schedule).")
+@click.option("--foreground-weight", default=TrainAEConfig.foreground_weight,
+              help="Extra loss weight on pixels unlike the image's border colour (small shapes matter).")
+@click.option("--out", type=click.Path(path_type=Path), default=TrainAEConfig.out,
+              help="Folder of the saved expert (config.json, model.safetensors, report.json).")
+@click.option("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+@click.option("--seed", default=0, help="Seeds the initial weights and the batch order.")
+@click.option("--judge", type=click.Path(path_type=Path), default=TrainAEConfig.judge,
+              help="Shapes judge folder (trained there in about a minute if missing); shapes only.")
+@click.option("--overwrite", is_flag=True, help="Retrain even if --out already holds an autoencoder.")
+def main(data: str, data_root: Path | None, data_options: tuple[str, ...], limit: int | None, image_size: int,
+         latent_dim: int, channels: str, steps: int, batch_size: int, lr: float, foreground_weight: float, out: Path,
+         device: str, seed: int, judge: Path, overwrite: bool) -> None:
+    """Train a convolutional autoencoder on a dataset's images and save it as the expert ae:OUT.
+
+    On shapes it also writes how well the shapes judge recognises colour, shape, size and position
+    in held-out reconstructions (OUT/report.json). A finished OUT is left alone unless --overwrite.
+
+    Example: n2n-train-ae --data shapes --out experts/ae-shapes
+    """
+    from extract.cli import parse_option
+
+    try:
+        widths = tuple(int(c) for c in channels.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{channels!r}: write widths as comma-separated integers, e.g. 16,32,64,128",
+                                 param_hint="--channels") from None
+    cfg = TrainAEConfig(data=data, data_root=data_root, dataset_options=dict(parse_option(o) for o in data_options),
+                        limit=limit, image_size=image_size, latent_dim=latent_dim, channels=widths, steps=steps,
+                        batch_size=batch_size, lr=lr, foreground_weight=foreground_weight, out=out, device=device,
+                        seed=seed, overwrite=overwrite, judge=judge)
+    try:
+        report = train_autoencoder(cfg)
+    except TrainAEError as err:
+        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    if report.get("skipped"):
+        console.print(f"{out} already holds an autoencoder: nothing to do (--overwrite retrains it)",
+                      highlight=False)
+        return
+    Console().print(summary_table(report))

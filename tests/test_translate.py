@@ -1,0 +1,109 @@
+"""The whole path on CPU in seconds: extract (real MiniLM + a tiny autoencoder) -> pair -> train -> translate."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from extract.cli import main as n2n_extract
+from extract.experts.ae import ConvAutoencoder, save_autoencoder
+from shards.view import create_view
+from train.cli import main as n2n_train
+from translate.cli import main as n2n_translate
+
+
+def invoke(command, *args) -> "click.testing.Result":  # noqa: F821
+    return CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Text->image and image->text runs over the same two stores (the point of caching them)."""
+    root = tmp_path_factory.mktemp("e2e")
+    torch.manual_seed(0)
+    ae = save_autoencoder(ConvAutoencoder(image_size=64, channels=(8, 16), latent_dim=16), root / "ae-tiny")
+    common = ["--data", "shapes", "--limit", 60, "--num-workers", 0, "--out", root / "shards"]
+    assert invoke(n2n_extract, "--expert", "minilm", *common).exit_code == 0
+    assert invoke(n2n_extract, "--expert", f"ae:{ae}", *common).exit_code == 0
+    text, image = root / "shards/shapes/minilm", root / "shards/shapes/ae-tiny"
+    out = {}
+    for name, (src, dst) in {"minilm_ae": (text, image), "ae_minilm": (image, text)}.items():
+        view = create_view(root / "shards" / name, src, dst)
+        result = invoke(n2n_train, "--shards", view, "--out", root / "runs" / name, "--steps", 20, "--eval-every", 20,
+                        "--n-flows", 2, "--hidden-dim", 32, "--holdout", 0.2, "--no-compile")
+        assert result.exit_code == 0, result.output
+        out[name] = root / "runs" / name
+    return out
+
+
+def test_text_to_image_grid(runs, tmp_path):
+    out = tmp_path / "grid.png"
+    result = invoke(n2n_translate, "--run", runs["minilm_ae"], "--text", "a small red circle in the top left",
+                    "--text", "a blue square", "-n", 3, "--out", out)
+    assert result.exit_code == 0, result.output
+    grid = Image.open(out)
+    assert grid.width >= 3 * 128 and grid.height >= 2 * 128  # 2 rows of 3 samples, enlarged x2, text under
+    pixels = np.asarray(grid)
+    assert pixels.std() > 10  # not a blank canvas
+
+
+def test_latents_out_are_reproducible_and_follow_temperature(runs, tmp_path):
+    args = ["--run", runs["minilm_ae"], "--text", "a green star", "-n", 4]
+    for name, extra in (("a", []), ("b", []), ("cold", ["--temperature", 0.0])):
+        assert invoke(n2n_translate, *args, *extra, "--out", tmp_path / f"{name}.npy").exit_code == 0
+    a, b, cold = (np.load(tmp_path / f"{n}.npy", allow_pickle=False) for n in ("a", "b", "cold"))
+    assert a.shape == (1, 4, 16) and np.array_equal(a, b)
+    assert a.std(1).mean() > 1e-3 and np.allclose(cold.std(1), 0, atol=1e-5)  # T=0: every sample the same
+    assert json.loads((tmp_path / "a.json").read_text())["inputs"] == ["a green star"]
+
+
+def test_image_to_text_writes_latents_and_refuses_a_png(runs, tmp_path):
+    from extract.datasets import open_dataset
+
+    picture = tmp_path / "shape.png"
+    open_dataset("shapes")[0]["image"].save(picture)
+    ok = invoke(n2n_translate, "--run", runs["ae_minilm"], "--input", picture, "-n", 2, "--out", tmp_path / "t.npy")
+    assert ok.exit_code == 0, ok.output
+    assert np.load(tmp_path / "t.npy").shape == (1, 2, 384)
+    png = invoke(n2n_translate, "--run", runs["ae_minilm"], "--input", picture, "--out", tmp_path / "t.png")
+    assert png.exit_code == 2 and "no decoder" in png.output and not (tmp_path / "t.png").exists()
+
+
+@pytest.mark.parametrize("problem", ["no_checkpoint", "text_for_image_run", "image_for_text_run", "empty_file",
+                                     "nothing"])
+def test_bad_input(runs, tmp_path, problem):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (64, 64)).save(picture)
+    args = {
+        "no_checkpoint": ["--run", tmp_path, "--text", "x"],
+        "text_for_image_run": ["--run", runs["ae_minilm"], "--text", "a red circle"],
+        "image_for_text_run": ["--run", runs["minilm_ae"], "--input", picture],
+        "empty_file": ["--run", runs["minilm_ae"], "--text-file", empty],
+        "nothing": ["--run", runs["minilm_ae"]],
+    }[problem]
+    result = invoke(n2n_translate, *args, "--out", tmp_path / "g.png")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) <= 2
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_normalized_entropy_and_caption_consistency():
+    from translate.evaluate import consistent, normalized_entropy
+
+    assert normalized_entropy(["a"] * 10, 9) == 0
+    assert abs(normalized_entropy([str(i) for i in range(9)] * 3, 9) - 1) < 1e-9
+    assert 0 < normalized_entropy(["a", "a", "b"], 2) < 1
+    named_color = {"color": True, "shape": False, "size": False, "position": False}
+    truth = {
+        "img": {"color": "red", "shape": "circle", "size": "small", "position": "center"},
+        "cap": {"color": "red", "shape": "square", "size": "large", "position": "top-left",
+                "captions": [named_color, dict.fromkeys(named_color, True)]},
+    }
+    assert consistent(truth, "img", "cap", 0)  # "a red shape" fits a red circle
+    assert not consistent(truth, "img", "cap", 1)  # "a large red square in the top left" does not

@@ -1,0 +1,103 @@
+"""n2n-translate: sample a trained translator for some inputs; write an image grid or the latents."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import transformers
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+
+from extract.experts import ExpertError
+from shards.store import write_json_atomic
+from train.checkpoint import CheckpointError
+from translate.grid import image_grid
+from translate.pipeline import TranslateError, load_pipeline
+
+console = Console(stderr=True)
+
+
+def read_inputs(texts: tuple[str, ...], text_file: Path | None,
+                images: tuple[Path, ...]) -> tuple[list[dict], list[str]]:
+    """Items for the source expert and a label per item (the text, or the image's file name)."""
+    if text_file is not None:
+        lines = [line.strip() for line in text_file.read_text(encoding="utf-8").splitlines()]
+        texts = (*texts, *(line for line in lines if line))
+        if not any(lines):
+            raise TranslateError(f"--text-file {text_file} holds no text; write one caption per line")
+    if any(not t.strip() for t in texts):
+        raise TranslateError("an empty --text; give the caption to translate, e.g. --text 'a red circle'")
+    items = [{"text": [t]} for t in texts]
+    for path in images:
+        try:
+            items.append({"image": Image.open(path).convert("RGB")})
+        except (OSError, UnidentifiedImageError) as e:
+            raise TranslateError(f"--input {path} is not a readable image ({e})") from e
+    labels = list(texts) + [p.name for p in images]
+    if not items:
+        raise TranslateError("nothing to translate: give --text, --text-file or --input IMAGE")
+    return items, labels
+
+
+def write_atomic_image(image: Image.Image, out: Path) -> None:
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    image.save(tmp)
+    os.replace(tmp, out)
+
+
+def write_atomic_npy(array: np.ndarray, out: Path) -> None:
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    os.replace(tmp, out)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--run", "run", required=True, type=click.Path(path_type=Path), help="Run folder of n2n-train.")
+@click.option("--text", "texts", multiple=True, help="A caption to translate (repeatable).")
+@click.option("--text-file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Captions to translate, one per line.")
+@click.option("--input", "images", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="An image to translate, for runs whose source expert reads images (repeatable).")
+@click.option("-n", "n", default=8, help="Samples per input.")
+@click.option("--temperature", default=1.0, help="z ~ N(0, T^2 I): lower is more typical, less diverse.")
+@click.option("--seed", default=0, help="Seed of the samples: the same seed gives the same output.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("grid.png"),
+              help="A .png grid (one row per input, its text underneath) or a .npy of latents [inputs, n, dim].")
+@click.option("--source-weights", type=click.Path(path_type=Path), default=None,
+              help="Local weights of the source expert, when they are not where its store says.")
+@click.option("--target-weights", type=click.Path(path_type=Path), default=None,
+              help="Local weights of the target expert, when they are not where its store says.")
+def main(run: Path, texts: tuple[str, ...], text_file: Path | None, images: tuple[Path, ...], n: int,
+         temperature: float, seed: int, out: Path, source_weights: Path | None, target_weights: Path | None) -> None:
+    """Translate inputs with a trained run: encode with the source expert, sample the cINN n times,
+    decode with the target expert.
+
+    Example: n2n-translate --run runs/minilm_ae --text "a small red circle in the top left" -n 8 --out grid.png
+    """
+    transformers.logging.disable_progress_bar()
+    try:
+        pipeline = load_pipeline(run, source_weights, target_weights, console)
+        if images and pipeline.source.modality != "image":
+            raise TranslateError(f"--input images, but the run's source expert {pipeline.source.spec} reads "
+                                 f"{pipeline.source.modality}; use --text")
+        if (texts or text_file) and pipeline.source.modality != "text":
+            raise TranslateError(f"--text, but the run's source expert {pipeline.source.spec} reads "
+                                 f"{pipeline.source.modality}; use --input IMAGE")
+        items, labels = read_inputs(texts, text_file, images)
+        latents = pipeline.sample(pipeline.encode(items), n, temperature, seed)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".npy":
+            write_atomic_npy(latents.numpy(), out)
+            write_json_atomic(out.with_suffix(".json"), {"inputs": labels, "n": n, "temperature": temperature,
+                                                         "seed": seed, "run": str(run)})
+        else:
+            write_atomic_image(image_grid(pipeline.decode(latents), labels), out)
+    except (TranslateError, CheckpointError, ExpertError) as e:
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    console.print(f"wrote {out} ({len(items)} inputs x {n} samples)")
