@@ -15,7 +15,7 @@ install: .venv/installed
 # The offline default, end to end (see README): text-to-image on shapes with MiniLM + an autoencoder
 # trained here, then image-to-text over the same two stores. Each stage skips what is complete.
 DEMO_ITEMS ?= 4000
-DEMO_CINN  ?= --steps 3000 --n-flows 12 --hidden-dim 256 --batch-size 256
+DEMO_CINN  ?= --steps 4000 --n-flows 8 --hidden-dim 192 --embedding-dim 256 --target-noise 0.05
 demo: install
 	$(BIN)/n2n-train-ae --data shapes --out experts/ae-shapes
 	$(BIN)/n2n-extract --expert minilm --data shapes --limit $(DEMO_ITEMS)

@@ -3,8 +3,10 @@
 No pretrained image decoder can be downloaded offline, so n2n trains its own (as net2net trains
 its BigAE / BasicAE): a dataset's images are decoded once into a uint8 tensor in memory, random
 batches are cut from it by index on the device (no per-step decoding), and the model is fit with
-a pixel MSE that weights foreground pixels up, because a small shape is a few dozen pixels of a
-4096-pixel image and a plain MSE would happily blur it into the background. For ``shapes`` the
+a pixel MSE that weights pixels on and near the foreground up, because a small shape is a few
+dozen pixels of a 4096-pixel image and a plain MSE settles for a blob of the right colour in the
+right place: with the plain weighting only about half the shapes were recognisable after 3000
+steps, with the weight reaching 3 px past the shape all of them are after 1000. For ``shapes`` the
 run also asks the shapes judge how many held-out reconstructions keep each attribute, which is
 the number that decides whether text-to-image through this decoder can be scored at all.
 """
@@ -20,16 +22,20 @@ from pathlib import Path
 
 import click
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torchvision import transforms
 
 from extract.datasets import DatasetError, ItemDataset, ItemError, known_datasets, open_dataset
+from extract.experts import first_line
 from extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
+from extract.run import ExtractError, pick_device
 
 console = Console(stderr=True)
 MAX_IN_MEMORY_BYTES = 8 << 30  # images are held as uint8; above this, ask for --limit instead of swapping
+FOREGROUND_REACH = 3  # pixels around the foreground that share its loss weight
 EVAL_COUNT = 2000  # held-out shapes images the judge scores (the whole val split)
 
 
@@ -39,17 +45,20 @@ class TrainAEError(Exception):
 
 @dataclass
 class TrainAEConfig:
+    """One run. The defaults reach >= 99.8% on every attribute of the shapes judge on held-out
+    reconstructions in about 2 minutes on two CPU cores; a 64-d latent keeps the cINN's target small."""
+
     data: str = "shapes"
     data_root: Path | None = None
     dataset_options: dict = field(default_factory=dict)
     limit: int | None = None
     image_size: int = 64
-    latent_dim: int = 128
+    latent_dim: int = 64
     channels: tuple[int, ...] = (16, 32, 64, 128)
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 32
     lr: float = 2e-3
-    foreground_weight: float = 4.0
+    foreground_weight: float = 20.0
     out: Path = Path("experts/ae-shapes")
     device: str = "auto"
     seed: int = 0
@@ -109,7 +118,7 @@ def load_images(dataset: ItemDataset, image_size: int, limit: int | None = None,
     subset = torch.utils.data.Subset(_Pixels(dataset, image_size), range(n))
     workers = 0 if dataset.name == "shapes" else 2  # shapes renders faster than a worker starts
     loader = torch.utils.data.DataLoader(subset, batch_size=256, num_workers=workers, collate_fn=_stack_usable)
-    task = progress.add_task("decoding images", total=n, loss=float("nan")) if progress else None
+    task = progress.add_task("decoding images", total=n, status="") if progress else None
     chunks = []
     for chunk in loader:
         chunks.append(chunk)
@@ -125,27 +134,25 @@ def load_images(dataset: ItemDataset, image_size: int, limit: int | None = None,
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when there is one; an unusable explicit device is a TrainAEError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` is CUDA when there is one; an unusable device is a TrainAEError."""
     try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise TrainAEError(f"--device {name!r}: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainAEError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    return device
+        return pick_device(name)
+    except (ExtractError, RuntimeError) as err:
+        raise TrainAEError(f"--device {name}: {first_line(err)}") from err
 
 
-def foreground_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
-    """Per-pixel loss weights [B, 1, S, S]: 1 + ``weight`` where a pixel differs from the image's border colour.
+def foreground_weights(x: torch.Tensor, weight: float, reach: int = FOREGROUND_REACH) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, S, S]: 1 + ``weight`` on and near pixels unlike the image's border colour.
 
+    "Near" (within ``reach`` pixels) matters as much as "on": a blob spilling past a star's points or into a
+    cross's corners is exactly where shapes differ, and a plain foreground mask would not see that error.
     The border median is the background on ``shapes`` (and roughly so on photos, where the weighting then
     spreads over most pixels and does no harm); the weights are normalised to mean 1 per image.
     """
     border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
     background = border.median(dim=-1).values[..., None, None]
     mask = ((x - background).abs().amax(1, keepdim=True) > 0.1).float()
+    mask = F.max_pool2d(mask, 2 * reach + 1, stride=1, padding=reach)
     w = 1 + weight * mask
     return w / w.mean((2, 3), keepdim=True)
 
@@ -155,16 +162,15 @@ def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, foreground_weight:
     return (foreground_weights(x, foreground_weight) * (recon - x) ** 2).mean()
 
 
-def fit(model: ConvAutoencoder, images: torch.Tensor, cfg: TrainAEConfig, device: torch.device,
-        progress: Progress) -> float:
-    """Train ``model`` in place on random batches of ``images`` (uint8, on ``device``); the final loss
+def fit(model: ConvAutoencoder, images: torch.Tensor, cfg: TrainAEConfig, progress: Progress) -> float:
+    """Train ``model`` in place on random batches of ``images`` (uint8, on the model's device); the final loss
     (mean of the last 50 steps, so one lucky batch does not make the report)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     order = torch.empty(0, dtype=torch.long)
     recent: list[float] = []
-    task = progress.add_task("training the autoencoder", total=cfg.steps, loss=float("nan"))
+    task = progress.add_task("training the autoencoder", total=cfg.steps, status="")
     model.train()
     for _ in range(cfg.steps):
         if len(order) < cfg.batch_size:  # a fresh permutation per epoch: each image once per pass
@@ -177,7 +183,7 @@ def fit(model: ConvAutoencoder, images: torch.Tensor, cfg: TrainAEConfig, device
         optimizer.step()
         schedule.step()
         recent = [*recent[-49:], loss.item()]
-        progress.update(task, advance=1, loss=recent[-1])
+        progress.update(task, advance=1, status=f"loss {recent[-1]:.5f}")
     model.eval()
     return sum(recent) / len(recent)
 
@@ -190,17 +196,21 @@ def reconstruct(model: ConvAutoencoder, images: torch.Tensor, device: torch.devi
 
 def judge_shapes(model: ConvAutoencoder, cfg: TrainAEConfig, device: torch.device) -> dict:
     """The shapes judge's per-attribute accuracy on held-out ``val`` images and on their reconstructions."""
-    from extract.datasets.shapes_judge import accuracy, load_judge
+    from extract.datasets.shapes_judge import IMAGE_SIZE, accuracy, load_judge
 
     dataset = open_images(cfg, "val")
     count = min(EVAL_COUNT, len(dataset))
     images, _ = load_images(dataset, cfg.image_size, count)
     attributes = [dataset.attributes(i) for i in range(count)]
     judge = load_judge(cfg.judge, console=console)
-    recon = reconstruct(model, images, device)
-    return {"count": count, "real": accuracy(judge, images.float() / 255, attributes),
-            "reconstructed": accuracy(judge, recon, attributes),
-            "val_mse": float(((recon - images.float() / 255) ** 2).mean())}
+    real, recon = images.float() / 255, reconstruct(model, images, device)
+
+    def judged(x: torch.Tensor) -> torch.Tensor:  # the judge reads 64 px images; other sizes are resized for it
+        return x if x.shape[-1] == IMAGE_SIZE else F.interpolate(x, size=IMAGE_SIZE, mode="bilinear", antialias=True)
+
+    return {"count": count, "real": accuracy(judge, judged(real), attributes),
+            "reconstructed": accuracy(judge, judged(recon), attributes),
+            "val_mse": float(((recon - real) ** 2).mean())}
 
 
 def saved_autoencoder(out: Path) -> bool:
@@ -212,7 +222,7 @@ def saved_autoencoder(out: Path) -> bool:
     except (OSError, ValueError, RuntimeError) as err:
         if out.is_dir() and not any(out.iterdir()):
             return False
-        raise TrainAEError(f"--out {out} exists but holds no loadable autoencoder ({err}); "
+        raise TrainAEError(f"--out {out} exists but holds no loadable autoencoder ({first_line(err)}); "
                            "pass --overwrite to replace it or choose another --out") from err
     return True
 
@@ -228,6 +238,8 @@ def check(cfg: TrainAEConfig) -> None:
         raise TrainAEError(f"--lr must be a positive number, not {cfg.lr}")
     if cfg.foreground_weight < 0:
         raise TrainAEError(f"--foreground-weight must be >= 0, not {cfg.foreground_weight}")
+    if not cfg.channels or min(cfg.channels) < 1:
+        raise TrainAEError(f"--channels must be one or more widths >= 1, not {','.join(map(str, cfg.channels))}")
     side = cfg.image_size // 2 ** len(cfg.channels)
     if side < 1 or side * 2 ** len(cfg.channels) != cfg.image_size:
         raise TrainAEError(f"--image-size {cfg.image_size} must be a multiple of {2 ** len(cfg.channels)} "
@@ -244,20 +256,20 @@ def train_autoencoder(cfg: TrainAEConfig, progress_console: Console = console) -
     torch.manual_seed(cfg.seed)
     model = ConvAutoencoder(cfg.image_size, cfg.channels, cfg.latent_dim).to(device)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("loss {task.fields[loss]:.5f}"), TimeRemainingColumn(), console=progress_console,
+                  TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=progress_console,
                   transient=True) as progress:
         images, unusable = load_images(dataset, cfg.image_size, cfg.limit, progress)
         started = time.perf_counter()
-        loss = fit(model, images.to(device), cfg, device, progress)
+        loss = fit(model, images.to(device), cfg, progress)
         seconds = time.perf_counter() - started
     report = {"out": str(cfg.out), "data": cfg.data, "images": len(images), "unusable_items": unusable,
               "steps": cfg.steps, "seconds": round(seconds, 1), "final_train_loss": loss,
               "config": {**asdict(cfg), "out": str(cfg.out), "judge": str(cfg.judge),
                          "data_root": None if cfg.data_root is None else str(cfg.data_root)},
               "device": str(device)}
+    if cfg.data == "shapes":  # before saving: a run that fails here leaves no expert that a rerun would skip
+        report["judge"] = judge_shapes(model, cfg, device)
     save_autoencoder(model.cpu(), cfg.out)
-    if cfg.data == "shapes":
-        report["judge"] = judge_shapes(model, cfg, torch.device("cpu"))
     (cfg.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 

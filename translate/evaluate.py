@@ -116,7 +116,7 @@ def retrieval_scores(predict, truth, image_keys, c, caption_latents, caption_key
 
 
 def evaluate(run: Path, samples: int = 16, temperature: float = 1.0, max_rows: int = 1000, seed: int = 0,
-             baseline_steps: int = 2000) -> dict:
+             baseline_steps: int = 2000, judge_path: Path = Path("experts/judge-shapes")) -> dict:
     """All metrics of one run, as the dict written to eval.json."""
     translator = load_run(run)
     meta = translator.meta
@@ -137,7 +137,7 @@ def evaluate(run: Path, samples: int = 16, temperature: float = 1.0, max_rows: i
         from extract.datasets.shapes import render
         from extract.datasets.shapes_judge import accuracy, load_judge
 
-        judge = load_judge(console=console)
+        judge = load_judge(judge_path, console=console)  # trained once (about a minute) where missing
         real_attrs = [source_truth[str(k)] for k in np.unique(data.held_key)[:500]]
         real = torch.stack([torch.from_numpy(np.asarray(render(a, 64), dtype=np.float32) / 255).permute(2, 0, 1)
                             for a in real_attrs])
@@ -186,10 +186,13 @@ def print_report(report: dict) -> None:
 @click.option("--temperature", default=1.0)
 @click.option("--max-rows", default=1000, help="Held-out captions (or images) scored.")
 @click.option("--seed", default=0)
-def main(run: Path, out: Path | None, samples: int, temperature: float, max_rows: int, seed: int) -> None:
+@click.option("--judge", "judge_path", type=click.Path(path_type=Path), default=Path("experts/judge-shapes"),
+              help="The shapes attribute judge; trained there first if missing.")
+def main(run: Path, out: Path | None, samples: int, temperature: float, max_rows: int, seed: int,
+         judge_path: Path) -> None:
     """Score a trained run on its held-out keys and write eval.json (see the module docstring)."""
     try:
-        report = evaluate(run, samples, temperature, max_rows, seed)
+        report = evaluate(run, samples, temperature, max_rows, seed, judge_path=judge_path)
     except (CheckpointError, StoreError, ExpertError, TranslateError) as e:
         console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
