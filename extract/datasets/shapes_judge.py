@@ -13,9 +13,7 @@ saved once (safetensors + JSON config, written atomically) and loaded from then 
 from __future__ import annotations
 
 import json
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -164,27 +162,11 @@ def _progress(console: Console | None) -> Progress:
 
 
 def save_judge(judge: ShapesJudge, path: str | Path) -> Path:
-    """Write the judge to the folder ``path`` atomically (a sibling temp folder, then a rename)."""
-    from safetensors.torch import save_model
+    """Write the judge to the folder ``path`` atomically (safetensors + config.json)."""
+    from extract.experts import save_model_folder
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        save_model(judge.network, str(tmp / WEIGHTS))
-        config = {"format": FORMAT, **judge.network.config, "classes": {k: list(v) for k, v in CLASSES.items()}}
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        if path.exists():  # a folder cannot be renamed over another: move the old one aside first
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    config = {"format": FORMAT, **judge.network.config, "classes": {k: list(v) for k, v in CLASSES.items()}}
+    return save_model_folder(judge.network, config, path, WEIGHTS, CONFIG)
 
 
 def _read_judge(path: Path) -> ShapesJudge:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import re
+import shutil
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -168,3 +171,29 @@ class Expert(ABC):
 
 
 __all__ = ["Expert", "ExpertError", "known_experts", "load_expert"]
+
+
+def save_model_folder(module: torch.nn.Module, config: dict, path: str | Path, weights: str = "model.safetensors",
+                      config_name: str = "config.json") -> Path:
+    """Write a model n2n trains itself (an autoencoder expert, the shapes judge) as a folder of
+    safetensors weights + JSON config, atomically: a sibling temp folder, then a rename. A folder
+    cannot be renamed over another, so an older save is moved aside first and removed after."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        save_model(module, str(tmp / weights))
+        (tmp / config_name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

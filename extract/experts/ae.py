@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import uuid
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from extract.experts import Expert, ExpertError, first_line, folder_name, rgb
+from extract.experts import Expert, ExpertError, first_line, folder_name, rgb, save_model_folder
 
 FORMAT = "n2n-conv-autoencoder"
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -68,26 +66,8 @@ class ConvAutoencoder(nn.Module):
 
 
 def save_autoencoder(model: ConvAutoencoder, path: str | Path) -> Path:
-    """Write ``model`` to the folder ``path`` atomically: a sibling temp folder, then a rename."""
-    from safetensors.torch import save_model
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        save_model(model, str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(json.dumps({"format": FORMAT, **model.config}, indent=2) + "\n", encoding="utf-8")
-        if path.exists():  # replace an older save: move it aside first (a folder cannot be renamed over)
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    """Write ``model`` to the folder ``path`` atomically (safetensors + config.json)."""
+    return save_model_folder(model, {"format": FORMAT, **model.config}, path, WEIGHTS, CONFIG)
 
 
 def load_autoencoder(path: str | Path) -> ConvAutoencoder:
