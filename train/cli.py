@@ -13,7 +13,7 @@ from cinn import ConditionalFlow
 from shards.store import StoreError
 from shards.view import open_view
 from train.checkpoint import CHECKPOINT, CheckpointError, read_meta
-from train.trainer import ModelConfig, TrainConfig, TrainError, train
+from train.trainer import DivergedError, ModelConfig, TrainConfig, TrainError, train
 
 console = Console(stderr=True)
 # Options that shape the run; on --resume they come from the checkpoint and may not be changed.
@@ -108,7 +108,7 @@ def main(ctx: click.Context, view: Path, out: Path | None, steps: int, batch_siz
                 fail(f"--resume of {out} keeps the settings it was trained with; drop {', '.join(clash)}")
         summary = train(view, out, cfg, device=device, compile=compile, resume=resume, console=console)
     except (StoreError, CheckpointError, TrainError) as e:
-        fail(str(e), code=1 if isinstance(e, TrainError) and "loss became" in str(e) else 2)
+        fail(str(e), code=1 if isinstance(e, DivergedError) else 2)
     table = Table(title=f"n2n-train: {summary['run']}", show_header=False)
     table.add_row("steps", str(summary["step"]))
     table.add_row("time", f"{summary['seconds']:.1f} s")

@@ -69,7 +69,11 @@ class TrainConfig:
 
 
 class TrainError(Exception):
-    """Bad input or a diverged run; the message names what and how to go on."""
+    """Bad input for a run; the message names what and how to go on."""
+
+
+class DivergedError(TrainError):
+    """The loss or the weights became NaN/inf; the last good checkpoint is kept."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -266,7 +270,7 @@ def train(
                 mean_loss = float(loss_sum) / (step - last_step)
                 params_finite = bool(torch.stack([torch.isfinite(p).all() for p in flow.parameters()]).all())
                 if not (math.isfinite(mean_loss) and params_finite):
-                    raise TrainError(
+                    raise DivergedError(
                         f"loss became {mean_loss} by step {step}; the last good checkpoint stays in {ckpt_path} "
                         f"(lower --lr, or check the stores with n2n-shards verify)"
                     )

@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
 from extract.experts import ExpertError
 from shards.store import StoreError, write_json_atomic
 from train.checkpoint import CheckpointError, Translator, load_run
@@ -83,7 +84,7 @@ def text_to_image_scores(predict, judge, target, truth, keys, subs, c, n_open: i
         hits = [seen[attr][i] == truth[str(k)][attr] for i, k in enumerate(keys) if flags[i][attr]]
         accuracy[attr] = float(np.mean(hits)) if hits else None
     diversity = {}
-    sizes = {"color": 8, "shape": 5, "size": 2, "position": 9}
+    sizes = {"color": len(COLORS), "shape": len(SHAPES), "size": len(SIZES), "position": len(POSITIONS)}
     for attr in ATTRIBUTES:
         open_rows = [i for i, f in enumerate(flags) if not f[attr]][:64]
         if not open_rows:
