@@ -51,7 +51,12 @@ def mlp(
 
 class ActNorm(nn.Module):
     """y = scale * (x + loc), per dimension; initialised from the first training batch so that y has
-    zero mean and unit variance there (Glow). Keeps deep flows trainable from step one."""
+    zero mean and unit variance there (Glow). Keeps deep flows trainable from step one.
+
+    A dimension that is constant in that batch keeps scale 1 instead of Glow's 1 / (0 + eps): a
+    constant latent dimension is real (MiniLM has some), and a scale of 1e6 would turn any later
+    variation in it into an overflow.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -65,7 +70,8 @@ class ActNorm(nn.Module):
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         self.loc.copy_(-x.mean(0))
-        self.scale.copy_(1.0 / (x.std(0) + 1e-6))
+        std = x.std(0)
+        self.scale.copy_(torch.where(std > 1e-4, 1.0 / std, torch.ones_like(std)))
         self.initialized.fill_(True)
         self.needs_init = False
 

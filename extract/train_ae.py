@@ -45,20 +45,24 @@ class TrainAEError(Exception):
 
 @dataclass
 class TrainAEConfig:
-    """One run. The defaults reach >= 99.8% on every attribute of the shapes judge on held-out
-    reconstructions in about 2 minutes on two CPU cores; a 64-d latent keeps the cINN's target small."""
+    """One run. The defaults reach 100% on every attribute of the shapes judge on held-out
+    reconstructions in about 2 minutes on two CPU cores. They are a VAE with a 32-d latent: on the
+    demo (text -> image, 4000 items, same cINN) colour accuracy was 93.9% with a plain 64-d
+    autoencoder, 95.5% with a 64-d VAE and 97.0% with a 32-d VAE. A KL weight of 1e-4 cost shape
+    (84.5% on reconstructions); 1e-5 leaves a posterior std of ~0.2 of the latent's spread."""
 
     data: str = "shapes"
     data_root: Path | None = None
     dataset_options: dict = field(default_factory=dict)
     limit: int | None = None
     image_size: int = 64
-    latent_dim: int = 64
+    latent_dim: int = 32
     channels: tuple[int, ...] = (16, 32, 64, 128)
     steps: int = 1500
     batch_size: int = 32
     lr: float = 2e-3
     foreground_weight: float = 20.0
+    kl_weight: float = 1e-5  # > 0: a VAE (see ConvAutoencoder); weight of KL nats per image against the pixel loss
     out: Path = Path("experts/ae-shapes")
     device: str = "auto"
     seed: int = 0
@@ -162,14 +166,15 @@ def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, foreground_weight:
     return (foreground_weights(x, foreground_weight) * (recon - x) ** 2).mean()
 
 
-def fit(model: ConvAutoencoder, images: torch.Tensor, cfg: TrainAEConfig, progress: Progress) -> float:
+def fit(model: ConvAutoencoder, images: torch.Tensor, cfg: TrainAEConfig,
+        progress: Progress) -> tuple[float, float]:
     """Train ``model`` in place on random batches of ``images`` (uint8, on the model's device); the final loss
-    (mean of the last 50 steps, so one lucky batch does not make the report)."""
+    and KL in nats per image (means of the last 50 steps, so one lucky batch does not make the report)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     order = torch.empty(0, dtype=torch.long)
-    recent: list[float] = []
+    recent: list[tuple[float, float]] = []
     task = progress.add_task("training the autoencoder", total=cfg.steps, status="")
     model.train()
     for _ in range(cfg.steps):
@@ -177,21 +182,22 @@ def fit(model: ConvAutoencoder, images: torch.Tensor, cfg: TrainAEConfig, progre
             order = torch.cat([order, torch.randperm(len(images), generator=generator)])
         index, order = order[:cfg.batch_size], order[cfg.batch_size:]
         x = images[index.to(images.device)].float() / 255
-        loss = reconstruction_loss(model(x), x, cfg.foreground_weight)
+        recon, kl = model(x)
+        loss = reconstruction_loss(recon, x, cfg.foreground_weight) + cfg.kl_weight * kl.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        recent = [*recent[-49:], loss.item()]
-        progress.update(task, advance=1, status=f"loss {recent[-1]:.5f}")
+        recent = [*recent[-49:], (loss.item(), kl.mean().item())]
+        progress.update(task, advance=1, status=f"loss {recent[-1][0]:.5f}")
     model.eval()
-    return sum(recent) / len(recent)
+    return tuple(sum(column) / len(recent) for column in zip(*recent, strict=True))
 
 
 @torch.inference_mode()
 def reconstruct(model: ConvAutoencoder, images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Reconstructions (float [N, 3, S, S] on the CPU) of uint8 ``images``, in chunks."""
-    return torch.cat([model(chunk.to(device).float() / 255).cpu() for chunk in images.split(256)])
+    return torch.cat([model.decode(model.encode(chunk.to(device).float() / 255)).cpu() for chunk in images.split(256)])
 
 
 def judge_shapes(model: ConvAutoencoder, cfg: TrainAEConfig, device: torch.device) -> dict:
@@ -236,6 +242,8 @@ def check(cfg: TrainAEConfig) -> None:
         raise TrainAEError(f"--limit must be >= 1, not {cfg.limit}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise TrainAEError(f"--lr must be a positive number, not {cfg.lr}")
+    if not cfg.kl_weight >= 0:
+        raise TrainAEError(f"--kl-weight must be >= 0 (0: a plain autoencoder), not {cfg.kl_weight}")
     if cfg.foreground_weight < 0:
         raise TrainAEError(f"--foreground-weight must be >= 0, not {cfg.foreground_weight}")
     if not cfg.channels or min(cfg.channels) < 1:
@@ -254,16 +262,17 @@ def train_autoencoder(cfg: TrainAEConfig, progress_console: Console = console) -
     device = resolve_device(cfg.device)
     dataset = open_images(cfg)
     torch.manual_seed(cfg.seed)
-    model = ConvAutoencoder(cfg.image_size, cfg.channels, cfg.latent_dim).to(device)
+    model = ConvAutoencoder(cfg.image_size, cfg.channels, cfg.latent_dim, variational=cfg.kl_weight > 0).to(device)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=progress_console,
                   transient=True) as progress:
         images, unusable = load_images(dataset, cfg.image_size, cfg.limit, progress)
         started = time.perf_counter()
-        loss = fit(model, images.to(device), cfg, progress)
+        loss, kl = fit(model, images.to(device), cfg, progress)
         seconds = time.perf_counter() - started
     report = {"out": str(cfg.out), "data": cfg.data, "images": len(images), "unusable_items": unusable,
               "steps": cfg.steps, "seconds": round(seconds, 1), "final_train_loss": loss,
+              "final_kl_nats": kl,
               "config": {**asdict(cfg), "out": str(cfg.out), "judge": str(cfg.judge),
                          "data_root": None if cfg.data_root is None else str(cfg.data_root)},
               "device": str(device)}
@@ -284,7 +293,8 @@ def summary_table(report: dict) -> Table:
                                                        if report["unusable_items"] else ""))
     table.add_row("steps", str(report["steps"]))
     table.add_row("time", f"{report['seconds']:.1f} s on {report['device']}")
-    table.add_row("final train loss", f"{report['final_train_loss']:.5f}")
+    table.add_row("final train loss", f"{report['final_train_loss']:.5f}"
+                  + (f" (KL {report['final_kl_nats']:.1f} nats/image)" if report["final_kl_nats"] else ""))
     if "judge" in report:
         judged = report["judge"]
         for kind in ("reconstructed", "real"):
@@ -309,6 +319,10 @@ def summary_table(report: dict) -> Table:
 @click.option("--lr", default=TrainAEConfig.lr, help="Peak learning rate (one-cycle schedule).")
 @click.option("--foreground-weight", default=TrainAEConfig.foreground_weight,
               help="Extra loss weight on pixels unlike the image's border colour (small shapes matter).")
+@click.option("--kl-weight", default=TrainAEConfig.kl_weight,
+              help="Above 0 a VAE, whose decoder also renders the latents between training images (see "
+                   "ConvAutoencoder): weight of the KL term (nats per image) against the pixel loss. 0: a plain "
+                   "autoencoder.")
 @click.option("--out", type=click.Path(path_type=Path), default=TrainAEConfig.out,
               help="Folder of the saved expert (config.json, model.safetensors, report.json).")
 @click.option("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -317,8 +331,8 @@ def summary_table(report: dict) -> Table:
               help="Shapes judge folder (trained there in about a minute if missing); shapes only.")
 @click.option("--overwrite", is_flag=True, help="Retrain even if --out already holds an autoencoder.")
 def main(data: str, data_root: Path | None, data_options: tuple[str, ...], limit: int | None, image_size: int,
-         latent_dim: int, channels: str, steps: int, batch_size: int, lr: float, foreground_weight: float, out: Path,
-         device: str, seed: int, judge: Path, overwrite: bool) -> None:
+         latent_dim: int, channels: str, steps: int, batch_size: int, lr: float, foreground_weight: float,
+         kl_weight: float, out: Path, device: str, seed: int, judge: Path, overwrite: bool) -> None:
     """Train a convolutional autoencoder on a dataset's images and save it as the expert ae:OUT.
 
     On shapes it also writes how well the shapes judge recognises colour, shape, size and position
@@ -335,8 +349,8 @@ def main(data: str, data_root: Path | None, data_options: tuple[str, ...], limit
                                  param_hint="--channels") from None
     cfg = TrainAEConfig(data=data, data_root=data_root, dataset_options=dict(parse_option(o) for o in data_options),
                         limit=limit, image_size=image_size, latent_dim=latent_dim, channels=widths, steps=steps,
-                        batch_size=batch_size, lr=lr, foreground_weight=foreground_weight, out=out, device=device,
-                        seed=seed, overwrite=overwrite, judge=judge)
+                        batch_size=batch_size, lr=lr, foreground_weight=foreground_weight, kl_weight=kl_weight,
+                        out=out, device=device, seed=seed, overwrite=overwrite, judge=judge)
     try:
         report = train_autoencoder(cfg)
     except TrainAEError as err:

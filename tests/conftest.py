@@ -25,6 +25,14 @@ def save_tiny_bert(folder, seed: int):
 
 
 
+@pytest.fixture(scope="session")
+def small_judge(tmp_path_factory):
+    """A shapes judge trained for a few steps: enough to exercise every code path, not to be right."""
+    from extract.datasets.shapes_judge import save_judge, train_judge
+
+    return save_judge(train_judge(steps=20, count=256), tmp_path_factory.mktemp("judge") / "judge-shapes")
+
+
 @pytest.fixture(scope="module")
 def resnet18_file(tmp_path_factory):
     import timm

@@ -72,6 +72,17 @@ def test_actnorm_init_standardises_first_batch():
     assert not torch.allclose(y2.std(0), torch.ones(5), atol=1e-2)
 
 
+def test_actnorm_keeps_a_constant_dimension_at_scale_one():
+    # Glow's 1 / (std + eps) gave such a dimension a scale of 1e6: any later variation in it overflowed.
+    norm = ActNorm(3)
+    x = torch.randn(256, 3)
+    x[:, 1] = 0.25
+    y, _ = norm(x)
+    assert norm.scale[1] == 1 and torch.allclose(y[:, 1], torch.zeros(256))
+    y2, logdet = norm(torch.randn(8, 3))
+    assert y2.abs().max() < 10 and torch.isfinite(logdet).all()
+
+
 def test_actnorm_init_survives_state_dict_round_trip():
     flow, x, c = initialised_flow(n_flows=2, hidden_dim=16)
     fresh = ConditionalFlow(12, 7, n_flows=2, hidden_dim=16)

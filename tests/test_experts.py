@@ -397,6 +397,25 @@ def test_autoencoder_save_load_encode_decode(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes-ae"]  # no temp or old folder left behind
 
 
+def test_variational_autoencoder_stores_the_posterior_mean(tmp_path):
+    from extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
+
+    torch.manual_seed(0)
+    model = ConvAutoencoder(image_size=32, channels=(8, 16), latent_dim=6, variational=True)
+    x = torch.rand(4, 3, 32, 32)
+    mean, logvar = model.posterior(x)
+    assert mean.shape == logvar.shape == (4, 6)
+    torch.testing.assert_close(model.encode(x), mean)
+    model.train()
+    (a, kl), (b, _) = model(x), model(x)
+    assert not torch.equal(a, b) and (kl > 0).all()  # training decodes posterior samples
+    model.eval()
+    torch.testing.assert_close(model(x)[0], model.decode(mean))
+    loaded = load_autoencoder(save_autoencoder(model, tmp_path / "vae"))
+    assert loaded.variational and torch.equal(loaded.encode(x), model.encode(x))
+    assert ConvAutoencoder(32, (8, 16), 6).posterior(x)[1] is None  # a plain autoencoder has no variance
+
+
 def test_autoencoder_errors(tmp_path):
     from extract.experts.ae import ConvAutoencoder
 

@@ -125,6 +125,25 @@ def test_standardisation_statistics_and_split_are_saved(small_view, tmp_path):
     assert out.shape == (3, 4) and torch.isfinite(out).all()
 
 
+def test_a_constant_target_dimension_trains_with_target_noise(tmp_path):
+    # MiniLM has dimensions that are constant over a templated caption set. Regression: ActNorm was
+    # initialised on a clean batch (std 0 there -> scale 1e6) and then trained on noisy targets.
+    rng = np.random.default_rng(0)
+    keys = [f"k{i}" for i in range(2000)]
+    source = rng.normal(size=(2000, 3))
+    target = np.c_[source[:, :2] + 0.1 * rng.normal(size=(2000, 2)), np.full(2000, 0.5)]
+    view = create_view(tmp_path / "v", write_store(tmp_path / "s", keys, source),
+                       write_store(tmp_path / "t", keys, target))
+    assert n2n_train("--shards", view, "--out", tmp_path / "r", "--steps", 200, "--eval-every", 200,
+                     "--target-noise", 0.1, *SMALL).exit_code == 0
+    translator = load_run(tmp_path / "r")
+    assert translator.target_norm.std[2] == 1  # centred only: a constant has no spread to divide by
+    heldout = translator.meta["heldout_bpd"]
+    assert np.isfinite(heldout) and abs(heldout) < 20, heldout  # it was ~1e11 bits/dim before the fix
+    sample = translator.sample(torch.as_tensor(source[:50], dtype=torch.float32))
+    assert torch.allclose(sample[:, 2], torch.full((50,), 0.5), atol=0.5)
+
+
 def test_heldout_split_depends_on_key_only():
     keys = np.array([f"img{i}" for i in range(5000)])
     mask = heldout_mask(keys, 0.1)

@@ -12,7 +12,6 @@ from extract.datasets.shapes_judge import (
     accuracy,
     augment,
     load_judge,
-    save_judge,
     shapes_images,
     train_judge,
 )
@@ -25,12 +24,6 @@ SMALL = ["--data", "shapes", "--limit", 256, "--steps", 30, "--batch-size", 16, 
 
 def n2n_train_ae(*args) -> "click.testing.Result":  # noqa: F821
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def small_judge(tmp_path_factory):
-    """A judge trained for a few steps: enough to exercise every code path, not to be right."""
-    return save_judge(train_judge(steps=20, count=256), tmp_path_factory.mktemp("judge") / "judge-shapes")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +57,16 @@ def test_report_has_steps_time_loss_and_judge_scores(trained):
         assert all(0 <= v <= 1 for v in judged[kind].values())
 
 
+def test_default_is_a_vae_and_kl_weight_0_a_plain_autoencoder(trained, small_judge, tmp_path):
+    out, _ = trained
+    assert json.loads((out / "config.json").read_text())["variational"] is True
+    assert json.loads((out / "report.json").read_text())["final_kl_nats"] > 0
+    args = [*SMALL[:-6], "--steps", 3, *SMALL[-6:], "--judge", small_judge]
+    assert n2n_train_ae(*args, "--kl-weight", 0, "--out", tmp_path / "plain").exit_code == 0
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["variational"] is False
+    assert json.loads((tmp_path / "plain" / "report.json").read_text())["final_kl_nats"] == 0
+
+
 def test_rerun_skips_and_overwrite_retrains(trained, small_judge):
     out, _ = trained
     before = (out / "model.safetensors").read_bytes()
@@ -90,6 +93,7 @@ def test_same_seed_same_weights(tmp_path, small_judge):
     (["--data", "biggan"], "has no images"),
     (["--latent-dim", 0], "--latent-dim must be >= 1"),
     (["--steps", 0], "--steps must be >= 1"),
+    (["--kl-weight", -1], "--kl-weight must be >= 0"),
     (["--image-size", 40], "must be a multiple of 16"),
     (["--channels", "8,0"], "--channels"),
 ])

@@ -1,4 +1,5 @@
-"""The whole path on CPU in seconds: extract (real MiniLM + a tiny autoencoder) -> pair -> train -> translate."""
+"""The whole path on CPU in seconds: extract (real MiniLM + a tiny autoencoder) -> pair -> train -> translate
+-> eval."""
 
 import json
 from pathlib import Path
@@ -10,10 +11,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from extract.cli import main as n2n_extract
+from extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
 from extract.experts.ae import ConvAutoencoder, save_autoencoder
 from shards.view import create_view
 from train.cli import main as n2n_train
 from translate.cli import main as n2n_translate
+from translate.evaluate import main as n2n_eval
+from translate.evaluate import text_to_image_scores, uniform_entropy
 
 
 def invoke(command, *args) -> "click.testing.Result":  # noqa: F821
@@ -107,3 +111,76 @@ def test_normalized_entropy_and_caption_consistency():
     }
     assert consistent(truth, "img", "cap", 0)  # "a red shape" fits a red circle
     assert not consistent(truth, "img", "cap", 1)  # "a large red square in the top left" does not
+
+
+# ---------------------------------------------------------------- n2n-eval
+
+
+def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge, tmp_path):
+    out = tmp_path / "eval.json"
+    result = invoke(n2n_eval, "--run", runs["minilm_ae"], "--judge", small_judge, "--baseline-steps", 20,
+                    "--samples", 4, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "color accuracy (named)" in result.output and "MLP baseline" in result.output
+    report = json.loads(out.read_text())
+    assert np.isfinite(report["heldout_bpd"]) and report["step"] == 20
+    for model in ("cinn", "mlp"):
+        assert set(report[model]["accuracy"]) == {"color", "shape", "size", "position"}
+        assert all(v is None or 0 <= v <= 1 for v in report[model]["accuracy"].values())
+    # A regression predicts one image per caption: whatever the judge reads, the same every time.
+    assert all(v in (None, 0.0) for v in report["mlp"]["open_entropy"].values())
+    assert report["uniform_entropy"]["size"] == pytest.approx(uniform_entropy(2, 4))
+
+
+def test_eval_image_to_text_scores_retrieval(runs, small_judge, tmp_path):
+    result = invoke(n2n_eval, "--run", runs["ae_minilm"], "--judge", small_judge, "--baseline-steps", 20,
+                    "--out", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 < report["cinn"]["chance"] < 1 and report["cinn"]["chance"] == report["mlp"]["chance"]
+    assert 0 <= report["cinn"]["accuracy"] <= 1 and 0 <= report["mlp"]["accuracy"] <= 1
+    assert "nearest caption fits the image" in result.output
+
+
+def test_eval_without_a_checkpoint_is_a_one_line_error(tmp_path):
+    result = invoke(n2n_eval, "--run", tmp_path)
+    assert result.exit_code == 2 and result.output.startswith("error:")
+    assert len(result.output.strip().splitlines()) <= 2 and not (tmp_path / "eval.json").exists()
+
+
+def test_text_to_image_scores_count_named_attributes_and_open_entropy():
+    """Scoring with a fake decoder and judge whose reading is known: latents are attribute indices."""
+    values = {"color": COLORS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
+    rng = np.random.default_rng(0)
+    keys = np.array([f"k{i}" for i in range(40)])
+    truth, codes = {}, []
+    for i, key in enumerate(keys):
+        code = [int(rng.integers(len(v))) for v in values.values()]
+        named = dict.fromkeys(values, True) if i % 2 else {"color": True, "shape": True, "size": True,
+                                                            "position": False}
+        truth[str(key)] = {a: v[c] for (a, v), c in zip(values.items(), code, strict=True)} | {"captions": [named]}
+        codes.append(code)
+    c = torch.tensor(codes, dtype=torch.float32)
+
+    class Identity:
+        def decode(self, latents):
+            return latents
+
+    class Reader:
+        def predict(self, images):
+            return {a: [v[int(x)] for x in images[:, j]] for j, (a, v) in enumerate(values.items())}
+
+    def perfect(rows, n):  # right on every attribute; position open -> uniformly random
+        out = rows.repeat_interleave(n, 0).clone()
+        out[:, 3] = torch.randint(len(POSITIONS), (len(out),), generator=torch.Generator().manual_seed(1))
+        return out
+
+    subs = np.zeros(len(keys), dtype=np.int64)
+    scores = text_to_image_scores(perfect, Reader(), Identity(), truth, keys, subs, c, n_open=64, max_rows=40)
+    assert scores["accuracy"]["color"] == 1 and scores["captions"] == 40
+    assert scores["accuracy"]["position"] < 0.5  # named on half the captions but drawn at random (chance 1/9)
+    assert scores["open_entropy"]["position"] == pytest.approx(uniform_entropy(9, 64), abs=0.03)
+    assert scores["open_entropy"]["color"] is None  # no caption leaves the colour open
+    fixed = text_to_image_scores(lambda rows, n: rows.repeat_interleave(n, 0), Reader(), Identity(), truth, keys,
+                                 subs, c, n_open=16, max_rows=40)
+    assert fixed["accuracy"]["position"] == 1 and fixed["open_entropy"]["position"] == 0

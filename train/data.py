@@ -21,7 +21,8 @@ from shards.view import View, open_view
 @dataclass
 class Standardizer:
     """Per-dimension affine map to zero mean, unit variance; kept in the checkpoint so that
-    translation maps a new source latent exactly as training did."""
+    translation maps a new source latent exactly as training did. A dimension constant over the
+    training rows is only centred (std 1): dividing by ~0 would blow any new value in it up."""
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -29,7 +30,8 @@ class Standardizer:
     @classmethod
     def fit(cls, x: np.ndarray) -> Standardizer:
         x64 = x.astype(np.float64)
-        std = np.maximum(x64.std(0), 1e-6)
+        std = x64.std(0)
+        std[std < 1e-6] = 1.0
         return cls(torch.from_numpy(x64.mean(0)).float(), torch.from_numpy(std).float())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

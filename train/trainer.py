@@ -232,8 +232,8 @@ def train(
         optimizer = make_optimizer(flow, cfg.learning_rate)
         generator = torch.Generator(dev).manual_seed(cfg.seed)
         step, heldout = 0, None
-        with torch.no_grad():  # ActNorm's data-dependent init, eagerly, before any compiled graph
-            flow(*batch(data, cfg.batch_size, generator))
+        with torch.no_grad():  # ActNorm's data-dependent init, eagerly, before any compiled graph, on a batch
+            flow(*batch(data, cfg.batch_size, generator, cfg.target_noise))  # like the ones it will train on
     out.mkdir(parents=True, exist_ok=True)
     loss_fn = make_loss(flow, dev.type == "cuda" if compile is None else compile, console)
     flow.train()

@@ -35,6 +35,7 @@ from translate.baseline import train_mlp
 from translate.pipeline import TranslateError, expert_of
 
 ATTRIBUTES = ("color", "shape", "size", "position")
+VALUES = {"color": len(COLORS), "shape": len(SHAPES), "size": len(SIZES), "position": len(POSITIONS)}
 console = Console(stderr=True)
 
 
@@ -50,6 +51,18 @@ def normalized_entropy(values: list[str], n_values: int) -> float:
     counts = np.array(list(Counter(values).values()), dtype=np.float64)
     p = counts / counts.sum()
     return float(-(p * np.log(p)).sum() / math.log(n_values))
+
+
+def uniform_entropy(n_values: int, n_samples: int, trials: int = 4000, seed: int = 0) -> float:
+    """What a perfect sampler scores: the mean normalised entropy of ``n_samples`` uniform draws.
+
+    Below 1 because a few samples rarely cover every value (16 draws over 9 positions: 0.87), so a
+    diversity score is read against this, not against 1.
+    """
+    draws = np.random.default_rng(seed).integers(n_values, size=(trials, n_samples))
+    p = (draws[..., None] == np.arange(n_values)).mean(1)
+    logs = np.log(np.where(p > 0, p, 1.0))
+    return float(-(p * logs).sum(1).mean() / math.log(n_values))
 
 
 @torch.no_grad()
@@ -84,7 +97,6 @@ def text_to_image_scores(predict, judge, target, truth, keys, subs, c, n_open: i
         hits = [seen[attr][i] == truth[str(k)][attr] for i, k in enumerate(keys) if flags[i][attr]]
         accuracy[attr] = float(np.mean(hits)) if hits else None
     diversity = {}
-    sizes = {"color": len(COLORS), "shape": len(SHAPES), "size": len(SIZES), "position": len(POSITIONS)}
     for attr in ATTRIBUTES:
         open_rows = [i for i, f in enumerate(flags) if not f[attr]][:64]
         if not open_rows:
@@ -92,7 +104,7 @@ def text_to_image_scores(predict, judge, target, truth, keys, subs, c, n_open: i
             continue
         values = judged(judge, target, predict(c[open_rows], n_open))[attr]
         per_caption = [values[j * n_open : (j + 1) * n_open] for j in range(len(open_rows))]
-        diversity[attr] = float(np.mean([normalized_entropy(v, sizes[attr]) for v in per_caption]))
+        diversity[attr] = float(np.mean([normalized_entropy(v, VALUES[attr]) for v in per_caption]))
     return {"accuracy": accuracy, "open_entropy": diversity, "captions": len(keys)}
 
 
@@ -143,6 +155,7 @@ def evaluate(run: Path, samples: int = 16, temperature: float = 1.0, max_rows: i
         real = torch.stack([torch.from_numpy(np.asarray(render(a, 64), dtype=np.float32) / 255).permute(2, 0, 1)
                             for a in real_attrs])
         report["judge_real_accuracy"] = accuracy(judge, real, real_attrs)
+        report["uniform_entropy"] = {attr: uniform_entropy(VALUES[attr], samples) for attr in ATTRIBUTES}
         args = (judge, target, source_truth, data.held_key, subs, data.held_source)
         report["cinn"] = text_to_image_scores(cinn, *args, n_open=samples, max_rows=max_rows)
         report["mlp"] = text_to_image_scores(regress, *args, n_open=samples, max_rows=max_rows)
@@ -170,7 +183,8 @@ def print_report(report: dict) -> None:
                           fmt(report["mlp"]["accuracy"][attr]))
         for attr in ATTRIBUTES:
             ent = [r["open_entropy"][attr] for r in (report["cinn"], report["mlp"])]
-            table.add_row(f"{attr} entropy (open)", *("-" if e is None else f"{e:.2f}" for e in ent))
+            table.add_row(f"{attr} entropy (open; perfect {report['uniform_entropy'][attr]:.2f})",
+                          *("-" if e is None else f"{e:.2f}" for e in ent))
         judge = ", ".join(f"{a} {100 * v:.1f}%" for a, v in report["judge_real_accuracy"].items())
         table.caption = f"judge on real held-out images: {judge}"
     elif "cinn" in report:
@@ -183,17 +197,19 @@ def print_report(report: dict) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--run", required=True, type=click.Path(path_type=Path), help="Run folder of n2n-train.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: RUN/eval.json]")
-@click.option("--samples", default=16, help="Samples per caption for the entropy of open attributes.")
+@click.option("--samples", default=16, help="Samples per caption for the entropy of open attributes (a perfect "
+              "sampler scores below 1 with few samples; the table prints what it would score).")
 @click.option("--temperature", default=1.0)
 @click.option("--max-rows", default=1000, help="Held-out captions (or images) scored.")
 @click.option("--seed", default=0)
+@click.option("--baseline-steps", default=2000, help="Training steps of the MLP baseline.")
 @click.option("--judge", "judge_path", type=click.Path(path_type=Path), default=Path("experts/judge-shapes"),
               help="The shapes attribute judge; trained there first if missing.")
 def main(run: Path, out: Path | None, samples: int, temperature: float, max_rows: int, seed: int,
-         judge_path: Path) -> None:
+         baseline_steps: int, judge_path: Path) -> None:
     """Score a trained run on its held-out keys and write eval.json (see the module docstring)."""
     try:
-        report = evaluate(run, samples, temperature, max_rows, seed, judge_path=judge_path)
+        report = evaluate(run, samples, temperature, max_rows, seed, baseline_steps, judge_path)
     except (CheckpointError, StoreError, ExpertError, TranslateError) as e:
         console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

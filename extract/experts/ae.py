@@ -35,19 +35,28 @@ class ConvAutoencoder(nn.Module):
     Encoder: one stride-2 conv block per entry of ``channels``, then a linear map to the latent.
     Decoder: a linear map back, one upsample + conv block per entry in reverse, a conv to RGB and a
     sigmoid (nearest upsampling + conv avoids the checkerboard of transposed convolutions).
+
+    ``variational``: the encoder also gives a log-variance and training decodes a sample of the
+    posterior (a VAE, as net2net's autoencoders are). Why it matters here: a cINN sampling an open
+    caption ("a red circle", position unsaid) puts some samples between the modes; a plain
+    autoencoder decodes those to blends of no colour, a VAE's decoder has learnt that region. The
+    stored latent is the posterior mean, so extraction stays deterministic.
     """
 
-    def __init__(self, image_size: int = 64, channels: Sequence[int] = (32, 64, 128, 256), latent_dim: int = 128):
+    def __init__(self, image_size: int = 64, channels: Sequence[int] = (32, 64, 128, 256), latent_dim: int = 128,
+                 variational: bool = False):
         super().__init__()
         side = image_size // 2 ** len(channels)
         if side < 1 or side * 2 ** len(channels) != image_size:
             raise ValueError(f"image_size {image_size} must be a multiple of 2**{len(channels)} (one halving per "
                              "channel entry)")
-        self.config = {"image_size": image_size, "channels": list(channels), "latent_dim": latent_dim}
+        self.config = {"image_size": image_size, "channels": list(channels), "latent_dim": latent_dim,
+                       "variational": variational}
+        self.latent_dim, self.variational = latent_dim, variational
         self.encoder = nn.Sequential(
             *(_block(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), c_out)
               for c_in, c_out in pairwise([3, *channels])),
-            nn.Flatten(), nn.Linear(channels[-1] * side * side, latent_dim))
+            nn.Flatten(), nn.Linear(channels[-1] * side * side, latent_dim * (2 if variational else 1)))
         back = [*reversed(channels), channels[0]]
         self.decoder = nn.Sequential(
             nn.Linear(latent_dim, channels[-1] * side * side), nn.Unflatten(1, (channels[-1], side, side)),
@@ -55,14 +64,27 @@ class ConvAutoencoder(nn.Module):
               for c_in, c_out in pairwise(back)),
             nn.Conv2d(channels[0], 3, 3, padding=1), nn.Sigmoid())
 
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean and log-variance of q(z | x); the log-variance is None for a plain autoencoder."""
+        h = self.encoder(x * 2 - 1)
+        if not self.variational:
+            return h, None
+        mean, logvar = h.split(self.latent_dim, dim=1)
+        return mean, logvar.clamp(-30, 20)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x * 2 - 1)
+        return self.posterior(x)[0]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction (of a posterior sample while training) and KL(q(z|x) || N(0, I)) per image, in nats."""
+        mean, logvar = self.posterior(x)
+        if logvar is None:
+            return self.decode(mean), mean.new_zeros(len(x))
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean
+        return self.decode(z), 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum(1)
 
 
 def save_autoencoder(model: ConvAutoencoder, path: str | Path) -> Path:
