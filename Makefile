@@ -30,9 +30,14 @@ demo: install
 	  $$(test -f runs/minilm_ae/checkpoint.safetensors && echo --resume)
 	$(BIN)/n2n-train --shards shards/ae_minilm --out runs/ae_minilm $(DEMO_I2T) \
 	  $$(test -f runs/ae_minilm/checkpoint.safetensors && echo --resume)
-	$(BIN)/n2n-translate --run runs/minilm_ae --text-file demo/captions.txt -n 8 --out demo/grid.png
-	$(BIN)/n2n-eval --run runs/minilm_ae --out demo/eval.json
-	$(BIN)/n2n-eval --run runs/ae_minilm --out demo/eval-ae_minilm.json
+	test demo/grid.png -nt runs/minilm_ae/checkpoint.safetensors || \
+	  $(BIN)/n2n-translate --run runs/minilm_ae --text-file demo/captions.txt -n 8 --out demo/grid.png
+	test demo/eval.json -nt runs/minilm_ae/checkpoint.safetensors || \
+	  $(BIN)/n2n-eval --run runs/minilm_ae --out demo/eval.json
+	test demo/eval-ae_minilm.json -nt runs/ae_minilm/checkpoint.safetensors || \
+	  $(BIN)/n2n-eval --run runs/ae_minilm --out demo/eval-ae_minilm.json
+	$(BIN)/python -c 'import translate.evaluate as e, json; [e.print_report(json.load(open(f))) \
+	  for f in ("demo/eval.json", "demo/eval-ae_minilm.json")]'
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv

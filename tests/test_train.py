@@ -88,6 +88,11 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(small_view, tmp_pa
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     assert (full / "metrics.jsonl").read_text().count("\n") == (part / "metrics.jsonl").read_text().count("\n")
+    # Resuming a finished run (a rerun of make demo) changes nothing and says so.
+    before = (part / CHECKPOINT).read_bytes()
+    again = n2n_train("--shards", small_view, "--out", part, "--steps", 60, "--eval-every", 20, "--resume", *SMALL)
+    assert again.exit_code == 0 and "already at step 60" in again.output
+    assert (part / CHECKPOINT).read_bytes() == before
 
 
 def test_resume_after_kill_9(small_view, tmp_path):

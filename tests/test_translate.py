@@ -184,3 +184,15 @@ def test_text_to_image_scores_count_named_attributes_and_open_entropy():
     fixed = text_to_image_scores(lambda rows, n: rows.repeat_interleave(n, 0), Reader(), Identity(), truth, keys,
                                  subs, c, n_open=16, max_rows=40)
     assert fixed["accuracy"]["position"] == 1 and fixed["open_entropy"]["position"] == 0
+
+
+def test_an_expert_that_cannot_be_loaded_is_named_with_the_flag_to_fix_it(runs, tmp_path, monkeypatch):
+    import extract.experts.ae as ae
+
+    def gone(path):
+        raise FileNotFoundError(f"no autoencoder at {path}")
+
+    monkeypatch.setattr(ae, "load_autoencoder", gone)  # as if experts/ae-tiny had been deleted
+    result = invoke(n2n_translate, "--run", runs["minilm_ae"], "--text", "a red circle", "--out", tmp_path / "g.png")
+    assert result.exit_code == 2 and result.output.startswith("error: target expert ae:")
+    assert "--target-weights" in result.output and not (tmp_path / "g.png").exists()

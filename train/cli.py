@@ -109,6 +109,10 @@ def main(ctx: click.Context, view: Path, out: Path | None, steps: int, batch_siz
         summary = train(view, out, cfg, device=device, compile=compile, resume=resume, console=console)
     except (StoreError, CheckpointError, TrainError) as e:
         fail(str(e), code=1 if isinstance(e, DivergedError) else 2)
+    if summary["train_bpd"] is None:  # a --resume of a run that already reached --steps
+        console.print(f"{out} is already at step {summary['step']}: nothing to train (a larger --steps goes on)",
+                      highlight=False, soft_wrap=True)
+        return
     table = Table(title=f"n2n-train: {summary['run']}", show_header=False)
     table.add_row("steps", str(summary["step"]))
     table.add_row("time", f"{summary['seconds']:.1f} s")
