@@ -8,7 +8,7 @@ DATA_ROOT ?=
 OUT     ?=
 ARGS    ?=
 
-.PHONY: install test test-slow lint demo extract train synthetic check-synthetic clean
+.PHONY: install test test-slow lint demo bench extract train synthetic check-synthetic clean
 
 install: .venv/installed
 
@@ -38,6 +38,12 @@ demo: install
 	  $(BIN)/n2n-eval --run runs/ae_minilm --out demo/eval-ae_minilm.json
 	$(BIN)/python -c 'import translate.evaluate as e, json; [e.print_report(json.load(open(f))) \
 	  for f in ("demo/eval.json", "demo/eval-ae_minilm.json")]'
+
+# Benchmarks: n2n against its baselines in one run each; tables on the terminal, JSON in bench/results/.
+bench: install
+	$(PY) -m bench.store_reads
+	$(PY) -m bench.cinn_step
+	$(PY) -m bench.reference
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv

