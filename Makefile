@@ -44,6 +44,7 @@ bench: install
 	$(PY) -m bench.store_reads
 	$(PY) -m bench.cinn_step
 	$(PY) -m bench.reference
+	$(PY) -m bench.compile
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
