@@ -45,6 +45,7 @@ bench: install
 	$(PY) -m bench.cinn_step
 	$(PY) -m bench.reference
 	$(PY) -m bench.compile
+	$(PY) -m bench.extraction
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv

@@ -56,7 +56,7 @@ def peak_rss_mib() -> float:
 
 @dataclass
 class Row:
-    """One compared figure: ``ratio`` is oriented so that bigger is better for n2n."""
+    """One compared figure; ``ratio`` reads as its target states it (a speed-up, or an overhead)."""
 
     metric: str
     ours: str

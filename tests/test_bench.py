@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from bench import cinn_step, store_reads
+from bench import cinn_step, extraction, store_reads
 from cinn import ConditionalFlow
 
 
@@ -30,3 +30,13 @@ def test_store_reads_runs_small_and_writes_its_json(tmp_path, monkeypatch):
     metrics = [row["metric"] for row in saved["rows"]]
     assert any("zarr" in m for m in metrics) and any("h5" in m for m in metrics) and any("join" in m for m in metrics)
     assert all(row["ratio"] is None or row["ratio"] > 0 for row in saved["rows"])
+
+
+def test_extraction_overhead_runs_small(tmp_path, monkeypatch):
+    monkeypatch.setenv("N2N_BENCH_RESULTS", str(tmp_path))
+    result = CliRunner().invoke(extraction.main, ["--items", "16", "--batch-size", "8", "--num-workers", "0"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "extraction.json").read_text())
+    assert set(saved["raw"]) == {"minilm", "timm:resnet18"}
+    assert all(v["extract_wall_s"] > 0 and v["forward_s"] > 0 for v in saved["raw"].values())
