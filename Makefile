@@ -19,7 +19,7 @@ install: .venv/installed
 # needs to show the stores being reused, so it gets a smaller flow.
 DEMO_ITEMS ?= 8000
 DEMO_T2I   ?= --steps 4000 --n-flows 8 --hidden-dim 192 --embedding-dim 256 --target-noise 0.1
-DEMO_I2T   ?= --steps 2000 --n-flows 8 --hidden-dim 128 --embedding-dim 128 --target-noise 0.1
+DEMO_I2T   ?= --steps 1200 --n-flows 8 --hidden-dim 128 --embedding-dim 128 --target-noise 0.1
 demo: install
 	$(BIN)/n2n-train-ae --data shapes --out experts/ae-shapes
 	$(BIN)/n2n-extract --expert minilm --data shapes --limit $(DEMO_ITEMS)
