@@ -10,14 +10,14 @@ Run: python -m bench.cinn_step [--batch 256 --batch 1024]
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 import torch
-from rich.console import Console
 from torch import nn
 
-from bench.common import Row, report, timed
+from bench.common import Row, report, timed, trainer_step
 from cinn import ConditionalFlow
-from train.trainer import make_loss, make_optimizer
 
 NET2NET = {"dim": 268, "cond_dim": 768, "n_flows": 24, "hidden_dim": 1024}
 TARGETS = {256: 0.70, 1024: 0.85}
@@ -38,21 +38,6 @@ def gemm_flops_per_s(size: int = 4096, repeat: int = 5) -> tuple[float, list[flo
     return 2 * size**3 / min(times), times
 
 
-def training_step(flow: ConditionalFlow, batch: int) -> callable:
-    """n2n-train's step: the trainer's loss, zero_grad, backward, its fused Adam step."""
-    loss_fn = make_loss(flow, compile=False, console=Console(stderr=True))
-    optimizer = make_optimizer(flow, 1e-4)
-    x, c = torch.randn(batch, flow.dim), torch.randn(batch, NET2NET["cond_dim"])
-
-    def step() -> None:
-        loss = loss_fn(x, c)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
 @click.command()
 @click.option("--batch", "batches", multiple=True, type=int, default=(256, 1024), show_default=True)
 @click.option("--repeat", default=3, show_default=True, help="Timed steps per batch size (after one warm-up).")
@@ -65,7 +50,9 @@ def main(batches: tuple[int, ...], repeat: int) -> None:
     flow.train()
     flow(torch.randn(256, flow.dim), torch.randn(256, NET2NET["cond_dim"]))  # ActNorm init
     for batch in batches:
-        step = training_step(flow, batch)
+        x, c = torch.randn(batch, flow.dim), torch.randn(batch, NET2NET["cond_dim"])
+        train = trainer_step(flow)
+        step = partial(train, x, c)
         step()
         times = timed(step, repeat)
         flops = step_flops(flow, batch)

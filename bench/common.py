@@ -19,20 +19,29 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from cinn import ConditionalFlow
 from shards.store import write_json_atomic
+from train.trainer import make_loss, make_optimizer, make_step
 
 RESULTS = Path(__file__).parent / "results"  # N2N_BENCH_RESULTS overrides it (the tests write elsewhere)
 
 
 def machine() -> dict:
     """What the numbers were measured on."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    cpu = names[0] if names else platform.processor()
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def trainer_step(flow: ConditionalFlow, compiled: bool = False) -> Callable:
+    """n2n-train's own step(x, c) for ``flow``: its loss (compiled or not), backward, fused Adam."""
+    return make_step(make_loss(flow, compiled, Console(stderr=True)), make_optimizer(flow, 1e-4))
 
 
 def timed(fn: Callable[[], object], repeat: int = 3, sync: bool = False) -> list[float]:

@@ -8,30 +8,16 @@ measured too. Run: python -m bench.compile [--device cuda --batch 16 --batch 64 
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import click
 import torch
-from rich.console import Console
 
-from bench.common import Row, report, timed
+from bench.common import Row, report, timed, trainer_step
 from cinn import ConditionalFlow
-from train.trainer import make_loss, make_optimizer
 
 DEMO_FLOW = {"dim": 32, "cond_dim": 384, "n_flows": 8, "hidden_dim": 192, "embedding_dim": 256}
 GPU_TARGET = {16: 2.0, 64: 2.0}
-
-
-def step_fn(flow: ConditionalFlow, compiled: bool, x: torch.Tensor, c: torch.Tensor):
-    loss_fn = make_loss(flow, compiled, Console(stderr=True))
-    optimizer = make_optimizer(flow, 1e-4)
-
-    def step() -> None:
-        loss = loss_fn(x, c)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 @click.command()
@@ -49,7 +35,8 @@ def main(device: str, batches: tuple[int, ...], steps: int) -> None:
             x = torch.randn(batch, DEMO_FLOW["dim"], device=dev)
             c = torch.randn(batch, DEMO_FLOW["cond_dim"], device=dev)
             flow(x, c)  # ActNorm init, eagerly (as the trainer does)
-            step = step_fn(flow, way == "compiled", x, c)
+            train = trainer_step(flow, compiled=way == "compiled")
+            step = partial(train, x, c)
             start = time.perf_counter()
             step()  # compiles on the compiled way
             step()

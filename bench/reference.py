@@ -23,12 +23,11 @@ from pathlib import Path
 
 import click
 import torch
-from rich.console import Console
 
-from bench.common import Row, peak_rss_mib, report
+from bench.common import Row, peak_rss_mib, report, trainer_step
 from cinn import ConditionalFlow
 from train.data import PairedLatents, Standardizer
-from train.trainer import batch, make_loss, make_optimizer
+from train.trainer import batch
 
 # BigGAN-deep-256's generator layout (pytorch-pretrained-biggan's published config): 4x4 -> 256x256.
 BIGGAN_DEEP_256 = {"output_dim": 256, "z_dim": 128, "class_embed_dim": 128, "channel_width": 128,
@@ -43,20 +42,6 @@ PAIRS = {
 }
 TARGET = {"bert_biggan": 50.0}
 RENDER_CHUNK = 32  # images rendered per generator call: bounds the reference's activation memory
-
-
-def cinn_step(flow: ConditionalFlow, batch_size: int):
-    """The trainer's step on given (x, c): its loss, zero_grad, backward, fused Adam."""
-    loss_fn = make_loss(flow, compile=False, console=Console(stderr=True))
-    optimizer = make_optimizer(flow, 1e-4)
-
-    def step(x: torch.Tensor, c: torch.Tensor) -> None:
-        loss = loss_fn(x, c)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def build_experts(pair: str, folder: Path):
@@ -136,7 +121,7 @@ def measure(pair: str, way: str, batch_size: int, steps: int) -> dict:
     flow = ConditionalFlow(target_dim, source_dim, **PAIRS[pair]["flow"])
     flow.train()
     flow(torch.randn(batch_size, target_dim), torch.randn(batch_size, source_dim))  # ActNorm init
-    step = cinn_step(flow, batch_size)
+    step = trainer_step(flow)
     with tempfile.TemporaryDirectory(prefix="n2n-bench-") as tmp:
         if way == "reference":
             experts = build_experts(pair, Path(tmp))

@@ -20,23 +20,23 @@ def test_step_flops_counts_every_linear_forward_and_backward():
     assert cinn_step.step_flops(flow, 3) == 3 * (6 * macs - 2 * 5 * 4)
 
 
-def test_store_reads_runs_small_and_writes_its_json(tmp_path, monkeypatch):
-    monkeypatch.setenv("N2N_BENCH_RESULTS", str(tmp_path))
-    result = CliRunner().invoke(store_reads.main, ["--rows", "2000", "--dim", "8", "--repeat", "1"],
-                                catch_exceptions=False)
+def run_bench(command, name: str, args: list[str], folder) -> dict:
+    """Run a benchmark's command with its results written into ``folder``; the JSON it wrote."""
+    result = CliRunner(env={"N2N_BENCH_RESULTS": str(folder)}).invoke(command, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    saved = json.loads((tmp_path / "store_reads.json").read_text())
+    return json.loads((folder / f"{name}.json").read_text())
+
+
+def test_store_reads_runs_small_and_writes_its_json(tmp_path):
+    saved = run_bench(store_reads.main, "store_reads", ["--rows", "2000", "--dim", "8", "--repeat", "1"], tmp_path)
     assert saved["settings"]["rows"] == 2000 and saved["machine"]["torch"] == torch.__version__
     metrics = [row["metric"] for row in saved["rows"]]
     assert any("zarr" in m for m in metrics) and any("h5" in m for m in metrics) and any("join" in m for m in metrics)
     assert all(row["ratio"] is None or row["ratio"] > 0 for row in saved["rows"])
 
 
-def test_extraction_overhead_runs_small(tmp_path, monkeypatch):
-    monkeypatch.setenv("N2N_BENCH_RESULTS", str(tmp_path))
-    result = CliRunner().invoke(extraction.main, ["--items", "16", "--batch-size", "8", "--num-workers", "0"],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    saved = json.loads((tmp_path / "extraction.json").read_text())
+def test_extraction_overhead_runs_small(tmp_path):
+    saved = run_bench(extraction.main, "extraction", ["--items", "16", "--batch-size", "8", "--num-workers", "0"],
+                      tmp_path)
     assert set(saved["raw"]) == {"minilm", "timm:resnet18"}
     assert all(v["extract_wall_s"] > 0 and v["forward_s"] > 0 for v in saved["raw"].values())
