@@ -4,8 +4,8 @@ A store is a directory holding ``meta.json`` and the rows ``key`` (str), ``sub``
 ``latent`` [N, dim] in one of three formats: a zarr v3 group (default: fast full reads), webdataset
 tar shards (streaming, object stores) or one HDF5 file (import/export). One reader API serves all.
 
-Rows are appended by a single StoreWriter that buffers them and writes whole units (a zarr shard,
-a tar): writing part of a zarr shard is a read-modify-write, and a tar cannot be appended to. The
+Rows are appended by a single StoreWriter that buffers them and writes whole units (64k zarr rows,
+a tar): writing part of a zarr chunk is a read-modify-write, and a tar cannot be appended to. The
 data is written first and the row count in meta.json is committed afterwards, atomically, so a
 crash never exposes half-written rows and ``resume_store`` continues at the committed count.
 A store becomes ``complete`` atomically too, and readers refuse incomplete stores by default.
@@ -123,8 +123,8 @@ def _chunk_rows(dim: int, dtype: str) -> int:
     return 2 ** int(np.clip(round(math.log2(3 * 2**20 / row_bytes)), 6, 16))
 
 
-def _shard_rows(dim: int, dtype: str) -> int:
-    """Rows per zarr shard / HDF5 write: 65536, fewer for wide rows so a write buffer stays < 200 MB."""
+def _unit_rows(dim: int, dtype: str) -> int:
+    """Rows per zarr / HDF5 write: 65536, fewer for wide rows so a write buffer stays < 200 MB."""
     return min(65536, 64 * _chunk_rows(dim, dtype))
 
 
@@ -153,7 +153,13 @@ def _frozen(values: np.ndarray) -> np.ndarray:
 
 
 class _Zarr:
-    """One zarr v3 group in the store directory; `latent` uses the sharding codec, no compression."""
+    """One zarr v3 group in the store directory: plain ~3 MB chunks, no compression, no sharding.
+
+    Why not zarr's sharding codec: both zarr-python and zarrs read a sharded array at about a fifth
+    of np.load's speed (1M x 384 float16, this repo's bench.store_reads), plain chunks through the
+    zarrs codec pipeline at np.load's own. Rows are still written in units of 64k rows (whole
+    chunks, and the key and sub arrays' chunk), so no write is a read-modify-write but the last.
+    """
 
     def __init__(self, path: Path, meta: dict):
         self.path, self.meta = path, meta
@@ -161,24 +167,17 @@ class _Zarr:
     @staticmethod
     def create(path: Path, meta: dict) -> None:
         dim, dtype = meta["dim"], meta["dtype"]
-        rows, chunk = _shard_rows(dim, dtype), _chunk_rows(dim, dtype)
+        rows, chunk = _unit_rows(dim, dtype), _chunk_rows(dim, dtype)
         group = zarr.open_group(path, mode="w", zarr_format=3)
-        # keys and subs are small: plain chunks of one shard's rows, written with that shard.
+        # keys and subs are small: one chunk per write unit.
         group.create_array("key", shape=(0,), dtype=str, chunks=(rows,), compressors=None)
         group.create_array("sub", shape=(0,), dtype="int64", chunks=(rows,), compressors=None, fill_value=0)
-        group.create_array(
-            "latent",
-            shape=(0, dim),
-            dtype=dtype,
-            chunks=(chunk, dim),
-            shards=(rows, dim),
-            compressors=None,
-            fill_value=0,
-        )
+        group.create_array("latent", shape=(0, dim), dtype=dtype, chunks=(chunk, dim), compressors=None,
+                           fill_value=0)
 
     def _open(self, mode: str) -> dict[str, zarr.Array]:
-        # write_empty_chunks: an all-zero `sub` shard must still exist on disk, else a lost shard file
-        # and a shard of zeros would look the same and check() could not tell them apart. (An array
+        # write_empty_chunks: an all-zero `sub` chunk must still exist on disk, else a lost file
+        # and a chunk of zeros would look the same and check() could not tell them apart. (An array
         # takes its runtime config from the global one when opened; open_array ignores `config=`.)
         try:
             with zarr.config.set({"array.write_empty_chunks": True}):
@@ -198,8 +197,16 @@ class _Zarr:
         return self._open("r+")
 
     @property
-    def rows_per_shard(self) -> int:
-        return self._shard(self.arrays["latent"])
+    def unit_rows(self) -> int:
+        """Rows per write: the key array's chunk (stores of an older n2n shard `latent` by as many)."""
+        return self._file_rows(self.arrays["key"])
+
+    @cached_property
+    def fast_latent(self) -> zarr.Array:
+        """`latent` opened with the zarrs codec pipeline (Rust, threaded, decodes into the output):
+        np.load's speed on plain chunks where zarr-python's own pipeline manages a third of it."""
+        with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+            return zarr.open_array(self.path / "latent", mode="r")
 
     def check(self) -> None:
         count, latent = self.meta["count"], self.arrays["latent"]
@@ -209,25 +216,35 @@ class _Zarr:
                 f"{self.meta['dtype']} [*, {self.meta['dim']}]: the store is damaged: delete it and rerun"
             )
         for name, array in self.arrays.items():
-            # zarr reads a missing shard file as fill values: look for the files themselves.
-            step = self._shard(array)
+            # zarr reads a missing chunk file as fill values: look for the files themselves.
+            step = self._file_rows(array)
             lost = [file for row in range(0, count, step) if not (file := self._file(name, row)).exists()]
             if array.shape[0] < count or lost:
                 raise StoreError(
                     f"{self.path}/{name} holds {array.shape[0]} rows for {count} committed"
-                    + (f" and lacks {len(lost)} shard files (first: {lost[0]})" if lost else "")
+                    + (f" and lacks {len(lost)} files (first: {lost[0]})" if lost else "")
                     + ": the store is damaged: delete it and rerun"
                 )
+        # A plain uncompressed chunk has one size (zarr stores edge chunks whole): a cut file is
+        # found here, by its size, even where a reader would only fetch its intact first rows.
+        if not latent.shards and not latent.compressors and not latent.filters:
+            size = math.prod(latent.chunks) * latent.dtype.itemsize
+            for row in range(0, count, latent.chunks[0]):
+                if (file := self._file("latent", row)).stat().st_size != size:
+                    raise StoreError(
+                        f"{file} holds {file.stat().st_size} bytes, not a chunk's {size}: the file is "
+                        "truncated or corrupt: delete the store and rerun n2n-extract"
+                    )
 
     @staticmethod
-    def _shard(array: zarr.Array) -> int:
-        """Rows per stored file: a shard, or a chunk for the unsharded key and sub arrays."""
+    def _file_rows(array: zarr.Array) -> int:
+        """Rows per stored file: a chunk, or a shard where the array is sharded."""
         return array.shards[0] if array.shards else array.chunks[0]
 
     def _file(self, name: str, row: int) -> Path:
         """The file that holds `row` of one array, named by zarr's own chunk-key encoding."""
         array = self.arrays[name]
-        coords = (row // self._shard(array),) + (0,) * (array.ndim - 1)
+        coords = (row // self._file_rows(array),) + (0,) * (array.ndim - 1)
         return self.path / name / array.metadata.encode_chunk_key(coords)
 
     def truncate(self) -> None:
@@ -235,7 +252,7 @@ class _Zarr:
             array.resize((self.meta["count"], *array.shape[1:]))
 
     def block_rows(self) -> int:
-        return self.rows_per_shard - self.meta["count"] % self.rows_per_shard
+        return self.unit_rows - self.meta["count"] % self.unit_rows
 
     def write(self, keys: np.ndarray, sub: np.ndarray, latents: np.ndarray) -> None:
         start = self.meta["count"]
@@ -245,24 +262,33 @@ class _Zarr:
             array.resize((stop, *array.shape[1:]))
             array[start:stop] = values
 
-    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of one array; a corrupt shard becomes a StoreError naming its file."""
+    def _read(self, name: str, start: int, stop: int, array: zarr.Array | None = None) -> np.ndarray:
+        """Rows [start, stop) of one array; a corrupt file becomes a StoreError naming it."""
+        array = self.arrays[name] if array is None else array
         try:
-            return self.arrays[name][start:stop]
+            return array[start:stop]
         except Exception as err:
-            first, last = self._file(name, start), self._file(name, stop - 1)
-            where = first if first == last else f"rows {start}-{stop} of {self.path / name}"
             raise StoreError(
-                f"cannot read {where} ({type(err).__name__}: {err}): a shard is truncated or corrupt "
-                f"(n2n-shards verify {self.path} names it): delete the store and rerun n2n-extract"
+                f"cannot read {self._bad_file(name, start, stop)} ({type(err).__name__}: {err}): the file is "
+                "truncated or corrupt: delete the store and rerun n2n-extract"
             ) from err
+
+    def _bad_file(self, name: str, start: int, stop: int) -> Path | str:
+        """The first file of rows [start, stop) that does not read (file by file: only after a failure)."""
+        step = self._file_rows(self.arrays[name])
+        for row in range(start - start % step, stop, step):
+            try:
+                self.arrays[name][row : min(row + step, stop)]
+            except Exception:
+                return self._file(name, row)
+        return f"rows {start}-{stop} of {self.path / name}"
 
     def columns(self) -> tuple[np.ndarray, np.ndarray]:
         count = self.meta["count"]
         return _as_unicode(self._read("key", 0, count)), self._read("sub", 0, count)
 
     def blocks(self) -> Iterator[Block]:
-        count, step = self.meta["count"], self.rows_per_shard
+        count, step = self.meta["count"], self.unit_rows
         for start in range(0, count, step):
             stop = min(count, start + step)
             yield (
@@ -272,7 +298,7 @@ class _Zarr:
             )
 
     def latents(self) -> np.ndarray:
-        return self._read("latent", 0, self.meta["count"])
+        return self._read("latent", 0, self.meta["count"], self.fast_latent)
 
 
 class _H5:
@@ -287,7 +313,7 @@ class _H5:
     @classmethod
     def create(cls, path: Path, meta: dict) -> None:
         dim, dtype = meta["dim"], meta["dtype"]
-        rows, chunk = _shard_rows(dim, dtype), _chunk_rows(dim, dtype)
+        rows, chunk = _unit_rows(dim, dtype), _chunk_rows(dim, dtype)
         with h5py.File(path / cls.file_name, "w") as f:
             f.create_dataset("key", shape=(0,), maxshape=(None,), chunks=(rows,), dtype=h5py.string_dtype())
             f.create_dataset("sub", shape=(0,), maxshape=(None,), chunks=(rows,), dtype="int64")
@@ -335,7 +361,7 @@ class _H5:
                 f[name].resize(self.meta["count"], axis=0)
 
     def block_rows(self) -> int:
-        return _shard_rows(self.meta["dim"], self.meta["dtype"])
+        return _unit_rows(self.meta["dim"], self.meta["dtype"])
 
     def write(self, keys: np.ndarray, sub: np.ndarray, latents: np.ndarray) -> None:
         start = self.meta["count"]
@@ -527,7 +553,7 @@ class StoreWriter:
             self.flush()
 
     def append(self, keys: Sequence[str], sub: Sequence[int] | np.ndarray, latents: np.ndarray) -> None:
-        """Buffer one batch; whenever a whole unit (zarr shard, tar) is buffered, write and commit it."""
+        """Buffer one batch; whenever a whole unit (64k zarr rows, a tar) is buffered, write and commit it."""
         block = self._validate(keys, sub, latents)
         if not len(block[0]):
             return
@@ -537,7 +563,7 @@ class StoreWriter:
             self._write(self._backend.block_rows())
 
     def flush(self) -> None:
-        """Write and commit every buffered row (a partial zarr shard, a short tar)."""
+        """Write and commit every buffered row (a partial zarr unit, a short tar)."""
         self._check_open()
         if self._pending_rows:
             self._write(self._pending_rows)

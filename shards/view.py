@@ -90,7 +90,7 @@ def _key_codes(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.n
     about 1e-7 at a million keys) falls back to sorting the strings themselves.
     """
     keys = np.concatenate([source, target])
-    hashes = _fnv1a(keys)
+    hashes = hash_keys(keys)
     order = np.argsort(hashes, kind="stable")
     ordered_hashes, ordered_keys = hashes[order], keys[order]
     ties = ordered_hashes[1:] == ordered_hashes[:-1]
@@ -101,14 +101,19 @@ def _key_codes(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.n
     return codes[: len(source)], codes[len(source) :]
 
 
-def _fnv1a(keys: np.ndarray) -> np.ndarray:
-    """64-bit FNV-1a over the UCS-4 code points of fixed-width keys, one vector pass per character."""
+def hash_keys(keys: np.ndarray) -> np.ndarray:
+    """64-bit hashes of fixed-width 'U' keys, without per-key Python: FNV-1a over the UCS-4 code
+    points (one vector pass per character), then splitmix64's finaliser, so that every bit is
+    well mixed and ``hash % n`` buckets evenly (FNV's low bits alone do not)."""
     points = np.ascontiguousarray(keys).view(np.uint32).reshape(len(keys), keys.dtype.itemsize // 4)
     hashes = np.full(len(keys), 0xCBF29CE484222325, dtype=np.uint64)
     for column in points.T:
         hashes ^= column
         hashes *= np.uint64(0x100000001B3)
-    return hashes
+    for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        hashes ^= hashes >> np.uint64(shift)
+        hashes *= np.uint64(multiplier)
+    return hashes ^ (hashes >> np.uint64(31))
 
 
 def _pair_codes(

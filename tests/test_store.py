@@ -34,7 +34,7 @@ KEYS = ["a", "a.b.c", "dir/file.jpg", "../up", "ünïcødé 日本", "", "x" * 7
 def small_units(monkeypatch):
     """Tiny shards and tars, so a few hundred rows span many write units (and tests stay fast)."""
     monkeypatch.setattr(store_module, "_chunk_rows", lambda dim, dtype: 16)
-    monkeypatch.setattr(store_module, "_shard_rows", lambda dim, dtype: 64)
+    monkeypatch.setattr(store_module, "_unit_rows", lambda dim, dtype: 64)
     monkeypatch.setattr(store_module, "WDS_SHARD_ROWS", 50)
 
 
@@ -161,7 +161,7 @@ import os, sys
 import numpy as np
 from shards import store
 store._chunk_rows = lambda dim, dtype: 16
-store._shard_rows = lambda dim, dtype: 64
+store._unit_rows = lambda dim, dtype: 64
 store.WDS_SHARD_ROWS = 50
 path, format = sys.argv[1], sys.argv[2]
 data = np.load(sys.argv[3])
@@ -413,3 +413,24 @@ def test_append_validates_batches(tmp_path, batch):
     with pytest.raises(StoreError, match=f"append to {tmp_path / 's'}"):
         writer.append(*batch)
     assert writer.count == 0
+
+
+def test_a_store_with_a_sharded_latent_array_still_reads(tmp_path):
+    """Stores of n2n before plain chunks kept `latent` in zarr's sharding codec: they stay readable."""
+    data = rows(150)
+    path = write(tmp_path / "s", data, "zarr")
+    old = zarr.create_array(path / "latent", shape=(150, DIM), dtype="float16", chunks=(16, DIM), shards=(64, DIM),
+                            compressors=None, fill_value=0, overwrite=True)
+    old[:] = data[2]
+    store = open_store(path)
+    assert zarr.open_array(path / "latent", mode="r").shards == (64, DIM)
+    assert_same_rows(store, data)
+
+
+def test_zarr_latents_are_plain_chunks_and_a_cut_one_is_refused_at_open(tmp_path):
+    path = write(tmp_path / "s", rows(150), "zarr")
+    assert zarr.open_array(path / "latent", mode="r").shards is None
+    file = path / "latent" / "c" / "9" / "0"  # the last chunk: rows 144..149 of 16-row chunks
+    file.write_bytes(file.read_bytes()[:-2])  # the bytes lost lie beyond the committed rows
+    with pytest.raises(StoreError, match=f"{file} holds"):
+        open_store(path)

@@ -18,7 +18,7 @@ from shards.synthetic import modes, write_synthetic
 from shards.view import create_view
 from train.checkpoint import CHECKPOINT, load_checkpoint, load_run, prefixed
 from train.cli import main
-from train.data import heldout_mask
+from train.data import Standardizer, heldout_mask, load_pairs
 
 SMALL = ["--n-flows", "2", "--hidden-dim", "16", "--batch-size", "64", "--no-compile"]
 
@@ -147,6 +147,37 @@ def test_a_constant_target_dimension_trains_with_target_noise(tmp_path):
     assert np.isfinite(heldout) and abs(heldout) < 20, heldout  # it was ~1e11 bits/dim before the fix
     sample = translator.sample(torch.as_tensor(source[:50], dtype=torch.float32))
     assert torch.allclose(sample[:, 2], torch.full((50,), 0.5), atol=0.5)
+
+
+def test_training_rows_are_the_joined_rows_standardised_by_train_statistics(tmp_path):
+    """Captions onto images (the join repeats each image row): rows gathered and standardised on
+    demand must equal a float64 numpy join of the same rows, and the statistics must weigh each
+    image by its number of train captions."""
+    rng = np.random.default_rng(0)
+    images = [f"img{i}" for i in range(300)]
+    image_latents = rng.normal(3.0, 2.0, (300, 5))
+    caption_keys = np.repeat(images, 3)
+    caption_latents = rng.normal(-1.0, 0.5, (900, 7))
+    text = write_store(tmp_path / "text", caption_keys, caption_latents, sub=np.tile(np.arange(3), 300))
+    pixels = write_store(tmp_path / "pixels", images, image_latents)
+    data = load_pairs(create_view(tmp_path / "view", text, pixels), holdout=0.2)
+    held = heldout_mask(caption_keys, 0.2)
+    expected = image_latents[np.repeat(np.arange(300), 3)]
+    mean, std = expected[~held].mean(0), expected[~held].std(0)
+    assert np.allclose(data.target_norm.mean, mean, atol=1e-5) and np.allclose(data.target_norm.std, std, atol=1e-5)
+    assert len(data.target) == (~held).sum() and len(data.held_target) == held.sum()
+    assert np.allclose(data.target[:].numpy(), (expected[~held] - mean) / std, atol=1e-4)
+    assert np.allclose(data.held_source[:].numpy(), (caption_latents[held] - caption_latents[~held].mean(0))
+                       / caption_latents[~held].std(0), atol=1e-4)
+    picked = torch.tensor([5, 0, 5])  # a batch gathers any rows, repeats included
+    assert torch.equal(data.target[picked], data.target[:][picked])
+
+
+def test_statistics_merged_over_blocks_equal_the_whole_array():
+    x = torch.from_numpy(np.random.default_rng(1).normal(1e3, 1e-2, (10_000, 3)).astype(np.float32))
+    whole, merged = Standardizer.fit([x]), Standardizer.fit(x.split(777))
+    assert torch.allclose(whole.mean, merged.mean) and torch.allclose(whole.std, merged.std, rtol=1e-3)
+    assert np.allclose(merged.std.numpy(), x.double().numpy().std(0), rtol=1e-3)
 
 
 def test_heldout_split_depends_on_key_only():

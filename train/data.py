@@ -1,13 +1,14 @@
-"""A view's joined latents as standardised tensors, split into train and held-out rows by key.
+"""A view's latents as training rows: standardised on demand, split into train and held-out by key.
 
-The whole point of stage 2 is that training touches nothing but these arrays: they are loaded
-once, standardised, and moved to the device, where every batch is an index gather.
+The whole point of stage 2 is that training touches nothing but these arrays: both stores'
+latents are loaded once in their stored dtype and moved to the device with the join's row
+indices, and every batch is an index gather there, converted and standardised as it is drawn.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from shards.store import Store, StoreError
-from shards.view import View, open_view
+from shards.view import View, hash_keys, open_view
 
 
 @dataclass
@@ -28,19 +29,24 @@ class Standardizer:
     std: torch.Tensor
 
     @classmethod
-    def fit(cls, x: torch.Tensor) -> Standardizer:
-        # Two float32 passes (mean, then the mean square of the centred rows: accurate, since centred
-        # first). numpy's float64 std copied the whole view twice: half the time to load 1M rows.
-        mean = x.mean(0)
-        std = (x - mean).square_().mean(0).sqrt_()
-        return cls(mean, torch.where(std < 1e-6, torch.ones_like(std), std))
+    def fit(cls, blocks: Iterable[torch.Tensor]) -> Standardizer:
+        """Statistics of all rows of the blocks, merged block by block (Chan et al.'s pairwise
+        update): one pass over a view too large to copy, each block read while in cache. A block's
+        sums are float32 (pairwise, so accurate over a few thousand rows), their merge float64."""
+        count, mean, m2 = 0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for block in blocks:
+            n = len(block)
+            block_mean = block.mean(0)
+            block_m2 = (block - block_mean).square_().sum(0).double()
+            delta, total = block_mean.double() - mean, count + n
+            mean = mean + delta * (n / total)
+            m2 = m2 + block_m2 + delta.square() * (count * n / total)
+            count = total
+        std = (m2 / count).sqrt().float()
+        return cls(mean.float(), torch.where(std < 1e-6, torch.ones_like(std), std))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
-
-    def apply_(self, x: torch.Tensor) -> torch.Tensor:
-        """``self(x)`` in place: no second copy of an array the size of the view."""
-        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         return y * self.std.to(y.device) + self.mean.to(y.device)
@@ -52,18 +58,53 @@ class Standardizer:
         return float(self.std.double().log().sum())
 
 
+class Rows:
+    """Standardised float32 training rows of one side of a view: ``rows[i]`` is
+    ``norm(latents[index[i]])``, computed when asked for.
+
+    Why not a standardised float32 copy of the joined rows: the join repeats target rows (five
+    captions per image), float32 doubles float16, and writing that copy of a 1M-caption view is
+    2.5 GB of fresh memory (seconds here) held on the device all run. A batch costs one gather,
+    one conversion and one fused multiply-add instead.
+    """
+
+    def __init__(self, latents: torch.Tensor, index: torch.Tensor, norm: Standardizer):
+        self.latents, self.index, self.norm = latents, index, norm
+        self._scale = (1 / norm.std).to(latents.device)
+        self._shift = -norm.mean.to(latents.device) * self._scale
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.index), self.latents.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.latents.device
+
+    def __getitem__(self, i: int | slice | np.ndarray | torch.Tensor) -> torch.Tensor:
+        rows = self.index[torch.as_tensor(i) if isinstance(i, np.ndarray) else i]
+        return torch.addcmul(self._shift, self.latents[rows].float(), self._scale)
+
+    def to(self, device: torch.device, latents: torch.Tensor | None = None) -> Rows:
+        """On `device`; pass the side's latents already moved so that train and held-out rows share them."""
+        return Rows(self.latents.to(device) if latents is None else latents, self.index.to(device), self.norm)
+
+
 ARRAYS = ("source", "target", "held_source", "held_target")
 
 
 @dataclass
 class PairedLatents:
-    """Standardised (source, target) rows of one view, split into train and held-out parts."""
+    """(source, target) training rows of one view, split into train and held-out parts."""
 
-    view: View
-    source: torch.Tensor
-    target: torch.Tensor
-    held_source: torch.Tensor
-    held_target: torch.Tensor
+    view: View | None
+    source: Rows
+    target: Rows
+    held_source: Rows
+    held_target: Rows
     source_norm: Standardizer
     target_norm: Standardizer
     truth: dict | None  # truth.json of a synthetic view: the analytic NLL
@@ -72,16 +113,18 @@ class PairedLatents:
 
     def to(self, device: torch.device) -> PairedLatents:
         """Move the arrays to the device; refuse (naming the sizes) where they would not fit."""
+        sides = {"source": self.source.latents, "target": self.target.latents}
         if device.type == "cuda":
-            needed = sum(getattr(self, k).nbytes for k in ARRAYS)
+            needed = sum(x.nbytes for x in sides.values()) + sum(getattr(self, k).index.nbytes for k in ARRAYS)
             free, _ = torch.cuda.mem_get_info(device)
             if needed > 0.8 * free:
                 raise StoreError(
-                    f"{self.view.path}: the joined latents need {needed / 2**30:.1f} GiB but {device} has "
+                    f"{self.view.path}: the view's latents need {needed / 2**30:.1f} GiB but {device} has "
                     f"{free / 2**30:.1f} GiB free; train with --device cpu"
                 )
-        move = {k: getattr(self, k).to(device) for k in ARRAYS}
-        return PairedLatents(self.view, **move, source_norm=self.source_norm, target_norm=self.target_norm,
+        moved = {side: x.to(device) for side, x in sides.items()}
+        rows = {k: getattr(self, k).to(device, moved[k.removeprefix("held_")]) for k in ARRAYS}
+        return PairedLatents(self.view, **rows, source_norm=self.source_norm, target_norm=self.target_norm,
                              truth=self.truth, held_key=self.held_key, held_rows=self.held_rows)
 
 
@@ -89,25 +132,32 @@ def heldout_mask(keys: np.ndarray, fraction: float) -> np.ndarray:
     """Rows whose key hashes into the held-out fraction. Deterministic from the key alone (not the
     row order, not the seed), so every caption of one image lands on the same side, and the split
     is the same for every run and every translation task over the same items."""
-    unique, inverse = np.unique(keys, return_inverse=True)
-    buckets = np.fromiter(
-        (int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") % 10_000 for k in unique),
-        dtype=np.int64,
-        count=len(unique),
-    )
-    return (buckets < round(fraction * 10_000))[inverse]
+    return hash_keys(keys) % np.uint64(10_000) < round(fraction * 10_000)
 
 
-def finite_latents(store: Store) -> np.ndarray:
-    """The store's latents, refused when any is NaN or infinite (a broken expert or a corrupt file)."""
-    x = store.latents()
-    bad = ~np.isfinite(x).all(1)
-    if bad.any():
-        raise StoreError(
-            f"{store.path}: {int(bad.sum())} of {len(x)} latents hold NaN or inf (first row {int(bad.argmax())}); "
-            f"check it with `n2n-shards verify {store.path}` and extract it again"
-        )
-    return x
+BLOCK_ROWS = 8192  # rows per pass over a view: a few MB, so each block is read while in cache
+
+
+def _blocks(latents: torch.Tensor, rows: np.ndarray) -> Iterator[torch.Tensor]:
+    """float32 copies of latents[rows], a block at a time."""
+    rows_ = torch.from_numpy(rows)
+    for start in range(0, len(rows_), BLOCK_ROWS):
+        yield latents[rows_[start : start + BLOCK_ROWS]].float()
+
+
+def finite_latents(store: Store) -> torch.Tensor:
+    """The store's latents as a tensor, refused when any is NaN or inf (a broken expert or a corrupt
+    file), naming the first such row."""
+    latents = torch.from_numpy(store.latents())
+    for start in range(0, len(latents), BLOCK_ROWS):
+        block = latents[start : start + BLOCK_ROWS].float()
+        if not torch.isfinite(block.sum()):  # any NaN or inf makes the sum one: a cheap test
+            row = start + int((~torch.isfinite(block).all(1)).nonzero()[0, 0])
+            raise StoreError(
+                f"{store.path}: the latent of row {row} holds NaN or inf; check the store with "
+                f"`n2n-shards verify {store.path}` and extract it again"
+            )
+    return latents
 
 
 def load_pairs(
@@ -120,25 +170,19 @@ def load_pairs(
     held = heldout_mask(join.key, holdout)
     if held.all():
         raise StoreError(f"{view.path}: all {len(held)} pairs fall in the held-out split; lower --holdout")
-    # Each side is gathered once per split in its stored dtype, converted once, standardised in
-    # place: every pass over a 1M-row view costs about a second on a memory-bound machine.
-    source_rows, target_rows = join.source_index, join.target_index
-    stored = finite_latents(view.source), finite_latents(view.target)
-    arrays = {name: torch.from_numpy(stored[side][rows[mask]]).float()
-              for name, side, rows, mask in (("source", 0, source_rows, ~held), ("target", 1, target_rows, ~held),
-                                             ("held_source", 0, source_rows, held),
-                                             ("held_target", 1, target_rows, held))}
-    source_norm, target_norm = norms or (Standardizer.fit(arrays["source"]), Standardizer.fit(arrays["target"]))
-    for name, norm in (("source", source_norm), ("held_source", source_norm), ("target", target_norm),
-                       ("held_target", target_norm)):
-        norm.apply_(arrays[name])
+    latents = finite_latents(view.source), finite_latents(view.target)
+    index = join.source_index, join.target_index
+    norms = norms or tuple(Standardizer.fit(_blocks(x, rows[~held])) for x, rows in zip(latents, index, strict=True))
+    rows = {f"{prefix}{side}": Rows(x, torch.from_numpy(i[mask]), norm)
+            for prefix, mask in (("", ~held), ("held_", held))
+            for side, x, i, norm in zip(("source", "target"), latents, index, norms, strict=True)}
     truth_file = Path(view.path) / "truth.json"
     return PairedLatents(
         view=view,
-        **arrays,
-        source_norm=source_norm,
-        target_norm=target_norm,
+        **rows,
+        source_norm=norms[0],
+        target_norm=norms[1],
         truth=json.loads(truth_file.read_text()) if truth_file.exists() else None,
         held_key=join.key[held],
-        held_rows=(source_rows[held], target_rows[held]),
+        held_rows=(join.source_index[held], join.target_index[held]),
     )
