@@ -43,6 +43,8 @@ demo: install
 bench: install
 	$(PY) -m bench.store_reads
 	$(PY) -m bench.cinn_step
+	$(PY) -m bench.fused_coupling
+	$(PY) -m bench.freia_peer
 	$(PY) -m bench.reference
 	$(PY) -m bench.compile
 	$(PY) -m bench.extraction
@@ -50,7 +52,7 @@ bench: install
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
 test: install

@@ -1,8 +1,9 @@
 """The cINN training step against the machine's limit: FLOPs per step / step time, as a fraction of
 the float32 GEMM throughput that torch.mm reaches on this machine in the same run.
 
-FLOPs are counted from the layer shapes: every Linear costs 2*B*in*out forward and twice that
-backward (input and weight gradients; the embedder's first layer needs no input gradient).
+FLOPs are counted from the layer shapes: every Linear (and each net of a PairedMLP) costs 2*B*in*out
+forward and twice that backward (input and weight gradients; the embedder's first layer needs no
+input gradient).
 Element-wise work (activations, ActNorm, the affine update) is not counted: it is the part of
 the step that cannot run at GEMM speed, which is what the fraction shows.
 Run: python -m bench.cinn_step [--batch 256 --batch 1024]
@@ -18,16 +19,20 @@ from torch import nn
 
 from bench.common import Row, report, timed, trainer_step
 from cinn import ConditionalFlow
+from cinn.flow import PairedMLP
 
 NET2NET = {"dim": 268, "cond_dim": 768, "n_flows": 24, "hidden_dim": 1024}
 TARGETS = {256: 0.70, 1024: 0.85}
 
 
 def step_flops(flow: ConditionalFlow, batch: int) -> int:
-    """Multiply-adds x 2 of one forward + backward pass, from the Linear shapes."""
+    """Multiply-adds x 2 of one forward + backward pass, from the layer shapes (the embedder's
+    Linears and the couplings' stacked [2, in, out] weights)."""
     first = flow.embedder[0]
-    return sum((4 if layer is first else 6) * batch * layer.in_features * layer.out_features
-               for layer in flow.modules() if isinstance(layer, nn.Linear))
+    linear = sum((4 if layer is first else 6) * batch * layer.in_features * layer.out_features
+                 for layer in flow.modules() if isinstance(layer, nn.Linear))
+    return linear + sum(6 * batch * weight.numel()
+                        for net in flow.modules() if isinstance(net, PairedMLP) for weight in net.weights)
 
 
 def gemm_flops_per_s(size: int = 4096, repeat: int = 5) -> tuple[float, list[float]]:
@@ -54,6 +59,7 @@ def main(batches: tuple[int, ...], repeat: int) -> None:
         train = trainer_step(flow)
         step = partial(train, x, c)
         step()
+        step()  # two warm-up steps: the first ones run slow (optimiser state, allocator)
         times = timed(step, repeat)
         flops = step_flops(flow, batch)
         fraction = flops / min(times) / peak

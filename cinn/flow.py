@@ -14,6 +14,8 @@ inverse is exact and the log-determinant is a sum of per-piece terms.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -89,41 +91,80 @@ class ActNorm(nn.Module):
         return y / self.scale - self.loc
 
 
+class PairedMLP(nn.Module):
+    """The log-scale net s and the shift net t of one half-coupling, run as one batched net.
+
+    Both read the same input, so their weights are stacked ([2, in, out] per layer) and one
+    ``baddbmm`` computes a layer of both: the function of two separate ``mlp(..., norm="none")``
+    nets, with half the kernel launches (what costs at small batches on a GPU). Measured on the
+    net2net-size step on CPU (bench.fused_coupling): 1.03x at batch 64, 1.02x at 256. s is
+    tanh-bounded.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, depth: int, out_dim: int) -> None:
+        super().__init__()
+        sizes = [in_dim] + [hidden_dim] * (depth + 1) + [out_dim]
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(2, a, b)) for a, b in itertools.pairwise(sizes))
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(2, 1, b)) for b in sizes[1:])
+        for weight, bias in zip(self.weights, self.biases, strict=True):
+            bound = weight.shape[1] ** -0.5  # nn.Linear's default init, per net
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """u [B, in] -> (s, t), each [B, out]."""
+        y = u.expand(2, *u.shape)
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
+            y = torch.baddbmm(bias, y, weight)
+            if i < len(self.weights) - 1:
+                y = nn.functional.leaky_relu(y)
+        return torch.tanh(y[0]), y[1]
+
+
 class DoubleAffineCoupling(nn.Module):
     """Two affine half-couplings: the second half is scaled and shifted by nets that see
     [first half; h], then the first half by nets that see [new second half; h].
 
     After both, every dimension has been transformed once, conditioned on the other half and on the
-    embedding h. Separate s (log-scale, tanh-bounded) and t (shift) nets, as in net2net.
+    embedding h. Separate s (log-scale, tanh-bounded) and t (shift) nets, as in net2net, run as one
+    PairedMLP per half.
     """
 
     def __init__(self, dim: int, embedding_dim: int, hidden_dim: int, depth: int) -> None:
         super().__init__()
         self.split = dim // 2
         rest = dim - self.split
-        self.s1 = mlp(self.split + embedding_dim, hidden_dim, depth, rest, tanh=True)
-        self.t1 = mlp(self.split + embedding_dim, hidden_dim, depth, rest)
-        self.s2 = mlp(rest + embedding_dim, hidden_dim, depth, self.split, tanh=True)
-        self.t2 = mlp(rest + embedding_dim, hidden_dim, depth, self.split)
+        self.net1 = PairedMLP(self.split + embedding_dim, hidden_dim, depth, rest)
+        self.net2 = PairedMLP(rest + embedding_dim, hidden_dim, depth, self.split)
 
     def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         a, b = x[:, : self.split], x[:, self.split :]
-        u = torch.cat([a, h], dim=1)
-        s = self.s1(u)
-        b = b * s.exp() + self.t1(u)
+        s, t = self.net1(torch.cat([a, h], dim=1))
+        b = b * s.exp() + t
         logdet = s.sum(1)
-        u = torch.cat([b, h], dim=1)
-        s = self.s2(u)
-        a = a * s.exp() + self.t2(u)
+        s, t = self.net2(torch.cat([b, h], dim=1))
+        a = a * s.exp() + t
         return torch.cat([a, b], dim=1), logdet + s.sum(1)
 
     def reverse(self, y: Tensor, h: Tensor) -> Tensor:
         a, b = y[:, : self.split], y[:, self.split :]
-        u = torch.cat([b, h], dim=1)
-        a = (a - self.t2(u)) * (-self.s2(u)).exp()
-        u = torch.cat([a, h], dim=1)
-        b = (b - self.t1(u)) * (-self.s1(u)).exp()
+        s, t = self.net2(torch.cat([b, h], dim=1))
+        a = (a - t) * (-s).exp()
+        s, t = self.net1(torch.cat([a, h], dim=1))
+        b = (b - t) * (-s).exp()
         return torch.cat([a, b], dim=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        """Read checkpoints of n2n before PairedMLP (nets s1, t1, s2, t2 as nn.Sequential): stack them."""
+        for net, (s, t) in (("net1", ("s1", "t1")), ("net2", ("s2", "t2"))):
+            linear = sorted({int(k.split(".")[-2]) for k in state_dict if k.startswith(f"{prefix}{s}.")})
+            for i, j in enumerate(linear):
+                for name, stacked in (("weights", "weight"), ("biases", "bias")):
+                    pair = [state_dict.pop(f"{prefix}{side}.{j}.{stacked}") for side in (s, t)]
+                    state_dict[f"{prefix}{net}.{name}.{i}"] = (
+                        torch.stack([w.T for w in pair]) if stacked == "weight" else torch.stack(pair)[:, None]
+                    )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Shuffle(nn.Module):

@@ -141,3 +141,27 @@ def test_net2net_size_parameter_count():
     embedder = (768 * 268 + 268 + 2 * 268) + 2 * (268 * 268 + 268 + 2 * 268) + (268 * 268 + 268)
     expected = 24 * (2 * net(134 + 268, 134) * 2 + 2 * 268) + embedder
     assert n == expected
+
+
+def test_a_checkpoint_with_separate_s_and_t_nets_still_loads():
+    """n2n before PairedMLP saved each coupling's nets s1, t1, s2, t2 as nn.Sequential (Linear at
+    0, 2, 4, ...): such a state dict loads into the stacked layout and computes the same flow."""
+    torch.manual_seed(0)
+    flow = ConditionalFlow(5, 3, n_flows=2, hidden_dim=8, hidden_depth=1)
+    flow(torch.randn(64, 5), torch.randn(64, 3))  # ActNorm init
+    old = {}
+    for key, value in flow.state_dict().items():
+        parts = key.split(".")
+        if ".net" not in key:
+            old[key] = value
+            continue
+        prefix, net, kind, layer = ".".join(parts[:-3]), parts[-3], parts[-2], int(parts[-1])
+        names = ("s1", "t1") if net == "net1" else ("s2", "t2")
+        for i, name in enumerate(names):
+            old[f"{prefix}.{name}.{2 * layer}.{'weight' if kind == 'weights' else 'bias'}"] = (
+                value[i].T if kind == "weights" else value[i, 0])
+    restored = ConditionalFlow(5, 3, n_flows=2, hidden_dim=8, hidden_depth=1)
+    restored.load_state_dict(old)
+    x, c = torch.randn(10, 5), torch.randn(10, 3)
+    flow.eval(), restored.eval()
+    assert all(torch.equal(a, b) for a, b in zip(flow(x, c), restored(x, c), strict=True))
