@@ -17,11 +17,10 @@ import click
 import torch
 from torch import nn
 
-from bench.common import Row, report, timed, trainer_step
+from bench.common import NET2NET, Row, interleaved, report, timed, trainer_step
 from cinn import ConditionalFlow
 from cinn.flow import PairedMLP
 
-NET2NET = {"dim": 268, "cond_dim": 768, "n_flows": 24, "hidden_dim": 1024}
 TARGETS = {256: 0.70, 1024: 0.85}
 
 
@@ -57,10 +56,7 @@ def main(batches: tuple[int, ...], repeat: int) -> None:
     for batch in batches:
         x, c = torch.randn(batch, flow.dim), torch.randn(batch, NET2NET["cond_dim"])
         train = trainer_step(flow)
-        step = partial(train, x, c)
-        step()
-        step()  # two warm-up steps: the first ones run slow (optimiser state, allocator)
-        times = timed(step, repeat)
+        times = interleaved({"step": partial(train, x, c)}, repeat)["step"]
         flops = step_flops(flow, batch)
         fraction = flops / min(times) / peak
         raw[f"batch_{batch}"] = {"step_s": times, "flops": flops}

@@ -24,6 +24,7 @@ from shards.store import write_json_atomic
 from train.trainer import make_loss, make_optimizer, make_step
 
 RESULTS = Path(__file__).parent / "results"  # N2N_BENCH_RESULTS overrides it (the tests write elsewhere)
+NET2NET = {"dim": 268, "cond_dim": 768, "n_flows": 24, "hidden_dim": 1024}  # net2net's BERT -> BigGAN cINN
 
 
 def machine() -> dict:
@@ -39,9 +40,10 @@ def machine() -> dict:
     return info
 
 
-def trainer_step(flow: ConditionalFlow, compiled: bool = False) -> Callable:
-    """n2n-train's own step(x, c) for ``flow``: its loss (compiled or not), backward, fused Adam."""
-    return make_step(make_loss(flow, compiled, Console(stderr=True)), make_optimizer(flow, 1e-4))
+def trainer_step(flow: ConditionalFlow | torch.nn.Module, compiled: bool = False, lr: float = 1e-4) -> Callable:
+    """n2n-train's own step(x, c) for ``flow`` (or any module with its interface): its loss
+    (compiled or not), backward, fused Adam."""
+    return make_step(make_loss(flow, compiled, Console(stderr=True)), make_optimizer(flow, lr))
 
 
 def timed(fn: Callable[[], object], repeat: int = 3, sync: bool = False) -> list[float]:
@@ -55,6 +57,19 @@ def timed(fn: Callable[[], object], repeat: int = 3, sync: bool = False) -> list
         if sync:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    return times
+
+
+def interleaved(steps: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+    """Seconds of ``repeat`` calls of each competitor, after two warm-up calls each (the first steps
+    run slow: optimiser state, allocator), alternating so that a slow moment of the machine hits all."""
+    for step in steps.values():
+        step()
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeat):
+        for name, step in steps.items():
+            times[name] += timed(step, 1)
     return times
 
 

@@ -14,26 +14,27 @@ Run: python -m bench.freia_peer [--steps 1000]
 
 from __future__ import annotations
 
+import math
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import click
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
 import torch
-from rich.console import Console
 from torch import nn
 
-from bench.common import Row, report, timed
+from bench.common import NET2NET, Row, interleaved, report, trainer_step
 from cinn import ConditionalFlow
 from cinn.flow import mlp
 from shards.synthetic import write_synthetic
 from train.data import PairedLatents, load_pairs
-from train.trainer import batch, heldout_bpd, make_loss, make_optimizer, make_step
+from train.trainer import batch, heldout_bpd
 
-NET2NET = {"dim": 268, "cond_dim": 768, "n_flows": 24, "hidden_dim": 1024}
 SMALL = {"dim": 16, "cond_dim": 32, "n_flows": 4, "hidden_dim": 128}  # the NLL comparison's size
 TARGETS = {64: 0.8, 1024: 1.0}  # n2n's step time / FrEIA's, at most
+LR = 1e-3  # both models
 
 
 class FreiaFlow(nn.Module):
@@ -62,28 +63,17 @@ def matched_freia(flow: ConditionalFlow) -> FreiaFlow:
     return FreiaFlow(*args, blocks=max(1, round(parameters(flow) / per_block)))
 
 
-def train_step(model: nn.Module, lr: float = 1e-3):
-    """The trainer's own step (loss, Adam, backward) for either model."""
-    return make_step(make_loss(model, compile=False, console=Console()), make_optimizer(model, lr))
-
-
 def step_times(batch_size: int, repeat: int) -> dict:
-    """Seconds per training step of both models at net2net size (after one warm-up step each)."""
+    """Seconds per training step of both models at net2net size."""
     torch.manual_seed(0)
     flow = ConditionalFlow(**NET2NET)
     freia = matched_freia(flow)
     x, c = torch.randn(batch_size, NET2NET["dim"]), torch.randn(batch_size, NET2NET["cond_dim"])
-    out = {"n2n_parameters": parameters(flow), "freia_parameters": parameters(freia),
-           "freia_blocks": len(freia.inn.module_list)}
-    steps = {"n2n": train_step(flow.train()), "freia": train_step(freia.train())}
-    for name, step in steps.items():
-        for _ in range(2):  # warm-up (and n2n's ActNorm init): the first steps run slow
-            step(x, c)
-        out[f"{name}_s"] = []
-    for _ in range(repeat):  # interleaved, so that a slow moment of the machine hits both
-        for name, step in steps.items():
-            out[f"{name}_s"] += timed(lambda s=step: s(x, c), 1)
-    return out
+    steps = {name: partial(trainer_step(model.train(), lr=LR), x, c) for name, model in (("n2n", flow),
+                                                                                        ("freia", freia))}
+    times = interleaved(steps, repeat)  # its warm-up steps initialise n2n's ActNorm
+    return {"n2n_parameters": parameters(flow), "freia_parameters": parameters(freia),
+            "freia_blocks": len(freia.inn.module_list), "n2n_s": times["n2n"], "freia_s": times["freia"]}
 
 
 def nll_after(data: PairedLatents, steps: int, batch_size: int, seed: int = 0) -> dict:
@@ -97,11 +87,11 @@ def nll_after(data: PairedLatents, steps: int, batch_size: int, seed: int = 0) -
         model.train()
         generator = torch.Generator().manual_seed(seed)
         model(*batch(data, 1024, generator))  # n2n's ActNorm init batch, as n2n-train draws one
-        step = train_step(model)
+        step = trainer_step(model, lr=LR)
         for _ in range(steps):
             step(*batch(data, batch_size, generator))
         out[f"{name}_bpd"] = heldout_bpd(model, data, rows=len(data.held_target))
-    out["truth_bpd"] = data.truth["nll_nats_per_dim"] / torch.log(torch.tensor(2.0)).item()
+    out["truth_bpd"] = data.truth["nll_nats_per_dim"] / math.log(2)
     return out
 
 

@@ -11,17 +11,15 @@ Run: python -m bench.fused_coupling [--batch 64 --batch 256]
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 import torch
-from rich.console import Console
 from torch import Tensor, nn
 
-from bench.common import Row, report, timed
+from bench.common import NET2NET, Row, interleaved, report, trainer_step
 from cinn import ConditionalFlow
 from cinn.flow import DoubleAffineCoupling, PairedMLP, mlp
-from train.trainer import make_loss, make_optimizer, make_step
-
-NET2NET = {"dim": 268, "cond_dim": 768, "n_flows": 24, "hidden_dim": 1024}
 
 
 def separate_nets(paired: PairedMLP) -> tuple[nn.Sequential, nn.Sequential]:
@@ -69,10 +67,6 @@ def separate_twin(flow: ConditionalFlow) -> ConditionalFlow:
     return twin
 
 
-def step_for(model: ConditionalFlow):
-    return make_step(make_loss(model, compile=False, console=Console()), make_optimizer(model, 1e-4))
-
-
 @click.command()
 @click.option("--batch", "batches", multiple=True, type=int, default=(64,), show_default=True)
 @click.option("--repeat", default=3, show_default=True, help="Timed steps per model and batch size.")
@@ -89,14 +83,9 @@ def main(batches: tuple[int, ...], repeat: int) -> None:
     rows = []
     for batch_size in batches:
         x, c = torch.randn(batch_size, NET2NET["dim"]), torch.randn(batch_size, NET2NET["cond_dim"])
-        steps = {"fused": step_for(flow), "separate": step_for(twin)}
-        for name, step in steps.items():
-            for _ in range(2):  # warm-up: optimiser state, allocator (the first steps run slow)
-                step(x, c)
-            raw[f"{name}_{batch_size}_s"] = []
-        for _ in range(repeat):  # interleaved, so that a slow moment of the machine hits both
-            for name, step in steps.items():
-                raw[f"{name}_{batch_size}_s"] += timed(lambda s=step, x=x, c=c: s(x, c), 1)
+        steps = {"fused": partial(trainer_step(flow), x, c), "separate": partial(trainer_step(twin), x, c)}
+        for name, times in interleaved(steps, repeat).items():
+            raw[f"{name}_{batch_size}_s"] = times
         ours, base = min(raw[f"fused_{batch_size}_s"]), min(raw[f"separate_{batch_size}_s"])
         rows.append(Row(f"net2net-size step, batch {batch_size}: s,t nets fused (baddbmm) vs separate",
                         f"{ours:.3f} s", f"{base:.3f} s", base / ours, "(pays where > 1)"))

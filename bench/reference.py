@@ -26,7 +26,7 @@ import torch
 
 from bench.common import Row, peak_rss_mib, report, trainer_step
 from cinn import ConditionalFlow
-from train.data import PairedLatents, Standardizer
+from train.data import PairedLatents, Rows, Standardizer
 from train.trainer import batch
 
 # BigGAN-deep-256's generator layout (pytorch-pretrained-biggan's published config): 4x4 -> 256x256.
@@ -98,17 +98,17 @@ def reference_step(pair: str, source, target, dataset, step, batch_size: int, ge
     return run
 
 
-def n2n_step(pair: str, step, batch_size: int, generator: torch.Generator, rows: int = 100_000):
-    """n2n-train's step: a batch gathered from the view's arrays (as the trainer does), then train."""
+def n2n_step(pair: str, step, batch_size: int, generator: torch.Generator, images: int = 20_000):
+    """n2n-train's step: a batch drawn from a view's rows as the trainer draws it (float16 latents,
+    five captions joined onto each image, gathered and standardised per batch), then train."""
     source_dim, target_dim = PAIRS[pair]["dims"]
-    data = PairedLatents(None, torch.randn(rows, source_dim), torch.randn(rows, target_dim),
-                         torch.randn(1, source_dim), torch.randn(1, target_dim),
-                         Standardizer(torch.zeros(source_dim), torch.ones(source_dim)),
-                         Standardizer(torch.zeros(target_dim), torch.ones(target_dim)), None)
+    norms = [Standardizer(torch.zeros(d), torch.ones(d)) for d in (source_dim, target_dim)]
+    source = Rows(torch.randn(5 * images, source_dim).half(), torch.arange(5 * images), norms[0])
+    target = Rows(torch.randn(images, target_dim).half(), torch.arange(images).repeat_interleave(5), norms[1])
+    data = PairedLatents(None, source, target, source, target, *norms, None)  # held-out rows: unused here
 
     def run() -> None:
-        x, c = batch(data, batch_size, generator)
-        step(x, c)
+        step(*batch(data, batch_size, generator))
 
     return run
 

@@ -5,7 +5,7 @@ import json
 import torch
 from click.testing import CliRunner
 
-from bench import cinn_step, extraction, store_reads
+from bench import cinn_step, extraction, freia_peer, fused_coupling, reference, store_reads
 from cinn import ConditionalFlow
 
 
@@ -40,3 +40,28 @@ def test_extraction_overhead_runs_small(tmp_path):
                       tmp_path)
     assert set(saved["raw"]) == {"minilm", "timm:resnet18"}
     assert all(v["extract_wall_s"] > 0 and v["forward_s"] > 0 for v in saved["raw"].values())
+
+
+def test_freia_peer_is_matched_on_parameters_not_blocks():
+    flow = ConditionalFlow(6, 5, n_flows=2, hidden_dim=16)
+    peer = freia_peer.matched_freia(flow)
+    per_block = freia_peer.parameters(freia_peer.FreiaFlow(6, 5, 16, 2, blocks=1))
+    assert abs(freia_peer.parameters(peer) - freia_peer.parameters(flow)) <= per_block / 2
+    z, logdet = peer(torch.randn(4, 6), torch.randn(4, 5))
+    assert z.shape == (4, 6) and logdet.shape == (4,)
+
+
+def test_the_separate_net_baseline_computes_the_same_flow():
+    torch.manual_seed(0)
+    flow = ConditionalFlow(6, 5, n_flows=2, hidden_dim=16).train()
+    flow(torch.randn(32, 6), torch.randn(32, 5))  # ActNorm init
+    twin = fused_coupling.separate_twin(flow)
+    x, c = torch.randn(8, 6), torch.randn(8, 5)
+    for a, b in zip(flow.eval()(x, c), twin.eval()(x, c), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in flow.parameters())
+
+
+def test_the_reference_benchmarks_n2n_way_trains_from_view_rows():
+    result = reference.measure("minilm_ae", "n2n", batch_size=8, steps=2)
+    assert len(result["step_s"]) == 2 and result["steps_per_s"] > 0 and result["peak_rss_mib"] > 0

@@ -48,6 +48,9 @@ class Standardizer:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
+    def to(self, device: torch.device) -> Standardizer:
+        return Standardizer(self.mean.to(device), self.std.to(device))
+
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         return y * self.std.to(y.device) + self.mean.to(y.device)
 
@@ -65,13 +68,12 @@ class Rows:
     Why not a standardised float32 copy of the joined rows: the join repeats target rows (five
     captions per image), float32 doubles float16, and writing that copy of a 1M-caption view is
     2.5 GB of fresh memory (seconds here) held on the device all run. A batch costs one gather,
-    one conversion and one fused multiply-add instead.
+    one conversion and the standardisation instead (the statistics kept on the rows' device, so
+    that no batch waits on a host-to-device copy).
     """
 
     def __init__(self, latents: torch.Tensor, index: torch.Tensor, norm: Standardizer):
-        self.latents, self.index, self.norm = latents, index, norm
-        self._scale = (1 / norm.std).to(latents.device)
-        self._shift = -norm.mean.to(latents.device) * self._scale
+        self.latents, self.index, self.norm = latents, index, norm.to(latents.device)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -86,7 +88,7 @@ class Rows:
 
     def __getitem__(self, i: int | slice | np.ndarray | torch.Tensor) -> torch.Tensor:
         rows = self.index[torch.as_tensor(i) if isinstance(i, np.ndarray) else i]
-        return torch.addcmul(self._shift, self.latents[rows].float(), self._scale)
+        return self.norm(self.latents[rows].float())
 
     def to(self, device: torch.device, latents: torch.Tensor | None = None) -> Rows:
         """On `device`; pass the side's latents already moved so that train and held-out rows share them."""
