@@ -14,6 +14,7 @@ from rich.table import Table
 from extract.datasets import DatasetError, known_datasets
 from extract.experts import ExpertError, known_experts
 from extract.run import ExtractConfig, ExtractError, extract
+from parallel import Ranks, relaunch
 from shards.store import FORMATS, StoreError
 
 console = Console(stderr=True)
@@ -30,6 +31,19 @@ def parse_option(text: str) -> tuple[str, object]:
         except ValueError:
             pass
     return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus ``--nproc N``: what each process torchrun starts runs."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -57,17 +71,25 @@ def parse_option(text: str) -> tuple[str, object]:
               help="A corrupt image or empty caption: skip it (recorded in errors.jsonl) or stop.")
 @click.option("--overwrite", is_flag=True, help="Redo the stores even if they are complete.")
 @click.option("--commit-every", default=30.0, help="Seconds between commits: the most work a crash can cost.")
+@click.option("--nproc", default=1, type=click.IntRange(min=1),
+              help="Processes on this node (one per GPU): relaunches this command under torchrun; each takes a "
+                   "contiguous share of the items and rank 0 commits one store. Many nodes: see the README.")
 def main(expert: str, data: str, data_root: Path | None, split: str, data_options: tuple[str, ...], out: Path,
          fmt: str, batch_size: int,
          num_workers: int, device: str, dtype: str, limit: int | None, layers: str | None, weights: Path | None,
-         on_error: str, overwrite: bool, commit_every: float) -> None:
+         on_error: str, overwrite: bool, commit_every: float, nproc: int) -> None:
     """Run one frozen expert over one dataset, once, and write its latents to a store.
 
     Rerunning the same command after a crash continues where the committed part ends and gives the
     store an uninterrupted run would have; on a complete store it does nothing and says so.
 
     Example: n2n-extract --expert minilm --data shapes --limit 2000
+
+    Several GPUs: n2n-extract --nproc 8 ... (or torchrun --nproc-per-node 8 -m extract ...). The
+    store equals a one-process run's; after a crash the same command finishes only what is missing.
     """
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(relaunch(nproc, "extract", without_nproc(sys.argv[1:])))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenisers run in forked loader workers
     transformers.logging.disable_progress_bar()  # one progress bar, ours
     cfg = ExtractConfig(expert=expert, data=data, data_root=data_root, split=split, out=out, format=fmt,
@@ -80,7 +102,7 @@ def main(expert: str, data: str, data_root: Path | None, split: str, data_option
     except (ExtractError, ExpertError, DatasetError, StoreError) as e:
         console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    if summary["already_complete"]:
+    if summary["already_complete"] or not Ranks.from_env().main:
         return
     table = Table(title="n2n-extract", show_header=False)
     table.add_row("stores", "\n".join(summary["stores"]))

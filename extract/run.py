@@ -27,12 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from extract.datasets import ItemDataset, ItemError, open_dataset
 from extract.experts import Expert, load_expert
-from shards.store import StoreWriter, create_store, open_store, resume_store
+from parallel import Ranks, pick_device
+from shards.parts import commit_parts, existing_ranges, part_meta, part_path, part_ranges, parts_dir
+from shards.store import Store, StoreWriter, create_store, open_store, resume_store
 
 ERRORS = "errors.jsonl"
 ATTRIBUTES = "attributes.jsonl"
@@ -191,9 +194,9 @@ def same_origin(existing: dict, wanted: dict) -> bool:
     return all(existing.get(k) == wanted[k] for k in ("expert", "dataset", "split"))
 
 
-def resume_point(keys: np.ndarray, index_of: dict[str, int], batch_size: int) -> int:
-    """The first item of the batch that holds a store's last committed row (0 for an empty store)."""
-    return index_of[str(keys[-1])] // batch_size * batch_size if len(keys) else 0
+def resume_point(keys: np.ndarray, index_of: dict[str, int], batch_size: int, lo: int = 0) -> int:
+    """The first item of the batch that holds a store's last committed row (``lo`` for an empty store)."""
+    return index_of[str(keys[-1])] // batch_size * batch_size if len(keys) else lo
 
 
 def rows_before(keys: np.ndarray, index_of: dict[str, int], item: int) -> int:
@@ -203,14 +206,6 @@ def rows_before(keys: np.ndarray, index_of: dict[str, int], item: int) -> int:
 
 
 # ---------------------------------------------------------------- the run
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ExtractError("--device cuda asked for, but this torch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
 
 
 def batches(start: int, stop: int, size: int) -> list[list[int]]:
@@ -260,11 +255,31 @@ def finish_side_files(path: Path, dataset: ItemDataset, index_of: dict[str, int]
     return failed
 
 
-def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
-    """Extract (or resume, or confirm complete) the stores of one expert over one dataset."""
-    console = console or Console(stderr=True)
-    device = pick_device(cfg.device)
-    dataset = open_dataset(cfg.data, cfg.data_root, cfg.split, **cfg.dataset_options)  # cheap checks first
+
+@dataclass
+class Job:
+    """What one extraction writes: the expert, the dataset, and one store per layer."""
+
+    cfg: ExtractConfig
+    expert: Expert
+    dataset: ItemDataset
+    layers: list[str]
+    items: int
+    paths: dict[str, Path]
+    metas: dict[str, dict]
+
+    def stored_batch_size(self) -> int:
+        """The batch size the stores (or their parts) were begun with: it fixes the batch boundaries."""
+        for path in self.paths.values():
+            for candidate in (path, *(part_path(path, lo, hi) for lo, hi in existing_ranges(path))):
+                if (candidate / "meta.json").exists():
+                    return open_store(candidate, require_complete=False).meta["extraction"]["batch_size"]
+        return self.cfg.batch_size
+
+
+def plan(cfg: ExtractConfig) -> Job:
+    """Open the dataset and the expert and name the stores; cheap checks first."""
+    dataset = open_dataset(cfg.data, cfg.data_root, cfg.split, **cfg.dataset_options)
     expert = load_expert(cfg.expert, cfg.weights)
     if expert.modality not in dataset.modalities:
         raise ExtractError(
@@ -273,31 +288,104 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
         )
     dataset = dataset.with_modalities([expert.modality])  # a text expert never decodes the images
     layers = pick_layers(cfg, expert)
-    n_items = min(len(dataset), cfg.limit) if cfg.limit else len(dataset)
+    items = min(len(dataset), cfg.limit) if cfg.limit else len(dataset)
     paths = store_paths(cfg, expert, layers)
-    metas = {layer: store_meta(cfg, expert, dataset, layer, n_items) for layer in layers}
-    if cfg.overwrite:
-        for path in paths.values():
-            shutil.rmtree(path, ignore_errors=True)
+    metas = {layer: store_meta(cfg, expert, dataset, layer, items) for layer in layers}
+    return Job(cfg, expert, dataset, layers, items, paths, metas)
 
+
+def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
+    """Extract (or resume, or confirm complete) the stores of one expert over one dataset.
+
+    Under torchrun each rank extracts its own range of items into parts of the stores, and rank 0
+    commits the parts into the stores once every rank is done (shards.parts).
+    """
+    ranks = Ranks.from_env()
+    joined = ranks.init("gloo")  # only barriers pass between ranks: gloo serves CPU and GPU jobs alike
+    console = console or Console(stderr=True)
+    try:
+        device = pick_device(cfg.device, ranks.local, ExtractError)
+        job = plan(cfg)
+        if cfg.overwrite and ranks.main:
+            for path in job.paths.values():
+                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(parts_dir(path), ignore_errors=True)
+        ranks.barrier()
+        finished = {layer: open_store(p, require_complete=False)
+                    for layer, p in job.paths.items() if (p / "meta.json").exists()}
+        for layer, store in finished.items():
+            check_origin(store, job.metas[layer])
+        if len(finished) == len(job.paths) and all(s.complete for s in finished.values()):
+            if ranks.main:  # a commit that was cut off after the stores were complete leaves parts behind
+                for path in job.paths.values():
+                    shutil.rmtree(parts_dir(path), ignore_errors=True)
+            console.print(f"already complete: {', '.join(str(p) for p in job.paths.values())} "
+                          f"({len(finished[job.layers[0]])} rows); --overwrite redoes it")
+            return {"stores": [str(p) for p in job.paths.values()], "rows": len(finished[job.layers[0]]), "skipped": 0,
+                    "seconds": 0.0, "items_per_s": 0.0, "already_complete": True}
+        if ranks.world == 1 and not any(existing_ranges(p) for p in job.paths.values()):
+            return extract_items(job, job.paths, job.metas, 0, job.items, device, console)
+        return extract_parts(job, ranks, device, console)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def extract_parts(job: Job, ranks: Ranks, device: torch.device, console: Console) -> dict:
+    """This rank's range of items into parts of the stores; rank 0 then commits them."""
+    started = [p for p in job.paths.values() if (p / "meta.json").exists()]
+    if started:
+        raise ExtractError(f"{started[0]} was begun by a single process: rerun without torchrun / --nproc to "
+                           "finish it, or pass --overwrite")
+    batch_size = job.stored_batch_size()
+    ranges = part_ranges(job.items, batch_size, ranks.world)
+    for path in job.paths.values():
+        foreign = sorted(set(existing_ranges(path)) - set(ranges))
+        if foreign:
+            raise ExtractError(
+                f"{parts_dir(path)} holds parts for items {foreign}, cut for another number of processes than "
+                f"{ranks.world}: rerun with the process count that began them, or pass --overwrite"
+            )
+    lo, hi = ranges[ranks.rank]
+    paths = {layer: part_path(path, lo, hi) for layer, path in job.paths.items()}
+    metas = {layer: part_meta(meta, lo, hi, job.items) for layer, meta in job.metas.items()}
+    summary = extract_items(job, paths, metas, lo, hi, device, console, batch_size, f" (rank {ranks.rank})",
+                            bar=ranks.main)
+    ranks.barrier()
+    if ranks.main:
+        for path in job.paths.values():
+            commit_parts(path)
+        summary |= {"stores": [str(p) for p in job.paths.values()], "rows": len(open_store(job.paths[job.layers[0]]))}
+    ranks.barrier()
+    return summary
+
+
+def check_origin(store: Store, wanted: dict) -> None:
+    if not same_origin(store.meta, wanted):
+        raise ExtractError(f"{store.path} holds latents of another expert, dataset or split; pass --overwrite "
+                           "to replace it, or --out elsewhere")
+
+
+def extract_items(job: Job, paths: dict[str, Path], metas: dict[str, dict], lo: int, hi: int,
+                  device: torch.device, console: Console, batch_size: int | None = None, label: str = "",
+                  bar: bool = True) -> dict:
+    """Items [lo, hi) of the dataset into one store per layer: created, resumed, or left as complete.
+    ``label`` names the rank in messages; ``bar`` off: no progress bar (one per job, rank 0's)."""
+    cfg, expert, dataset, layers = job.cfg, job.expert, job.dataset, job.layers
     existing = {layer: open_store(p, require_complete=False)
                 for layer, p in paths.items() if (p / "meta.json").exists()}
     for layer, store in existing.items():
-        if not same_origin(store.meta, metas[layer]):
-            raise ExtractError(
-                f"{store.path} holds latents of another expert, dataset or split; pass --overwrite to "
-                f"replace it, or --out elsewhere"
-            )
-    if len(existing) == len(paths) and all(s.complete for s in existing.values()):
-        console.print(f"already complete: {', '.join(str(p) for p in paths.values())} "
-                      f"({len(next(iter(existing.values())))} rows); --overwrite redoes it")
-        return {"stores": [str(p) for p in paths.values()], "rows": len(next(iter(existing.values()))),
-                "skipped": 0, "seconds": 0.0, "items_per_s": 0.0, "already_complete": True}
+        check_origin(store, metas[layer])
+    summary = {"stores": [str(p) for p in paths.values()], "skipped": 0, "seconds": 0.0, "items_per_s": 0.0,
+               "already_complete": False, "config": {k: str(v) if isinstance(v, Path) else v
+                                                     for k, v in asdict(cfg).items()}}
+    if len(existing) == len(paths) and all(s.complete for s in existing.values()):  # this rank's part is done
+        return summary | {"rows": len(next(iter(existing.values())))}
 
     # Resume: the stored batch size fixes the batch boundaries; restart at the earliest store's batch.
-    batch_size = next((s.meta["extraction"]["batch_size"] for s in existing.values()), cfg.batch_size)
-    index_of = {dataset.key(i): i for i in range(n_items)}
-    start = min((resume_point(existing[layer].keys, index_of, batch_size) if layer in existing else 0)
+    batch_size = batch_size or job.stored_batch_size()
+    index_of = {dataset.key(i): i for i in range(lo, hi)}
+    start = min((resume_point(existing[layer].keys, index_of, batch_size, lo) if layer in existing else lo)
                 for layer in layers)
     skip = {layer: len(existing[layer]) - rows_before(existing[layer].keys, index_of, start) if layer in existing
             else 0 for layer in layers}
@@ -306,21 +394,22 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
         else create_store(paths[layer], dim=expert.dims[layer], dtype=cfg.dtype, format=cfg.format, meta=metas[layer])
         for layer in layers
     }
-    if start:
-        console.print(f"resuming at item {start} of {n_items} (batch size {batch_size}, as first run)")
+    if start > lo:
+        console.print(f"resuming at item {start} of {hi}{label} (batch size {batch_size}, as first run)")
 
     expert.to(device)
     loader = torch.utils.data.DataLoader(
-        ItemRows(dataset, expert), batch_sampler=batches(start, n_items, batch_size), num_workers=cfg.num_workers,
+        ItemRows(dataset, expert), batch_sampler=batches(start, hi, batch_size), num_workers=cfg.num_workers,
         collate_fn=Collate(expert), pin_memory=device.type == "cuda",
     )
     sink = StoreSink(writers, skip, cfg.commit_every)
     t0 = time.perf_counter()
-    progress = Progress(TextColumn(f"[bold]extract {expert.name} on {cfg.data}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]} items/s"), TimeRemainingColumn(), console=console)
+    progress = Progress(TextColumn(f"[bold]extract {expert.name} on {cfg.data}{label}"), BarColumn(),
+                        MofNCompleteColumn(), TextColumn("{task.fields[rate]} items/s"), TimeRemainingColumn(),
+                        console=console, disable=not bar)
     try:
         with progress:
-            task = progress.add_task("extract", total=n_items, completed=start, rate="-")
+            task = progress.add_task("extract", total=hi - lo, completed=start - lo, rate="-")
             for batch, latents in encode_batches(expert, loader, layers, device):
                 if batch["errors"] and cfg.on_error == "fail":
                     key, reason = batch["errors"][0]
@@ -329,7 +418,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
                 if latents:
                     sink.put(batch["keys"], batch["sub"], latents)
                 done = progress.tasks[0].completed + batch["items"]
-                progress.update(task, completed=done, rate=f"{(done - start) / (time.perf_counter() - t0):.1f}")
+                progress.update(task, completed=done, rate=f"{(done + lo - start) / (time.perf_counter() - t0):.1f}")
     except KeyboardInterrupt:
         raise ExtractError(f"interrupted; what was extracted is committed in {paths[layers[0]].parent}: "
                            "rerun the same command to resume") from None
@@ -339,8 +428,5 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
         writer.close()
     failed = max(finish_side_files(p, dataset, index_of) for p in paths.values())
     seconds = time.perf_counter() - t0
-    rows = len(open_store(next(iter(paths.values()))))
-    return {"stores": [str(p) for p in paths.values()], "rows": rows, "skipped": failed, "seconds": seconds,
-            "items_per_s": (n_items - start) / seconds if seconds else 0.0, "already_complete": False,
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}}
-
+    return summary | {"rows": len(open_store(next(iter(paths.values())))), "skipped": failed, "seconds": seconds,
+                      "items_per_s": (hi - start) / seconds if seconds else 0.0}

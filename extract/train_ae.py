@@ -31,7 +31,7 @@ from torchvision import transforms
 from extract.datasets import DatasetError, ItemDataset, ItemError, known_datasets, open_dataset
 from extract.experts import first_line
 from extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
-from extract.run import ExtractError, pick_device
+from parallel import pick_device
 
 console = Console(stderr=True)
 MAX_IN_MEMORY_BYTES = 8 << 30  # images are held as uint8; above this, ask for --limit instead of swapping
@@ -140,8 +140,8 @@ def load_images(dataset: ItemDataset, image_size: int, limit: int | None = None,
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when there is one; an unusable device is a TrainAEError."""
     try:
-        return pick_device(name)
-    except (ExtractError, RuntimeError) as err:
+        return pick_device(name, error=TrainAEError)
+    except RuntimeError as err:  # torch's own, for a device name it does not know
         raise TrainAEError(f"--device {name}: {first_line(err)}") from err
 
 

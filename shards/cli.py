@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from shards.parts import commit_parts
 from shards.store import FORMATS, META_NAME, Store, StoreError, convert_store, open_store, verify_store
 from shards.view import VIEW_NAME, create_view, open_view, view_stores
 
@@ -160,6 +161,18 @@ def pair(source: Path, target: Path, name: str, root: Path) -> None:
     path = create_view(root / name, source, target)
     pairs = len(open_view(path).join())
     _console().print(f"view {path}: {pairs} pairs", markup=False)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def commit(path: Path) -> None:
+    """Join the parts of PATH written by several processes (PATH.parts/) into the store PATH.
+
+    Rank 0 of a distributed n2n-extract does this itself once every rank is done; run it by hand
+    where the ranks ran as separate jobs. Safe to repeat: a commit cut off is redone from the parts.
+    """
+    store = open_store(commit_parts(path))
+    _console().print(f"committed {store.path}: {len(store)} rows, complete")
 
 
 @main.command()

@@ -1,0 +1,81 @@
+"""Many processes: torchrun's environment, one device per rank, and relaunching a CLI under torchrun.
+
+Both stages run on torch.distributed as torchrun starts it (RANK, WORLD_SIZE, LOCAL_RANK and the
+rendezvous in the environment), so multi-GPU and multi-node runs are torchrun's, not ours:
+
+    torchrun --nproc-per-node 8 -m extract ...            one node, eight GPUs
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m extract ...
+
+A process started any other way is rank 0 of 1 and never touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# A rank that finishes its share waits for the slowest one at a barrier: allow for a long wait
+# (a resumed run where one rank still has hours to go). A rank that dies still ends the job at
+# once: torchrun stops the others.
+BARRIER_TIMEOUT = timedelta(hours=72)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job: ``rank`` of ``world``, ``local`` on its node."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that commits, saves and prints."""
+        return self.rank == 0
+
+    def init(self, backend: str = "gloo") -> bool:
+        """Join the process group where there is more than one process; True if this call joined it."""
+        if self.world == 1 or dist.is_initialized():
+            return False
+        dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
+        return True
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def pick_device(name: str, local_rank: int = 0, error: type[Exception] = RuntimeError) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; under torchrun, plain cuda is the rank's own GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise error(f"--device {name} asked for, but this torch sees no CUDA GPU; use --device cpu")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def relaunch(nproc: int, module: str, argv: list[str]) -> int:
+    """Run ``python -m module argv`` as ``nproc`` processes on this node under torchrun (standalone
+    rendezvous on a free port); returns the job's exit status."""
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", module, *argv])
+    try:
+        run(args)
+    except Exception as err:  # torchrun's ChildFailedError: a table of which rank failed and how
+        print(f"{err}\nerror: a process of the {nproc} failed (above); rerun the same command to resume",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,183 @@
+"""Distributed extraction on CPU (gloo, 2 processes): parts, their commit, and a rank killed mid-way."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from extract.cli import main as extract_main
+from shards.cli import main as shards_main
+from shards.parts import commit_parts, part_meta, part_path, part_ranges, parts_dir
+from shards.store import StoreError, create_store, open_store, verify_store
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ARGS = ["--expert", "minilm", "--data", "shapes", "--batch-size", "8", "--num-workers", "0", "--dtype", "float32"]
+
+
+def n2n_extract(*args):
+    return CliRunner().invoke(extract_main, [str(a) for a in args], catch_exceptions=False)
+
+
+def launch(*args) -> subprocess.Popen:
+    """n2n-extract in a fresh process, as a user runs it (--nproc relaunches it under torchrun)."""
+    cmd = [sys.executable, "-m", "extract", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def same_store(a: Path, b: Path) -> None:
+    sa, sb = open_store(a), open_store(b)
+    assert np.array_equal(sa.keys, sb.keys) and np.array_equal(sa.sub, sb.sub)
+    assert np.array_equal(sa.latents(), sb.latents())  # bitwise: same batches, deterministic CPU expert
+    assert sa.meta == sb.meta
+    for name in ("attributes.jsonl", "errors.jsonl"):
+        assert (a / name).exists() == (b / name).exists()
+        if (a / name).exists():
+            assert (a / name).read_text() == (b / name).read_text()
+
+
+@pytest.mark.parametrize(("items", "batch", "world"), [(50, 8, 2), (10, 8, 4), (64, 8, 3), (1, 4, 2), (0, 4, 2)])
+def test_part_ranges_tile_the_items_in_whole_batches(items, batch, world):
+    ranges = part_ranges(items, batch, world)
+    assert len(ranges) == world and ranges[0][0] == 0 and ranges[-1][1] == items
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(lo % batch == 0 and lo <= hi for lo, hi in ranges)
+    sizes = [-(-(hi - lo) // batch) for lo, hi in ranges]  # whole batches per rank differ by at most one
+    assert max(sizes) - min(sizes) <= 1
+
+
+def write_parts(store: Path, rows_per_item: int = 3, ranges=((0, 4), (4, 8), (8, 10))) -> tuple[np.ndarray, ...]:
+    """Complete parts of `store` holding items 0..9, and the rows a single store would hold."""
+    rng = np.random.default_rng(0)
+    keys, subs, latents = [], [], []
+    for lo, hi in ranges:
+        k = np.repeat([f"item{i:03d}" for i in range(lo, hi)], rows_per_item)
+        s = np.tile(np.arange(rows_per_item), hi - lo)
+        x = rng.standard_normal((len(k), 6)).astype(np.float32)
+        meta = part_meta({"expert": {"spec": "toy"}, "dataset": {"name": "toy"}, "split": "train"}, lo, hi, 10)
+        with create_store(part_path(store, lo, hi), dim=6, dtype="float32", meta=meta) as writer:
+            writer.append(k, s, x)
+        (part_path(store, lo, hi) / "errors.jsonl").write_text(json.dumps({"key": f"bad{lo}", "reason": "x"}) + "\n")
+        keys.append(k), subs.append(s), latents.append(x)
+    return np.concatenate(keys), np.concatenate(subs), np.concatenate(latents)
+
+
+def test_commit_joins_the_parts_in_item_order(tmp_path):
+    store = tmp_path / "toy"
+    keys, subs, latents = write_parts(store)
+    commit_parts(store)
+    committed = open_store(store)
+    assert np.array_equal(committed.keys, keys) and np.array_equal(committed.sub, subs)
+    assert np.array_equal(committed.latents(), latents) and verify_store(store) == []
+    assert "part" not in committed.meta and committed.meta["dataset"] == {"name": "toy"}
+    assert [json.loads(line)["key"] for line in (store / "errors.jsonl").read_text().splitlines()] == [
+        "bad0", "bad4", "bad8"]
+    assert not parts_dir(store).exists()
+    commit_parts(store)  # again: a no-op on a complete store
+    assert np.array_equal(open_store(store).latents(), latents)
+
+
+def test_a_commit_cut_off_is_redone_from_the_parts(tmp_path):
+    store = tmp_path / "toy"
+    _, _, latents = write_parts(store)
+    writer = create_store(store, dim=6, dtype="float32")  # a half commit: rows committed, never closed
+    writer.append(["junk"], [0], np.zeros((1, 6), np.float32))
+    writer.flush()
+    assert not open_store(store, require_complete=False).complete
+    result = CliRunner().invoke(shards_main, ["commit", str(store)])
+    assert result.exit_code == 0, result.output
+    assert "30 rows" in result.output and np.array_equal(open_store(store).latents(), latents)
+
+
+@pytest.mark.parametrize(
+    ("ranges", "message"),
+    [(((0, 4), (8, 10)), "without gaps"), (((0, 4), (2, 10)), "without gaps"), (((0, 8),), "without gaps")],
+)
+def test_commit_refuses_parts_that_do_not_tile_the_items(tmp_path, ranges, message):
+    store = tmp_path / "toy"
+    write_parts(store, ranges=ranges)
+    with pytest.raises(StoreError, match=message):
+        commit_parts(store)
+    assert not store.exists() and parts_dir(store).exists()  # nothing written, nothing lost
+
+
+def test_commit_refuses_an_unfinished_part(tmp_path):
+    store = tmp_path / "toy"
+    write_parts(store)
+    meta_file = part_path(store, 4, 8) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "complete": False}))
+    with pytest.raises(StoreError, match="items-0000000004-0000000008.*rerun the same extraction"):
+        commit_parts(store)
+    assert not store.exists()
+
+
+def test_two_processes_write_the_store_one_process_writes(tmp_path):
+    assert n2n_extract(*ARGS, "--limit", 50, "--out", tmp_path / "one").exit_code == 0
+    proc = launch(*ARGS, "--limit", 50, "--out", tmp_path / "two", "--nproc", 2)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    same_store(tmp_path / "one/shapes/minilm", tmp_path / "two/shapes/minilm")
+    assert not parts_dir(tmp_path / "two/shapes/minilm").exists()
+    # A one-process rerun finds the store complete; parts of another process count are refused.
+    assert "already complete" in n2n_extract(*ARGS, "--limit", 50, "--out", tmp_path / "two").output
+
+
+def test_parts_of_another_process_count_are_refused(tmp_path):
+    store = tmp_path / "shapes" / "minilm"
+    part_path(store, 0, 24).mkdir(parents=True)
+    result = n2n_extract(*ARGS, "--limit", 50, "--out", tmp_path)
+    assert result.exit_code == 2
+    assert "items [(0, 24)]" in result.output and "process count" in result.output
+    assert not (store / "meta.json").exists()
+
+
+def rank_pid(rank: int, marker: str) -> int | None:
+    """The pid of the torchrun worker with RANK=rank whose command line holds `marker` (Linux /proc)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and marker in cmdline and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_way_is_finished_by_the_same_command(tmp_path):
+    """kill -9 one rank while it writes its part: torchrun stops the job; the same command, run
+    again, resumes each part where its commit ended and commits a store equal to a clean run."""
+    common = [*ARGS, "--limit", 240, "--commit-every", 0]
+    assert n2n_extract(*common, "--out", tmp_path / "clean").exit_code == 0
+    out = tmp_path / "crashed"
+    proc = launch(*common, "--out", out, "--nproc", 2)
+    part = part_path(out / "shapes/minilm", 120, 240) / "meta.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if part.exists() and json.loads(part.read_text())["count"] >= 100:
+            break
+        time.sleep(0.05)
+    pid = rank_pid(1, str(out))
+    assert pid is not None, "rank 1 not found"
+    os.kill(pid, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, output
+    committed = json.loads(part.read_text())
+    assert not committed["complete"] and committed["count"] >= 100, "the kill came too late"
+    assert not (out / "shapes/minilm/meta.json").exists()  # no store posing as complete
+
+    again = launch(*common, "--out", out, "--nproc", 2)
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, output
+    assert "resuming at item" in output
+    same_store(tmp_path / "clean/shapes/minilm", out / "shapes/minilm")
+    assert verify_store(out / "shapes/minilm") == []
