@@ -33,19 +33,6 @@ def parse_option(text: str) -> tuple[str, object]:
     return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
-def without_nproc(argv: list[str]) -> list[str]:
-    """The command line minus ``--nproc N``: what each process torchrun starts runs."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--expert", required=True,
               help=f"Expert spec name[:model][@layer]; families: {', '.join(known_experts())}. "
@@ -89,7 +76,7 @@ def main(expert: str, data: str, data_root: Path | None, split: str, data_option
     store equals a one-process run's; after a crash the same command finishes only what is missing.
     """
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        sys.exit(relaunch(nproc, "extract", without_nproc(sys.argv[1:])))
+        sys.exit(relaunch(nproc, "extract", sys.argv[1:]))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenisers run in forked loader workers
     transformers.logging.disable_progress_bar()  # one progress bar, ours
     cfg = ExtractConfig(expert=expert, data=data, data_root=data_root, split=split, out=out, format=fmt,

@@ -55,6 +55,9 @@ class Ranks:
             dist.barrier()
 
 
+ONE_PROCESS = Ranks()
+
+
 def pick_device(name: str, local_rank: int = 0, error: type[Exception] = RuntimeError) -> torch.device:
     """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; under torchrun, plain cuda is the rank's own GPU."""
     if name == "auto":
@@ -67,11 +70,12 @@ def pick_device(name: str, local_rank: int = 0, error: type[Exception] = Runtime
 
 
 def relaunch(nproc: int, module: str, argv: list[str]) -> int:
-    """Run ``python -m module argv`` as ``nproc`` processes on this node under torchrun (standalone
-    rendezvous on a free port); returns the job's exit status."""
+    """Run ``python -m module argv`` (less its ``--nproc N``) as ``nproc`` processes on this node under
+    torchrun, with a standalone rendezvous on a free port; returns the job's exit status."""
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", module, *argv])
+    command = ["--standalone", "--nproc-per-node", str(nproc), "-m", module, *without_nproc(argv)]
+    args = get_args_parser().parse_args(command)
     try:
         run(args)
     except Exception as err:  # torchrun's ChildFailedError: a table of which rank failed and how
@@ -79,3 +83,16 @@ def relaunch(nproc: int, module: str, argv: list[str]) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus ``--nproc N``: what each process that torchrun starts runs."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from extract.cli import main as extract_main
@@ -181,3 +182,60 @@ def test_a_rank_killed_mid_way_is_finished_by_the_same_command(tmp_path):
     assert "resuming at item" in output
     same_store(tmp_path / "clean/shapes/minilm", out / "shapes/minilm")
     assert verify_store(out / "shapes/minilm") == []
+
+
+# ---------------------------------------------------------------- distributed training (DDP)
+
+TRAIN = ["--n-flows", "2", "--hidden-dim", "16", "--batch-size", "64", "--no-compile", "--eval-every", "10",
+         "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def gaussian_view(tmp_path_factory) -> Path:
+    from shards.synthetic import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("shards"), "gaussian", n=3000, src_dim=6, dst_dim=4)
+
+
+def n2n_train(*args, nproc: int = 1) -> subprocess.CompletedProcess:
+    """n2n-train in a fresh process; --nproc 2 relaunches it under torchrun (gloo on CPU)."""
+    cmd = [sys.executable, "-m", "train", *map(str, args), "--nproc", str(nproc)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def curve(run: Path) -> np.ndarray:
+    return np.array([json.loads(line)["train_bpd"] for line in (run / "metrics.jsonl").read_text().splitlines()])
+
+
+def weights(run: Path) -> dict:
+    from train.checkpoint import CHECKPOINT, load_checkpoint, prefixed
+
+    return prefixed(load_checkpoint(run / CHECKPOINT)[0], "model")
+
+
+def test_two_processes_train_the_one_process_run_and_resume_with_one(gaussian_view, tmp_path):
+    """DDP with 2 gloo processes on halves of each global batch follows the one-process run with the
+    same --batch-size (to float rounding: gradients are summed in another order); a run begun with two
+    processes resumes with one and ends where the one-process run ends."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = n2n_train("--shards", gaussian_view, "--out", one, "--steps", 60, *TRAIN)
+    assert done.returncode == 0, done.stderr
+    done = n2n_train("--shards", gaussian_view, "--out", two, "--steps", 40, *TRAIN, nproc=2)
+    assert done.returncode == 0, done.stderr
+    assert "2 processes of 32" in " ".join(done.stderr.split())
+    done = n2n_train("--shards", gaussian_view, "--out", two, "--steps", 60, *TRAIN, "--resume")
+    assert done.returncode == 0, done.stderr
+    a, b = curve(one), curve(two)
+    assert len(a) == len(b) == 6  # every 10 steps (log and checkpoint)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4)
+    wa, wb = weights(one), weights(two)
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4) for k in wa)
+
+
+def test_the_global_batch_must_split_over_the_processes(gaussian_view, tmp_path):
+    done = n2n_train("--shards", gaussian_view, "--out", tmp_path / "r", "--steps", 5, *TRAIN,
+                     "--batch-size", "63", nproc=2)  # the last --batch-size counts
+    assert done.returncode != 0
+    said = " ".join(done.stderr.split())
+    assert "--batch-size 63" in said and "multiple of the process count" in said
+    assert not (tmp_path / "r" / "checkpoint.safetensors").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cinn import ConditionalFlow
+from parallel import Ranks, relaunch
 from shards.store import StoreError
 from shards.view import open_view
 from train.checkpoint import CHECKPOINT, CheckpointError, read_meta
@@ -79,11 +81,14 @@ def print_dry_run(view: Path, model: ModelConfig, cfg: TrainConfig) -> None:
                    "on a CPU compiling took ~75 s for +16% steps/s, a loss for runs under ~50k steps]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint, exactly.")
 @click.option("--dry-run", is_flag=True, help="Build the model, print its size and the pair count, train nothing.")
+@click.option("--nproc", default=1, type=click.IntRange(min=1),
+              help="Data-parallel processes on this node (one per GPU): relaunches this command under torchrun. "
+                   "--batch-size stays the global batch; many nodes: see the README.")
 @click.pass_context
 def main(ctx: click.Context, view: Path, out: Path | None, steps: int, batch_size: int, lr: float | None,
          n_flows: int, hidden_dim: int, hidden_depth: int, embedding_dim: int | None, embedder_norm: str,
          target_noise: float, holdout: float, eval_every: int, seed: int, device: str, compile: bool | None,
-         resume: bool, dry_run: bool) -> None:
+         resume: bool, dry_run: bool, nproc: int) -> None:
     """Train a conditional INN p(target latent | source latent) from a view's stores alone.
 
     Both sides are standardised (statistics kept in the checkpoint); keys hashing into --holdout are
@@ -91,7 +96,13 @@ def main(ctx: click.Context, view: Path, out: Path | None, steps: int, batch_siz
     --resume continues it and ends with the weights an uninterrupted run would have.
 
     Example: n2n-train --shards shards/synth-gaussian --steps 2000 --n-flows 8 --hidden-dim 128
+
+    Several GPUs: n2n-train --nproc 8 ... (or torchrun --nproc-per-node 8 -m train ...): DDP, each
+    process a slice of every global batch, so the run is the one-process run's; --resume works with
+    any process count.
     """
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(relaunch(nproc, "train", sys.argv[1:]))
     model = ModelConfig(n_flows=n_flows, hidden_dim=hidden_dim, hidden_depth=hidden_depth,
                         embedding_dim=embedding_dim, embedder_norm=embedder_norm)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, holdout=holdout,
@@ -109,6 +120,8 @@ def main(ctx: click.Context, view: Path, out: Path | None, steps: int, batch_siz
         summary = train(view, out, cfg, device=device, compile=compile, resume=resume, console=console)
     except (StoreError, CheckpointError, TrainError) as e:
         fail(str(e), code=1 if isinstance(e, DivergedError) else 2)
+    if not Ranks.from_env().main:
+        return
     if summary["train_bpd"] is None:  # a --resume of a run that already reached --steps
         console.print(f"{out} is already at step {summary['step']}: nothing to train (a larger --steps goes on)",
                       highlight=False, soft_wrap=True)

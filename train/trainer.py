@@ -3,10 +3,16 @@
 Read top to bottom: settings, the loss, held-out evaluation, checkpoint contents, the loop.
 The joined arrays live on the device; a batch is ``torch.randint`` + an index gather, so a step
 costs the cINN's forward and backward and nothing else (no DataLoader, no per-sample Python).
+
+Under torchrun the run is data-parallel (DDP): every rank holds the view on its own device and
+draws the same global batch indices from the same generator, then keeps its own slice of them.
+So the global batch, the noise and the trajectory are those of one process with the same
+--batch-size, whatever the number of processes, and a run resumes with any other number.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -15,10 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.nn.parallel import DistributedDataParallel
 
 from cinn import ConditionalFlow, bits_per_dim, nll
+from parallel import ONE_PROCESS, Ranks, pick_device
 from shards.view import open_view
 from train.checkpoint import (
     CHECKPOINT,
@@ -76,14 +85,6 @@ class DivergedError(TrainError):
     """The loss or the weights became NaN/inf; the last good checkpoint is kept."""
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError("--device cuda asked for, but this torch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
-
-
 def build_flow(data: PairedLatents, model: ModelConfig) -> ConditionalFlow:
     return ConditionalFlow(dim=data.target.shape[1], cond_dim=data.source.shape[1], **asdict(model))
 
@@ -96,7 +97,7 @@ def make_optimizer(flow: ConditionalFlow, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(flow.parameters(), lr=lr, betas=(0.5, 0.9), amsgrad=True, foreach=True)
 
 
-def make_loss(flow: ConditionalFlow, compile: bool, console: Console) -> Callable:
+def make_loss(flow: torch.nn.Module, compile: bool, console: Console) -> Callable:
     """Mean NLL in nats of standardised targets; compiled when asked, eager if compiling fails."""
 
     def loss(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -221,14 +222,29 @@ def train(
     """Train (or resume) a run in ``out`` on ``view``; return the final summary.
 
     ``compile=None`` compiles on CUDA only (see n2n-train --help for the CPU measurement).
+    Under torchrun, every rank trains its slice of each global batch (see the module's docstring).
     """
-    console = console or Console(stderr=True)
-    out, dev = Path(out), pick_device(device)
+    ranks = Ranks.from_env()
+    dev = pick_device(device, ranks.local, TrainError)
+    joined = ranks.init("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        console = console if console and ranks.main else Console(stderr=True, quiet=not ranks.main)  # one voice
+        return _train(view, Path(out), cfg, dev, compile, resume, console, ranks)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _train(view: Path | str, out: Path, cfg: TrainConfig, dev: torch.device, compile: bool | None, resume: bool,
+           console: Console, ranks: Ranks) -> dict:
     ckpt_path, metrics_path = out / CHECKPOINT, out / "metrics.jsonl"
     if ckpt_path.exists() and not resume:
         raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if resume and not ckpt_path.exists():
         raise CheckpointError(f"--resume: no checkpoint in {out}; drop --resume to start this run")
+    if cfg.batch_size % ranks.world:
+        raise TrainError(f"--batch-size {cfg.batch_size} (the global batch) does not split over {ranks.world} "
+                         "processes: make it a multiple of the process count")
 
     if resume:
         tensors, meta = load_checkpoint(ckpt_path)
@@ -237,7 +253,8 @@ def train(
         data = load_pairs(view, cfg.holdout, saved_norms(tensors)).to(dev)  # bit for bit the trained-with stats
         flow, optimizer, generator, step = restore(tensors, meta, cfg, dev)
         heldout = meta["heldout_bpd"]
-        truncate_metrics(metrics_path, step)
+        if ranks.main:
+            truncate_metrics(metrics_path, step)
     else:
         data = load_pairs(view, cfg.holdout).to(dev)
         torch.manual_seed(cfg.seed)
@@ -247,15 +264,19 @@ def train(
         step, heldout = 0, None
         with torch.no_grad():  # ActNorm's data-dependent init, eagerly, before any compiled graph, on a batch
             flow(*batch(data, cfg.batch_size, generator, cfg.target_noise))  # like the ones it will train on
-    out.mkdir(parents=True, exist_ok=True)
-    step_fn = make_step(make_loss(flow, dev.type == "cuda" if compile is None else compile, console), optimizer)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+    # Every rank built the same weights (same seed, same init batch); DDP averages the gradients.
+    model = DistributedDataParallel(flow) if ranks.world > 1 else flow
+    step_fn = make_step(make_loss(model, dev.type == "cuda" if compile is None else compile, console), optimizer)
     flow.train()
 
     dim = data.target.shape[1]
+    shard = f", {ranks.world} processes of {cfg.batch_size // ranks.world}" if ranks.world > 1 else ""
     console.print(
         f"[bold]n2n-train[/] {data.view.path}: {data.source.shape[1]} -> {dim} dims, {len(data.target)} train / "
         f"{len(data.held_target)} held-out pairs, {sum(p.numel() for p in flow.parameters()):,} parameters, "
-        f"device {dev}, batch {cfg.batch_size}, lr {cfg.learning_rate:.3g}"
+        f"device {dev}, batch {cfg.batch_size}{shard}, lr {cfg.learning_rate:.3g}"
     )
     to_bpd = lambda nats: bits_per_dim(nats + data.target_norm.log_abs_det, dim)  # noqa: E731
     loss_sum, train_bpd = torch.zeros((), device=dev), None
@@ -263,18 +284,22 @@ def train(
     last_step = step
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(), console=console,
+        TimeRemainingColumn(), console=console, disable=not ranks.main,
     )
-    with progress, open(metrics_path, "a") as metrics:
+    metrics_file = open(metrics_path, "a") if ranks.main else contextlib.nullcontext()  # noqa: SIM115
+    with progress, metrics_file as metrics:
         task = progress.add_task("train", total=cfg.steps, completed=step, info="")
         try:
             while step < cfg.steps:
-                loss_sum += step_fn(*batch(data, cfg.batch_size, generator, cfg.target_noise))
+                loss_sum += step_fn(*batch(data, cfg.batch_size, generator, cfg.target_noise, ranks))
                 step += 1
                 evaluate = step % cfg.eval_every == 0 or step == cfg.steps
                 if step % cfg.log_every and not evaluate:
                     continue
                 # One host sync per log interval: the mean loss, checked before anything is saved.
+                if ranks.world > 1:  # the global batch's loss, so every rank takes the same decision
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= ranks.world
                 mean_loss = float(loss_sum) / (step - last_step)
                 params_finite = bool(torch.stack([torch.isfinite(p).all() for p in flow.parameters()]).all())
                 if not (math.isfinite(mean_loss) and params_finite):
@@ -287,17 +312,19 @@ def train(
                 loss_sum.zero_()
                 last_step, last_time, train_bpd = step, now, to_bpd(mean_loss)
                 record = {"step": step, "train_bpd": train_bpd, "steps_per_s": rate}
-                if evaluate:
+                if evaluate and ranks.main:  # the others wait for it in the next step's all-reduce
                     heldout = record["heldout_bpd"] = heldout_bpd(flow, data, cfg.eval_rows)
                     save_checkpoint(ckpt_path, *checkpoint_state(flow, optimizer, generator, data, cfg, step, heldout))
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                if ranks.main:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
                 held = f"  held-out {heldout:.4f}" if heldout is not None else ""
                 progress.update(task, completed=step, info=f"{train_bpd:.4f} bits/dim{held}  {rate:.1f} steps/s")
         except KeyboardInterrupt:
             raise TrainError(
                 f"interrupted at step {step}; the last checkpoint is in {ckpt_path}: --resume continues it"
             ) from None
+    ranks.barrier()  # the last checkpoint is written before any rank reports the run done
     elapsed = time.perf_counter() - t0
     summary = {"run": str(out), "step": step, "train_bpd": train_bpd, "heldout_bpd": heldout,
                "seconds": elapsed, "checkpoint": str(ckpt_path)}
@@ -308,11 +335,13 @@ def train(
     return summary
 
 
-def batch(data: PairedLatents, size: int, generator: torch.Generator,
-          noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random batch (with replacement) as one index gather on the device."""
+def batch(data: PairedLatents, size: int, generator: torch.Generator, noise: float = 0.0,
+          ranks: Ranks = ONE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch (with replacement) as one index gather on the device; under torchrun, this
+    rank's slice of the global batch (every rank draws the same indices and noise)."""
     idx = torch.randint(len(data.target), (size,), device=data.target.device, generator=generator)
-    x = data.target[idx]
+    part = slice(ranks.rank * size // ranks.world, (ranks.rank + 1) * size // ranks.world)
+    x = data.target[idx[part]]
     if noise:
-        x = x + noise * torch.randn(x.shape, device=x.device, generator=generator)
-    return x, data.source[idx]
+        x = x + noise * torch.randn((size, x.shape[1]), device=x.device, generator=generator)[part]
+    return x, data.source[idx[part]]
