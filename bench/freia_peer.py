@@ -30,7 +30,7 @@ from cinn import ConditionalFlow
 from cinn.flow import mlp
 from shards.synthetic import write_synthetic
 from train.data import PairedLatents, load_pairs
-from train.trainer import batch, heldout_bpd
+from train.trainer import heldout_bpd
 
 SMALL = {"dim": 16, "cond_dim": 32, "n_flows": 4, "hidden_dim": 128}  # the NLL comparison's size
 TARGETS = {64: 0.8, 1024: 1.0}  # n2n's step time / FrEIA's, at most
@@ -86,10 +86,10 @@ def nll_after(data: PairedLatents, steps: int, batch_size: int, seed: int = 0) -
     for name, model in (("n2n", flow), ("freia", freia)):
         model.train()
         generator = torch.Generator().manual_seed(seed)
-        model(*batch(data, 1024, generator))  # n2n's ActNorm init batch, as n2n-train draws one
+        model(*data.batch(1024, generator))  # n2n's ActNorm init batch, as n2n-train draws one
         step = trainer_step(model, lr=LR)
         for _ in range(steps):
-            step(*batch(data, batch_size, generator))
+            step(*data.batch(batch_size, generator))
         out[f"{name}_bpd"] = heldout_bpd(model, data, rows=len(data.held_target))
     out["truth_bpd"] = data.truth["nll_nats_per_dim"] / math.log(2)
     return out

@@ -27,7 +27,6 @@ import torch
 from bench.common import Row, peak_rss_mib, report, trainer_step
 from cinn import ConditionalFlow
 from train.data import PairedLatents, Rows, Standardizer
-from train.trainer import batch
 
 # BigGAN-deep-256's generator layout (pytorch-pretrained-biggan's published config): 4x4 -> 256x256.
 BIGGAN_DEEP_256 = {"output_dim": 256, "z_dim": 128, "class_embed_dim": 128, "channel_width": 128,
@@ -108,7 +107,7 @@ def n2n_step(pair: str, step, batch_size: int, generator: torch.Generator, image
     data = PairedLatents(None, source, target, source, target, *norms, None)  # held-out rows: unused here
 
     def run() -> None:
-        step(*batch(data, batch_size, generator))
+        step(*data.batch(batch_size, generator))
 
     return run
 

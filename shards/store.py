@@ -300,6 +300,12 @@ class _Zarr:
     def latents(self) -> np.ndarray:
         return self._read("latent", 0, self.meta["count"], self.fast_latent)
 
+    def bounds(self) -> np.ndarray:
+        return np.r_[np.arange(0, self.meta["count"], self._file_rows(self.arrays["latent"])), self.meta["count"]]
+
+    def read_latents(self, start: int, stop: int) -> np.ndarray:
+        return self._read("latent", start, stop, self.fast_latent)
+
 
 class _H5:
     """One HDF5 file with resizable chunked datasets; opened per call, never held across a fork."""
@@ -385,6 +391,13 @@ class _H5:
 
     def latents(self) -> np.ndarray:
         return self._read(lambda f: f["latent"][: self.meta["count"]])
+
+    def bounds(self) -> np.ndarray:
+        step = self._read(lambda f: f["latent"].chunks[0])
+        return np.r_[np.arange(0, self.meta["count"], step), self.meta["count"]]
+
+    def read_latents(self, start: int, stop: int) -> np.ndarray:
+        return self._read(lambda f: f["latent"][start:stop])
 
 
 class _Wds:
@@ -515,6 +528,16 @@ class _Wds:
     def latents(self) -> np.ndarray:
         empty = np.empty((0, self.meta["dim"]), self.meta["dtype"])
         return np.concatenate([empty, *(latent for _, _, latent in self.blocks())])
+
+    def bounds(self) -> np.ndarray:
+        return np.cumsum([0, *(shard["rows"] for shard in self.meta["wds_shards"])])
+
+    def read_latents(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop), which must begin and end on tar boundaries (as Store.take asks)."""
+        bounds, shards = self.bounds(), self.meta["wds_shards"]
+        first, last = np.searchsorted(bounds, [start, stop])
+        return np.concatenate([self._read_tar(self.path / shards[i]["file"], int(bounds[i]), shards[i]["rows"])[2]
+                               for i in range(first, last)])
 
 
 _BACKENDS: dict[str, type[_Zarr] | type[_H5] | type[_Wds]] = {"zarr": _Zarr, "wds": _Wds, "h5": _H5}
@@ -713,6 +736,31 @@ class Store:
     def latents(self) -> np.ndarray:
         """All committed latents [N, dim] in the stored dtype, read in one go."""
         return self._backend.latents()
+
+    def bounds(self) -> np.ndarray:
+        """The first row of each file (zarr chunk, tar, HDF5 chunk), then the row count: what take() reads."""
+        return self._backend.bounds()
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """``latents[rows]`` for any row indices, reading only the files (chunks, tars) that hold them:
+        each run of consecutive files in one read. What streaming a view larger than memory is made of."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise StoreError(f"{self.path}: rows {rows.min()}..{rows.max()} asked of a store of {len(self)} rows")
+        bounds = self.bounds()
+        file_of = np.searchsorted(bounds, rows, side="right") - 1
+        files = np.unique(file_of)
+        runs = np.split(files, np.flatnonzero(np.diff(files) != 1) + 1) if len(files) else []
+        parts, offset = [], np.zeros(len(bounds), dtype=np.int64)  # offset[f]: where file f begins in `parts`
+        done = 0
+        for run in runs:
+            start, stop = int(bounds[run[0]]), int(bounds[run[-1] + 1])
+            parts.append(self._backend.read_latents(start, stop))
+            offset[run] = done + bounds[run] - start
+            done += stop - start
+        if not parts:
+            return np.empty((0, self.dim), self.dtype)
+        return np.concatenate(parts)[offset[file_of] + rows - bounds[file_of]]
 
     def blocks(self) -> Iterator[Block]:
         """Committed rows as (keys, sub, latents) blocks of the format's write unit: bounded memory."""

@@ -213,17 +213,18 @@ def weights(run: Path) -> dict:
     return prefixed(load_checkpoint(run / CHECKPOINT)[0], "model")
 
 
-def test_two_processes_train_the_one_process_run_and_resume_with_one(gaussian_view, tmp_path):
+@pytest.mark.parametrize("stream", [[], ["--stream"]], ids=["resident", "streamed"])
+def test_two_processes_train_the_one_process_run_and_resume_with_one(gaussian_view, tmp_path, stream):
     """DDP with 2 gloo processes on halves of each global batch follows the one-process run with the
     same --batch-size (to float rounding: gradients are summed in another order); a run begun with two
     processes resumes with one and ends where the one-process run ends."""
     one, two = tmp_path / "one", tmp_path / "two"
-    done = n2n_train("--shards", gaussian_view, "--out", one, "--steps", 60, *TRAIN)
+    done = n2n_train("--shards", gaussian_view, "--out", one, "--steps", 60, *TRAIN, *stream)
     assert done.returncode == 0, done.stderr
-    done = n2n_train("--shards", gaussian_view, "--out", two, "--steps", 40, *TRAIN, nproc=2)
+    done = n2n_train("--shards", gaussian_view, "--out", two, "--steps", 40, *TRAIN, *stream, nproc=2)
     assert done.returncode == 0, done.stderr
     assert "2 processes of 32" in " ".join(done.stderr.split())
-    done = n2n_train("--shards", gaussian_view, "--out", two, "--steps", 60, *TRAIN, "--resume")
+    done = n2n_train("--shards", gaussian_view, "--out", two, "--steps", 60, *TRAIN, *stream, "--resume")
     assert done.returncode == 0, done.stderr
     a, b = curve(one), curve(two)
     assert len(a) == len(b) == 6  # every 10 steps (log and checkpoint)

@@ -11,12 +11,17 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from parallel import ONE_PROCESS, Ranks
 from shards.store import Store, StoreError
-from shards.view import View, hash_keys, open_view
+from shards.view import Join, View, hash_keys, open_view
+
+if TYPE_CHECKING:
+    from train.stream import PairStream
 
 
 @dataclass
@@ -103,8 +108,8 @@ class PairedLatents:
     """(source, target) training rows of one view, split into train and held-out parts."""
 
     view: View | None
-    source: Rows
-    target: Rows
+    source: Rows | None  # None where the training pairs are streamed
+    target: Rows | None
     held_source: Rows
     held_target: Rows
     source_norm: Standardizer
@@ -112,18 +117,34 @@ class PairedLatents:
     truth: dict | None  # truth.json of a synthetic view: the analytic NLL
     held_key: np.ndarray | None = None  # key of each held-out pair (for evaluation against ground truth)
     held_rows: tuple[np.ndarray, np.ndarray] | None = None  # (source row, target row) of each held-out pair
+    stream: PairStream | None = None  # the training pairs, read from the stores as training goes (--stream)
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        """(source, target) latent sizes."""
+        return len(self.source_norm.mean), len(self.target_norm.mean)
+
+    @property
+    def train_pairs(self) -> int:
+        return len(self.stream if self.stream is not None else self.target)
+
+    def batch(self, size: int, generator: torch.Generator, noise: float = 0.0,
+              ranks: Ranks = ONE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random (target, source) batch, with replacement, as one index gather on the device; under
+        torchrun, this rank's slice of the global batch (every rank draws the same indices and noise).
+        A streamed view draws its next batch from the stream instead."""
+        if self.stream is not None:
+            return self.stream.batch(size, generator, noise, ranks)
+        idx = torch.randint(len(self.target), (size,), device=self.target.device, generator=generator)
+        part = slice(ranks.rank * size // ranks.world, (ranks.rank + 1) * size // ranks.world)
+        x = self.target[idx[part]]
+        if noise:
+            x = x + noise * torch.randn((size, x.shape[1]), device=x.device, generator=generator)[part]
+        return x, self.source[idx[part]]
 
     def to(self, device: torch.device) -> PairedLatents:
-        """Move the arrays to the device; refuse (naming the sizes) where they would not fit."""
+        """Move the arrays to the device (n2n-train streams a view that would not fit: see fits())."""
         sides = {"source": self.source.latents, "target": self.target.latents}
-        if device.type == "cuda":
-            needed = sum(x.nbytes for x in sides.values()) + sum(getattr(self, k).index.nbytes for k in ARRAYS)
-            free, _ = torch.cuda.mem_get_info(device)
-            if needed > 0.8 * free:
-                raise StoreError(
-                    f"{self.view.path}: the view's latents need {needed / 2**30:.1f} GiB but {device} has "
-                    f"{free / 2**30:.1f} GiB free; train with --device cpu"
-                )
         moved = {side: x.to(device) for side, x in sides.items()}
         rows = {k: getattr(self, k).to(device, moved[k.removeprefix("held_")]) for k in ARRAYS}
         return PairedLatents(self.view, **rows, source_norm=self.source_norm, target_norm=self.target_norm,
@@ -147,19 +168,41 @@ def _blocks(latents: torch.Tensor, rows: np.ndarray) -> Iterator[torch.Tensor]:
         yield latents[rows_[start : start + BLOCK_ROWS]].float()
 
 
+def check_finite(store: Store, block: torch.Tensor, rows: torch.Tensor | np.ndarray | int) -> None:
+    """Refuse a block of a store's latents holding NaN or inf (a broken expert or a corrupt file),
+    naming the store row: ``rows`` holds each block row's store row, or is the first one's."""
+    if torch.isfinite(block.sum()):  # any NaN or inf makes the sum one: a cheap test
+        return
+    bad = int((~torch.isfinite(block).all(1)).nonzero()[0, 0])
+    row = rows + bad if isinstance(rows, int) else int(rows[bad])
+    raise StoreError(
+        f"{store.path}: the latent of row {row} holds NaN or inf; check the store with "
+        f"`n2n-shards verify {store.path}` and extract it again"
+    )
+
+
 def finite_latents(store: Store) -> torch.Tensor:
-    """The store's latents as a tensor, refused when any is NaN or inf (a broken expert or a corrupt
-    file), naming the first such row."""
+    """The store's latents as a tensor, refused when any is NaN or inf, naming the first such row."""
     latents = torch.from_numpy(store.latents())
     for start in range(0, len(latents), BLOCK_ROWS):
-        block = latents[start : start + BLOCK_ROWS].float()
-        if not torch.isfinite(block.sum()):  # any NaN or inf makes the sum one: a cheap test
-            row = start + int((~torch.isfinite(block).all(1)).nonzero()[0, 0])
-            raise StoreError(
-                f"{store.path}: the latent of row {row} holds NaN or inf; check the store with "
-                f"`n2n-shards verify {store.path}` and extract it again"
-            )
+        check_finite(store, latents[start : start + BLOCK_ROWS].float(), start)
     return latents
+
+
+def split_pairs(view_path: Path | str, holdout: float) -> tuple[View, Join, np.ndarray]:
+    """Open a view, join its stores on key, and mark the held-out pairs (by key hash)."""
+    view = open_view(view_path)
+    join = view.join()
+    held = heldout_mask(join.key, holdout)
+    if held.all():
+        raise StoreError(f"{view.path}: all {len(held)} pairs fall in the held-out split; lower --holdout")
+    return view, join, held
+
+
+def read_truth(view: View) -> dict | None:
+    """truth.json of a synthetic view: the analytic NLL."""
+    truth_file = Path(view.path) / "truth.json"
+    return json.loads(truth_file.read_text()) if truth_file.exists() else None
 
 
 def load_pairs(
@@ -167,24 +210,19 @@ def load_pairs(
 ) -> PairedLatents:
     """Open a view, join its stores on key, split by key hash, and standardise: with the train rows'
     statistics, or with given (source, target) ones (a resumed run keeps its checkpoint's)."""
-    view = open_view(view_path)
-    join = view.join()
-    held = heldout_mask(join.key, holdout)
-    if held.all():
-        raise StoreError(f"{view.path}: all {len(held)} pairs fall in the held-out split; lower --holdout")
+    view, join, held = split_pairs(view_path, holdout)
     latents = finite_latents(view.source), finite_latents(view.target)
     index = join.source_index, join.target_index
     norms = norms or tuple(Standardizer.fit(_blocks(x, rows[~held])) for x, rows in zip(latents, index, strict=True))
     rows = {f"{prefix}{side}": Rows(x, torch.from_numpy(i[mask]), norm)
             for prefix, mask in (("", ~held), ("held_", held))
             for side, x, i, norm in zip(("source", "target"), latents, index, norms, strict=True)}
-    truth_file = Path(view.path) / "truth.json"
     return PairedLatents(
         view=view,
         **rows,
         source_norm=norms[0],
         target_norm=norms[1],
-        truth=json.loads(truth_file.read_text()) if truth_file.exists() else None,
+        truth=read_truth(view),
         held_key=join.key[held],
         held_rows=(join.source_index[held], join.target_index[held]),
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.nn.parallel import DistributedDataParallel
 
 from cinn import ConditionalFlow, bits_per_dim, nll
-from parallel import ONE_PROCESS, Ranks, pick_device
+from parallel import Ranks, pick_device
 from shards.view import open_view
 from train.checkpoint import (
     CHECKPOINT,
@@ -39,7 +40,8 @@ from train.checkpoint import (
     save_checkpoint,
     saved_norms,
 )
-from train.data import PairedLatents, load_pairs
+from train.data import PairedLatents, Standardizer, load_pairs
+from train.stream import stream_pairs
 
 NET2NET_BASE_LR = 4.5e-6  # net2net scales its learning rate by the batch size
 
@@ -86,7 +88,8 @@ class DivergedError(TrainError):
 
 
 def build_flow(data: PairedLatents, model: ModelConfig) -> ConditionalFlow:
-    return ConditionalFlow(dim=data.target.shape[1], cond_dim=data.source.shape[1], **asdict(model))
+    cond_dim, dim = data.dims
+    return ConditionalFlow(dim=dim, cond_dim=cond_dim, **asdict(model))
 
 
 def make_optimizer(flow: ConditionalFlow, lr: float) -> torch.optim.Optimizer:
@@ -217,10 +220,13 @@ def train(
     device: str = "auto",
     compile: bool | None = None,
     resume: bool = False,
+    stream: bool | None = None,
     console: Console | None = None,
 ) -> dict:
     """Train (or resume) a run in ``out`` on ``view``; return the final summary.
 
+    ``stream=None`` streams the training pairs from the stores only where the view would not fit
+    on the device (train.stream); True always, False never.
     ``compile=None`` compiles on CUDA only (see n2n-train --help for the CPU measurement).
     Under torchrun, every rank trains its slice of each global batch (see the module's docstring).
     """
@@ -229,14 +235,38 @@ def train(
     joined = ranks.init("nccl" if dev.type == "cuda" else "gloo")
     try:
         console = console if console and ranks.main else Console(stderr=True, quiet=not ranks.main)  # one voice
-        return _train(view, Path(out), cfg, dev, compile, resume, console, ranks)
+        with contextlib.ExitStack() as cleanup:
+            return _train(view, Path(out), cfg, dev, compile, resume, stream, console, ranks, cleanup)
     finally:
         if joined:
             dist.destroy_process_group()
 
 
+def fits_in_memory(view: Path | str, device: torch.device) -> bool:
+    """Whether both stores' latents fit on the device with room to spare (else n2n-train streams)."""
+    v = open_view(view)
+    needed = sum(len(store) * store.dim * store.dtype.itemsize for store in (v.source, v.target))
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return needed < 0.5 * free
+
+
+def open_data(view: Path | str, cfg: TrainConfig, norms: tuple[Standardizer, Standardizer] | None,
+              dev: torch.device, stream: bool | None, start_batch: int, console: Console) -> PairedLatents:
+    """The view on the device, or streamed from its stores (asked for, or where it would not fit)."""
+    if stream is None and not fits_in_memory(view, dev):
+        console.print(f"{view}: the view's latents would not fit in {dev}'s free memory: streaming them")
+        stream = True
+    if not stream:
+        return load_pairs(view, cfg.holdout, norms).to(dev)
+    return stream_pairs(view, cfg.holdout, norms, device=dev, batch_size=cfg.batch_size, seed=cfg.seed,
+                        eval_rows=cfg.eval_rows, start_batch=start_batch)
+
+
 def _train(view: Path | str, out: Path, cfg: TrainConfig, dev: torch.device, compile: bool | None, resume: bool,
-           console: Console, ranks: Ranks) -> dict:
+           stream: bool | None, console: Console, ranks: Ranks, cleanup: contextlib.ExitStack) -> dict:
     ckpt_path, metrics_path = out / CHECKPOINT, out / "metrics.jsonl"
     if ckpt_path.exists() and not resume:
         raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
@@ -250,20 +280,23 @@ def _train(view: Path | str, out: Path, cfg: TrainConfig, dev: torch.device, com
         tensors, meta = load_checkpoint(ckpt_path)
         cfg = train_config_from(meta, cfg.steps)
         check_fits(meta, view, ckpt_path)
-        data = load_pairs(view, cfg.holdout, saved_norms(tensors)).to(dev)  # bit for bit the trained-with stats
         flow, optimizer, generator, step = restore(tensors, meta, cfg, dev)
+        # bit for bit the trained-with statistics; a stream goes on after the batches drawn (init + steps)
+        data = open_data(view, cfg, saved_norms(tensors), dev, stream, step + 1, console)
         heldout = meta["heldout_bpd"]
         if ranks.main:
             truncate_metrics(metrics_path, step)
     else:
-        data = load_pairs(view, cfg.holdout).to(dev)
+        data = open_data(view, cfg, None, dev, stream, 0, console)
         torch.manual_seed(cfg.seed)
         flow = build_flow(data, cfg.model).to(dev)
         optimizer = make_optimizer(flow, cfg.learning_rate)
         generator = torch.Generator(dev).manual_seed(cfg.seed)
         step, heldout = 0, None
         with torch.no_grad():  # ActNorm's data-dependent init, eagerly, before any compiled graph, on a batch
-            flow(*batch(data, cfg.batch_size, generator, cfg.target_noise))  # like the ones it will train on
+            flow(*data.batch(cfg.batch_size, generator, cfg.target_noise))  # like the ones it will train on
+    if data.stream is not None:
+        cleanup.callback(data.stream.close)
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
     # Every rank built the same weights (same seed, same init batch); DDP averages the gradients.
@@ -271,10 +304,10 @@ def _train(view: Path | str, out: Path, cfg: TrainConfig, dev: torch.device, com
     step_fn = make_step(make_loss(model, dev.type == "cuda" if compile is None else compile, console), optimizer)
     flow.train()
 
-    dim = data.target.shape[1]
+    dim = data.dims[1]
     shard = f", {ranks.world} processes of {cfg.batch_size // ranks.world}" if ranks.world > 1 else ""
     console.print(
-        f"[bold]n2n-train[/] {data.view.path}: {data.source.shape[1]} -> {dim} dims, {len(data.target)} train / "
+        f"[bold]n2n-train[/] {data.view.path}: {data.dims[0]} -> {dim} dims, {data.train_pairs} train / "
         f"{len(data.held_target)} held-out pairs, {sum(p.numel() for p in flow.parameters()):,} parameters, "
         f"device {dev}, batch {cfg.batch_size}{shard}, lr {cfg.learning_rate:.3g}"
     )
@@ -291,7 +324,7 @@ def _train(view: Path | str, out: Path, cfg: TrainConfig, dev: torch.device, com
         task = progress.add_task("train", total=cfg.steps, completed=step, info="")
         try:
             while step < cfg.steps:
-                loss_sum += step_fn(*batch(data, cfg.batch_size, generator, cfg.target_noise, ranks))
+                loss_sum += step_fn(*data.batch(cfg.batch_size, generator, cfg.target_noise, ranks))
                 step += 1
                 evaluate = step % cfg.eval_every == 0 or step == cfg.steps
                 if step % cfg.log_every and not evaluate:
@@ -334,14 +367,3 @@ def _train(view: Path | str, out: Path, cfg: TrainConfig, dev: torch.device, com
         summary["gap_nats_per_dim"] = heldout * math.log(2) - truth
     return summary
 
-
-def batch(data: PairedLatents, size: int, generator: torch.Generator, noise: float = 0.0,
-          ranks: Ranks = ONE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random batch (with replacement) as one index gather on the device; under torchrun, this
-    rank's slice of the global batch (every rank draws the same indices and noise)."""
-    idx = torch.randint(len(data.target), (size,), device=data.target.device, generator=generator)
-    part = slice(ranks.rank * size // ranks.world, (ranks.rank + 1) * size // ranks.world)
-    x = data.target[idx[part]]
-    if noise:
-        x = x + noise * torch.randn((size, x.shape[1]), device=x.device, generator=generator)[part]
-    return x, data.source[idx[part]]

@@ -1,0 +1,98 @@
+"""Streaming a view from its stores vs holding it on the device: training steps/s on the same view.
+
+The view is the demo's shape at scale (MiniLM's 384 float16 dims, five captions per image, onto
+a 32-dim autoencoder latent), 200k captions; the flow is the demo's cINN. Both ways run n2n-train's
+own step on batches from train.data (on the device) and train.stream (read window by window from
+the zarr stores in a background thread). Small windows make the stream read often: a window of
+4096 pairs is one zarr chunk of captions, read every 16 steps at batch 256.
+The ways run in alternating blocks of several windows, so that a read started by one block's
+stream runs inside that block. Run: python -m bench.stream
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from bench.common import Row, report, trainer_step
+from bench.compile import DEMO_FLOW
+from cinn import ConditionalFlow
+from shards.store import create_store
+from shards.view import create_view
+from train.data import load_pairs
+from train.stream import stream_pairs
+
+TARGET = 0.8
+
+
+def write_view(root: Path, captions: int, per_item: int = 5) -> Path:
+    """Caption and image stores with random latents, paired by key (shards.view)."""
+    rng = np.random.default_rng(0)
+    items = captions // per_item
+    keys = np.char.add("item", np.arange(items).astype(str))
+    with create_store(root / "text", dim=DEMO_FLOW["cond_dim"], dtype="float16") as writer:
+        for start in range(0, items, 10_000):
+            block = keys[start : start + 10_000]
+            latents = rng.standard_normal((len(block) * per_item, DEMO_FLOW["cond_dim"]), np.float32)
+            writer.append(np.repeat(block, per_item), np.tile(np.arange(per_item), len(block)), latents)
+    with create_store(root / "image", dim=DEMO_FLOW["dim"], dtype="float16") as writer:
+        writer.append(keys, np.zeros(items, np.int64), rng.standard_normal((items, DEMO_FLOW["dim"]), np.float32))
+    return create_view(root / "view", root / "text", root / "image")
+
+
+def steps_per_s(step, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - start)
+
+
+@click.command()
+@click.option("--captions", default=200_000, show_default=True)
+@click.option("--batch", default=256, show_default=True)
+@click.option("--window", "windows", multiple=True, type=int, default=(4096, 16384), show_default=True,
+              help="Pairs per stream window (each a separate measurement).")
+@click.option("--blocks", default=3, show_default=True, help="Alternating timed blocks per way.")
+def main(captions: int, batch: int, windows: tuple[int, ...], blocks: int) -> None:
+    rows, raw = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        view = write_view(Path(tmp), captions)
+        resident = load_pairs(view)
+        for window in windows:
+            streamed = stream_pairs(view, 0.05, (resident.source_norm, resident.target_norm),
+                                    device=torch.device("cpu"), batch_size=batch, seed=0, eval_rows=1024,
+                                    window_pairs=window)
+            steps = {}
+            for name, data in (("resident", resident), ("stream", streamed)):
+                torch.manual_seed(0)
+                flow = ConditionalFlow(**DEMO_FLOW)
+                generator = torch.Generator().manual_seed(0)
+                flow(*data.batch(batch, generator))  # ActNorm init
+                train = trainer_step(flow)
+                steps[name] = lambda train=train, data=data, g=generator: train(*data.batch(batch, g))
+            block = 3 * max(1, window // batch)  # three windows' worth of steps per block
+            for step in steps.values():  # warm-up
+                steps_per_s(step, 4)
+            rates: dict[str, list[float]] = {name: [] for name in steps}
+            for _ in range(blocks):
+                for name, step in steps.items():
+                    rates[name].append(steps_per_s(step, block))
+            streamed.stream.close()
+            mean = {name: float(np.mean(r)) for name, r in rates.items()}
+            ratio = mean["stream"] / mean["resident"]
+            raw[f"window_{window}"] = {"steps_per_s": rates, "block_steps": block}
+            rows.append(Row(f"demo cINN, batch {batch}, {captions:,} captions: streamed (window {window:,} pairs, "
+                            f"a read every {window // batch} steps) vs on the device",
+                            f"{mean['stream']:.1f}/s", f"{mean['resident']:.1f}/s", ratio, f">= {TARGET}x",
+                            ratio >= TARGET))
+    report("stream", {"captions": captions, "batch": batch, "windows": list(windows), "blocks": blocks,
+                      "flow": DEMO_FLOW}, rows, raw)
+
+
+if __name__ == "__main__":
+    main()
