@@ -15,6 +15,7 @@ from extract.datasets import DatasetError, known_datasets
 from extract.experts import ExpertError, known_experts
 from extract.run import ExtractConfig, ExtractError, extract
 from parallel import Ranks, relaunch
+from shards.cli import PATH_OR_URL
 from shards.store import FORMATS, StoreError
 
 console = Console(stderr=True)
@@ -43,7 +44,7 @@ def parse_option(text: str) -> tuple[str, object]:
 @click.option("--split", default="train", help="train | val (the dataset's own split).")
 @click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE",
               help="A dataset option, repeatable: e.g. seed=1, size=128 (shapes), classes=1,207,980 (biggan).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("shards"),
+@click.option("--out", type=PATH_OR_URL, default="shards",
               help="Root of the stores: writes OUT/<data>/<expert>[@layer]/.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="zarr", help="Store format.")
 @click.option("--batch-size", default=64, help="Items per forward pass (fixed for the life of a store).")

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +33,17 @@ from extract.datasets import ItemDataset, ItemError, open_dataset
 from extract.experts import Expert, load_expert
 from parallel import Ranks, pick_device
 from shards.parts import commit_parts, existing_ranges, part_meta, part_path, part_ranges, parts_dir
-from shards.store import Store, StoreWriter, create_store, open_store, resume_store
+from shards.store import (
+    Store,
+    StoreWriter,
+    as_path,
+    create_store,
+    is_remote,
+    open_store,
+    remove_tree,
+    resume_store,
+    write_text_atomic,
+)
 
 ERRORS = "errors.jsonl"
 ATTRIBUTES = "attributes.jsonl"
@@ -164,7 +172,7 @@ def store_paths(cfg: ExtractConfig, expert: Expert, layers: list[str]) -> dict[s
     """shards/<data>/<expert>/ for the expert's default layer, else <expert>@<layer>/ for each layer
     named (in the spec or by --layers). Splits other than train get their own data folder,
     shards/<data>-<split>/, so that both can coexist."""
-    base = Path(cfg.out) / (cfg.data if cfg.split == "train" else f"{cfg.data}-{cfg.split}")
+    base = as_path(cfg.out) / (cfg.data if cfg.split == "train" else f"{cfg.data}-{cfg.split}")
     if cfg.layers is None and expert.spec_layer is None:
         return {layers[0]: base / expert.name}
     return {layer: base / f"{expert.name}@{layer}" for layer in layers}
@@ -232,8 +240,13 @@ def append_errors(paths: list[Path], errors: list[tuple[str, str]]) -> None:
     if not errors:
         return
     for path in paths:
-        with open(path / ERRORS, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps({"key": k, "reason": r}) + "\n" for k, r in errors)
+        lines = "".join(json.dumps({"key": k, "reason": r}) + "\n" for k, r in errors)
+        if is_remote(path):  # an object cannot be appended to: rewrite it (a few lines per failed item)
+            old = (path / ERRORS).read_text(encoding="utf-8") if (path / ERRORS).exists() else ""
+            write_text_atomic(path / ERRORS, old + lines)
+        else:
+            with open(path / ERRORS, "a", encoding="utf-8") as f:
+                f.write(lines)
 
 
 def finish_side_files(path: Path, dataset: ItemDataset, index_of: dict[str, int]) -> int:
@@ -243,15 +256,14 @@ def finish_side_files(path: Path, dataset: ItemDataset, index_of: dict[str, int]
     failed = 0
     if errors_file.exists():
         unique = {json.loads(line)["key"]: line for line in errors_file.read_text().splitlines() if line.strip()}
-        errors_file.write_text("".join(line + "\n" for line in unique.values()))
+        write_text_atomic(errors_file, "".join(line + "\n" for line in unique.values()))
         failed = len(unique)
     keys = open_store(path, require_complete=False).keys
     first = [str(k) for k in keys[np.r_[True, keys[1:] != keys[:-1]]]] if len(keys) else []
     attrs = [dataset.attributes(index_of[k]) for k in first]
     if attrs and attrs[0] is not None:
-        tmp = path / f".{ATTRIBUTES}.tmp"
-        tmp.write_text("".join(json.dumps({"key": k, **a}) + "\n" for k, a in zip(first, attrs, strict=True)))
-        os.replace(tmp, path / ATTRIBUTES)
+        write_text_atomic(path / ATTRIBUTES,
+                          "".join(json.dumps({"key": k, **a}) + "\n" for k, a in zip(first, attrs, strict=True)))
     return failed
 
 
@@ -308,8 +320,8 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
         job = plan(cfg)
         if cfg.overwrite and ranks.main:
             for path in job.paths.values():
-                shutil.rmtree(path, ignore_errors=True)
-                shutil.rmtree(parts_dir(path), ignore_errors=True)
+                remove_tree(path)
+                remove_tree(parts_dir(path))
         ranks.barrier()
         finished = {layer: open_store(p, require_complete=False)
                     for layer, p in job.paths.items() if (p / "meta.json").exists()}
@@ -318,7 +330,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
         if len(finished) == len(job.paths) and all(s.complete for s in finished.values()):
             if ranks.main:  # a commit that was cut off after the stores were complete leaves parts behind
                 for path in job.paths.values():
-                    shutil.rmtree(parts_dir(path), ignore_errors=True)
+                    remove_tree(parts_dir(path))
             console.print(f"already complete: {', '.join(str(p) for p in job.paths.values())} "
                           f"({len(finished[job.layers[0]])} rows); --overwrite redoes it")
             return {"stores": [str(p) for p in job.paths.values()], "rows": len(finished[job.layers[0]]), "skipped": 0,

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from shards.parts import commit_parts
-from shards.store import FORMATS, META_NAME, Store, StoreError, convert_store, open_store, verify_store
+from shards.store import FORMATS, META_NAME, Store, StoreError, as_path, convert_store, open_store, verify_store
 from shards.view import VIEW_NAME, create_view, open_view, view_stores
 
 
@@ -29,6 +29,18 @@ class _Group(click.Group):
         except StoreError as err:
             click.echo(f"error: {err}", err=True)
             ctx.exit(2)
+
+
+class PathOrURL(click.ParamType):
+    """A local path, or an fsspec URL (s3://bucket/shards/..., memory://...) for stores and views."""
+
+    name = "path"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 (click's signature)
+        return as_path(value)
+
+
+PATH_OR_URL = PathOrURL()
 
 
 def _console() -> Console:
@@ -109,7 +121,7 @@ def _view_row(path: Path, root: Path) -> str:
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PATH_OR_URL)
 def info(path: Path) -> None:
     """Show a store's meta, or a view's two stores and its pair count."""
     _require(path)
@@ -127,7 +139,7 @@ def info(path: Path) -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PATH_OR_URL)
 def verify(path: Path) -> None:
     """Check a store (or a view's two stores and their join); exit 1 if there are problems."""
     _require(path)
@@ -152,10 +164,10 @@ def _verify_view(path: Path) -> list[str]:
 
 
 @main.command()
-@click.argument("source", type=click.Path(path_type=Path))
-@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("source", type=PATH_OR_URL)
+@click.argument("target", type=PATH_OR_URL)
 @click.option("--name", required=True, help="View name: the view is written to ROOT/NAME.")
-@click.option("--root", default="shards", show_default=True, type=click.Path(path_type=Path))
+@click.option("--root", default="shards", show_default=True, type=PATH_OR_URL)
 def pair(source: Path, target: Path, name: str, root: Path) -> None:
     """Create a view that translates SOURCE store latents into TARGET store latents."""
     path = create_view(root / name, source, target)
@@ -164,7 +176,7 @@ def pair(source: Path, target: Path, name: str, root: Path) -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PATH_OR_URL)
 def commit(path: Path) -> None:
     """Join the parts of PATH written by several processes (PATH.parts/) into the store PATH.
 
@@ -176,9 +188,9 @@ def commit(path: Path) -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PATH_OR_URL)
 @click.option("--format", "format_", required=True, type=click.Choice(FORMATS))
-@click.option("--out", type=click.Path(path_type=Path), help="Destination (default: PATH-FORMAT).")
+@click.option("--out", type=PATH_OR_URL, help="Destination (default: PATH-FORMAT).")
 def convert(path: Path, format_: str, out: Path | None) -> None:
     """Copy a store into another format (streamed, block by block)."""
     out = out or Path(f"{str(path).rstrip('/')}-{format_}")
@@ -188,7 +200,7 @@ def convert(path: Path, format_: str, out: Path | None) -> None:
 
 @main.command()
 @click.option("--law", type=click.Choice(["gaussian", "bimodal"]), default="gaussian", show_default=True)
-@click.option("--root", default="shards", show_default=True, type=click.Path(path_type=Path))
+@click.option("--root", default="shards", show_default=True, type=PATH_OR_URL)
 @click.option("--n", default=20000, show_default=True)
 @click.option("--src-dim", default=16, show_default=True)
 @click.option("--dst-dim", default=8, show_default=True)

@@ -14,11 +14,18 @@ is redone from them, and only a complete store lets the parts be deleted.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-from shards.store import RESERVED_META, Store, StoreError, create_store, open_store
+from shards.store import (
+    RESERVED_META,
+    Store,
+    StoreError,
+    as_path,
+    create_store,
+    open_store,
+    remove_tree,
+    write_text_atomic,
+)
 
 PARTS_SUFFIX = ".parts"
 SIDE_FILES = ("errors.jsonl", "attributes.jsonl")  # per-item records that travel with the rows
@@ -26,7 +33,7 @@ SIDE_FILES = ("errors.jsonl", "attributes.jsonl")  # per-item records that trave
 
 def parts_dir(store: Path | str) -> Path:
     """Where the parts of ``store`` are written: a sibling folder, ``<store>.parts``."""
-    store = Path(store)
+    store = as_path(store)
     return store.with_name(store.name + PARTS_SUFFIX)
 
 
@@ -109,13 +116,13 @@ def commit_parts(store: Path | str) -> Path:
     Safe to repeat: an incomplete ``store`` (a commit cut off) is rebuilt from the parts; a complete
     one means the commit happened and only leftover parts are removed.
     """
-    store = Path(store)
+    store = as_path(store)
     folder = parts_dir(store)
     if (store / "meta.json").exists() and open_store(store, require_complete=False).complete:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_tree(folder)
         return store
     parts = open_parts(store)
-    shutil.rmtree(store, ignore_errors=True)  # an earlier commit, cut off: the parts still hold everything
+    remove_tree(store)  # an earlier commit, cut off: the parts still hold everything
     first = parts[0]
     with create_store(store, dim=first.dim, dtype=first.dtype.name, format=first.format,
                       meta=_origin(first.meta)) as writer:
@@ -124,7 +131,7 @@ def commit_parts(store: Path | str) -> Path:
                 writer.append(keys, sub, latents)
         for name in SIDE_FILES:  # before the store is marked complete: complete means everything is there
             _concatenate([part.path / name for part in parts], store / name)
-    shutil.rmtree(folder)
+    remove_tree(folder)
     return store
 
 
@@ -133,15 +140,14 @@ def _concatenate(files: list[Path], out: Path) -> None:
     present = [f for f in files if f.exists()]
     if not present:
         return
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as dst:
-        for file in present:
-            for line in file.read_text(encoding="utf-8").splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    json.loads(line)  # a damaged side file is refused here, not found later
-                except json.JSONDecodeError as err:
-                    raise StoreError(f"{file} has a damaged line ({err}): delete the part and rerun") from err
-                dst.write(line + "\n")
-    os.replace(tmp, out)
+    lines = []
+    for file in present:
+        for line in file.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)  # a damaged side file is refused here, not found later
+            except json.JSONDecodeError as err:
+                raise StoreError(f"{file} has a damaged line ({err}): delete the part and rerun") from err
+            lines.append(line + "\n")
+    write_text_atomic(out, "".join(lines))

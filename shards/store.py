@@ -9,6 +9,10 @@ a tar): writing part of a zarr chunk is a read-modify-write, and a tar cannot be
 data is written first and the row count in meta.json is committed afterwards, atomically, so a
 crash never exposes half-written rows and ``resume_store`` continues at the committed count.
 A store becomes ``complete`` atomically too, and readers refuse incomplete stores by default.
+
+A store's path may be an fsspec URL (``s3://``, ``gs://``, ``memory://``; zarr and wds stores):
+paths are then ``upath.UPath``s, zarr opens them through its fsspec store, and an object is
+replaced by one PUT (which object stores make atomic) where a local file is renamed into place.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -51,22 +56,67 @@ class StoreError(Exception):
     """A store is missing, damaged or misused; the message names the path and what to do."""
 
 
+# ---------------------------------------------------------------- paths and URLs
+
+
+def as_path(path: str | os.PathLike) -> Path:
+    """A local path as a Path, an fsspec URL (s3://, memory://, ...) as a UPath with the same API."""
+    if isinstance(path, Path) or (is_remote(path) and not isinstance(path, str)):
+        return path  # type: ignore[return-value]  # a Path, or already a UPath
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        return Path(text.removeprefix("file://"))
+    if "://" in text:
+        from upath import UPath  # fsspec's pathlib: only where a URL is given
+
+        return UPath(text)
+    return Path(text)
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether a path lives behind fsspec (an object store, memory://) rather than on a local disk."""
+    return not isinstance(path, Path) and "://" in str(path) and not str(path).startswith("file://")
+
+
+def zarr_location(path: Path) -> dict:
+    """zarr's arguments for a store at ``path``: the path itself, or the URL and its fsspec options."""
+    if not is_remote(path):
+        return {"store": path}
+    options = dict(getattr(path, "storage_options", {}) or {})
+    return {"store": str(path), **({"storage_options": options} if options else {})}
+
+
 # ---------------------------------------------------------------- meta.json
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON through a temp file in the same directory and os.replace it: readers see old or new."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file through a temp file in the same directory and os.replace it: readers see old or
+    new. At a URL, one PUT of the whole object, which an object store makes visible atomically."""
+    if is_remote(path):
+        path.write_text(text, encoding="utf-8")
+        return
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder and everything in it, locally or at a URL; a missing one is fine."""
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.fs.rm(path.path, recursive=True)
 
 
 def _version() -> str:
@@ -168,7 +218,7 @@ class _Zarr:
     def create(path: Path, meta: dict) -> None:
         dim, dtype = meta["dim"], meta["dtype"]
         rows, chunk = _unit_rows(dim, dtype), _chunk_rows(dim, dtype)
-        group = zarr.open_group(path, mode="w", zarr_format=3)
+        group = zarr.open_group(**zarr_location(path), mode="w", zarr_format=3)
         # keys and subs are small: one chunk per write unit.
         group.create_array("key", shape=(0,), dtype=str, chunks=(rows,), compressors=None)
         group.create_array("sub", shape=(0,), dtype="int64", chunks=(rows,), compressors=None, fill_value=0)
@@ -181,7 +231,7 @@ class _Zarr:
         # takes its runtime config from the global one when opened; open_array ignores `config=`.)
         try:
             with zarr.config.set({"array.write_empty_chunks": True}):
-                return {name: zarr.open_array(self.path / name, mode=mode) for name in COLUMNS}
+                return {name: zarr.open_array(**zarr_location(self.path / name), mode=mode) for name in COLUMNS}
         except Exception as err:
             raise StoreError(
                 f"cannot open the zarr arrays in {self.path} ({err}): the store is damaged: "
@@ -205,8 +255,8 @@ class _Zarr:
     def fast_latent(self) -> zarr.Array:
         """`latent` opened with the zarrs codec pipeline (Rust, threaded, decodes into the output):
         np.load's speed on plain chunks where zarr-python's own pipeline manages a third of it."""
-        with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
-            return zarr.open_array(self.path / "latent", mode="r")
+        with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):  # URLs: zarr's own
+            return zarr.open_array(**zarr_location(self.path / "latent"), mode="r")
 
     def check(self) -> None:
         count, latent = self.meta["count"], self.arrays["latent"]
@@ -313,6 +363,9 @@ class _H5:
     file_name = "latents.h5"
 
     def __init__(self, path: Path, meta: dict):
+        if is_remote(path):
+            raise StoreError(f"{path} is an HDF5 store at a URL: HDF5 stores are local files; copy it to a local "
+                             "disk, or convert it to zarr (n2n-shards convert)")
         self.path, self.meta = path, meta
         self.file = path / self.file_name
 
@@ -449,8 +502,9 @@ class _Wds:
 
         shards, start = self.meta["wds_shards"], self.meta["count"]
         name = f"shard-{len(shards):06d}.tar"
-        tmp = self.path / f"{name}.tmp"
-        with open(tmp, "wb") as stream:
+        remote = is_remote(self.path)
+        tmp = self.path / (name if remote else f"{name}.tmp")  # an object is whole once its PUT ends
+        with tmp.open("wb") as stream:
             writer = TarWriter(stream, mtime=0)  # an integer mtime: plain ustar headers, no pax records
             for i, (key, s, latent) in enumerate(zip(keys, sub, latents, strict=True)):
                 writer.write(
@@ -462,9 +516,11 @@ class _Wds:
                     }
                 )
             writer.close()
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, self.path / name)
+            if not remote:
+                stream.flush()
+                os.fsync(stream.fileno())
+        if not remote:
+            os.replace(tmp, self.path / name)
         shards.append({"file": name, "rows": len(keys)})
 
     def _read_tar(self, file: Path, start: int, rows: int) -> Block:
@@ -474,7 +530,7 @@ class _Wds:
         latent = np.empty((rows, self.meta["dim"]), dtype=self.meta["dtype"])
         seen = np.zeros((rows, len(self.fields)), dtype=bool)
         try:
-            with tarfile.open(file, "r:") as tar:
+            with file.open("rb") as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
                 for info in tar:
                     row, field = self._locate(info, start, rows)
                     data = tar.extractfile(info).read()  # type: ignore[union-attr]
@@ -645,13 +701,15 @@ def create_store(
     meta: dict | None = None,
 ) -> StoreWriter:
     """Create an empty store at `path` (a new or empty directory) and return its writer."""
-    path = Path(path)
+    path = as_path(path)
     extra = dict(meta or {})
     if format not in FORMATS or dtype not in DTYPES or not isinstance(dim, int) or dim < 1:
         raise StoreError(
             f"cannot create {path} as format={format!r} dtype={dtype!r} dim={dim!r}: "
             f"use a format of {FORMATS}, a dtype of {DTYPES} and a positive dim"
         )
+    if format == "h5" and is_remote(path):
+        raise StoreError(f"cannot create {path}: HDF5 stores are local files; use --format zarr or wds at a URL")
     if RESERVED_META & extra.keys():
         raise StoreError(
             f"meta for {path} sets {sorted(RESERVED_META & extra.keys())}, which the store owns: "
@@ -683,7 +741,7 @@ def create_store(
 
 def resume_store(path: str | os.PathLike) -> StoreWriter:
     """Reopen an incomplete store for appending at its committed count; uncommitted rows are dropped."""
-    path = Path(path)
+    path = as_path(path)
     meta = _read_meta(path)
     if meta["complete"]:
         raise StoreError(
@@ -778,7 +836,7 @@ class Store:
     def identity(self) -> dict:
         """What a checkpoint records about the store it was trained from."""
         return {
-            "path": str(self.path.resolve()),
+            "path": str(self.path if is_remote(self.path) else self.path.resolve()),
             "format": self.format,
             "dim": self.dim,
             "dtype": self.dtype.name,
@@ -791,7 +849,7 @@ class Store:
 
 def open_store(path: str | os.PathLike, *, require_complete: bool = True) -> Store:
     """Open a store for reading; by default refuse one that is still being written (or was cut off)."""
-    path = Path(path)
+    path = as_path(path)
     meta = _read_meta(path)
     if require_complete and not meta["complete"]:
         raise StoreError(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.store import Store, StoreError, open_store, write_json_atomic
+from shards.store import Store, StoreError, as_path, is_remote, open_store, write_json_atomic
 
 VIEW_NAME = "view.json"
 
@@ -171,31 +171,34 @@ def _check_same_data(source: Store, target: Store) -> None:
 
 def create_view(path: str | os.PathLike, source: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Write <path>/view.json pairing two complete stores; refuse pairs that cannot be joined."""
-    path, source_path, target_path = Path(path), Path(source), Path(target)
+    path, source_path, target_path = as_path(path), as_path(source), as_path(target)
     view = View(path, open_store(source_path), open_store(target_path))
     _check_same_data(view.source, view.target)
     view.join()
     path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        path / VIEW_NAME,
-        {
-            "n2n_view": 1,
-            "source": os.path.relpath(source_path.resolve(), path.resolve()),
-            "target": os.path.relpath(target_path.resolve(), path.resolve()),
-        },
-    )
+    write_json_atomic(path / VIEW_NAME, {"n2n_view": 1, "source": _relative(source_path, path),
+                                         "target": _relative(target_path, path)})
     return path
+
+
+def _relative(store: Path, view: Path) -> str:
+    """How view.json names a store: relative to the view on a local disk (a moved shards root still
+    opens), the store's URL where either lives behind fsspec."""
+    if is_remote(store) or is_remote(view):
+        return str(store)
+    return os.path.relpath(store.resolve(), view.resolve())
 
 
 def view_stores(path: str | os.PathLike) -> tuple[Path, Path]:
     """The source and target store paths a view names, without opening them (to inspect a broken view)."""
-    path = Path(path)
+    path = as_path(path)
     file = path / VIEW_NAME
     if not file.is_file():
         raise ViewError(f"no view at {path}: create one with n2n-shards pair SOURCE TARGET --name NAME")
     try:
         spec = json.loads(file.read_text(encoding="utf-8"))
-        return Path(os.path.normpath(path / spec["source"])), Path(os.path.normpath(path / spec["target"]))
+        return tuple(as_path(name) if "://" in name else as_path(os.path.normpath(path / name))
+                     for name in (spec["source"], spec["target"]))  # type: ignore[return-value]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ViewError(f"invalid {file} ({err}): recreate it with n2n-shards pair") from err
 
@@ -203,4 +206,4 @@ def view_stores(path: str | os.PathLike) -> tuple[Path, Path]:
 def open_view(path: str | os.PathLike) -> View:
     """Open a view and both its stores (which must be complete)."""
     source, target = view_stores(path)
-    return View(Path(path), open_store(source), open_store(target))
+    return View(as_path(path), open_store(source), open_store(target))

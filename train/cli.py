@@ -12,6 +12,7 @@ from rich.table import Table
 
 from cinn import ConditionalFlow
 from parallel import Ranks, relaunch
+from shards.cli import PATH_OR_URL
 from shards.store import StoreError
 from shards.view import open_view
 from train.checkpoint import CHECKPOINT, CheckpointError, read_meta
@@ -54,7 +55,7 @@ def print_dry_run(view: Path, model: ModelConfig, cfg: TrainConfig) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--shards", "view", required=True, type=click.Path(path_type=Path),
+@click.option("--shards", "view", required=True, type=PATH_OR_URL,
               help="View folder (holds view.json) naming the source and target stores, e.g. shards/minilm_ae.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run folder for checkpoint.safetensors and metrics.jsonl.  [default: runs/<view name>]")

@@ -201,7 +201,7 @@ def split_pairs(view_path: Path | str, holdout: float) -> tuple[View, Join, np.n
 
 def read_truth(view: View) -> dict | None:
     """truth.json of a synthetic view: the analytic NLL."""
-    truth_file = Path(view.path) / "truth.json"
+    truth_file = view.path / "truth.json"
     return json.loads(truth_file.read_text()) if truth_file.exists() else None
 
 

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cinn import ConditionalFlow, bits_per_dim, nll
 from parallel import Ranks, pick_device
+from shards.store import is_remote
 from shards.view import open_view
 from train.checkpoint import (
     CHECKPOINT,
@@ -167,7 +168,7 @@ def checkpoint_state(
         "step": step,
         "model": flow.config,
         "train": asdict(cfg),
-        "view": str(Path(data.view.path).resolve()),
+        "view": str(data.view.path if is_remote(data.view.path) else Path(data.view.path).resolve()),
         "source": data.view.source.identity(),
         "target": data.view.target.identity(),
         "optimizer": optim_meta,

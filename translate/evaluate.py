@@ -27,7 +27,7 @@ from rich.table import Table
 
 from extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
 from extract.experts import ExpertError
-from shards.store import StoreError, write_json_atomic
+from shards.store import StoreError, as_path, write_json_atomic
 from train.checkpoint import CheckpointError, Translator, load_run
 from train.data import load_pairs
 from train.trainer import heldout_bpd
@@ -41,7 +41,7 @@ console = Console(stderr=True)
 
 def read_attributes(store_path: Path) -> dict[str, dict] | None:
     """Ground truth per key, written beside a store by n2n-extract for datasets that have it."""
-    path = Path(store_path) / "attributes.jsonl"
+    path = as_path(store_path) / "attributes.jsonl"
     if not path.exists():
         return None
     return {row["key"]: row for row in map(json.loads, path.read_text().splitlines())}
