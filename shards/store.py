@@ -56,6 +56,13 @@ class StoreError(Exception):
     """A store is missing, damaged or misused; the message names the path and what to do."""
 
 
+class StoreWriteError(StoreError, OSError):
+    """A write failed (a full disk: errno ENOSPC); the committed rows stay and the store resumes."""
+
+    def __str__(self) -> str:
+        return self.strerror  # the message alone, as every StoreError reads
+
+
 # ---------------------------------------------------------------- paths and URLs
 
 
@@ -139,8 +146,9 @@ def _read_meta(path: Path) -> dict:
         )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StoreError(f"unreadable {meta_path} ({err}): delete the store and rerun n2n-extract") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise StoreError(f"unreadable {meta_path} ({type(err).__name__}: {err}): delete the store and rerun "
+                         "n2n-extract") from err
     problem = _meta_problem(meta)
     if problem:
         raise StoreError(f"invalid {meta_path}: {problem}: delete the store and rerun n2n-extract")
@@ -192,6 +200,13 @@ def _frozen(values: np.ndarray) -> np.ndarray:
     """Mark a cached column read-only so that no caller can corrupt what others see."""
     values.flags.writeable = False
     return values
+
+
+def _check_columns(path: Path, key: np.dtype, sub: np.dtype) -> None:
+    """Refuse key and sub columns of foreign types (strings and integers), before any read trips on them."""
+    if key.kind not in "UOT" or sub.kind not in "iu":
+        raise StoreError(f"{path} holds keys of {key} and subs of {sub}, not strings and integers: not a store "
+                         "n2n wrote, or a damaged one: delete it and rerun n2n-extract")
 
 
 # ---------------------------------------------------------------- backends (one per format)
@@ -265,10 +280,13 @@ class _Zarr:
                 f"{self.path}/latent is {latent.dtype} [*, {latent.shape[1]}] but {META_NAME} says "
                 f"{self.meta['dtype']} [*, {self.meta['dim']}]: the store is damaged: delete it and rerun"
             )
+        _check_columns(self.path, self.arrays["key"].dtype, self.arrays["sub"].dtype)
         for name, array in self.arrays.items():
-            # zarr reads a missing chunk file as fill values: look for the files themselves.
+            # zarr reads a missing chunk file as fill values: look for the files themselves (only
+            # where the array is long enough: an absurd count must not list files for ever).
             step = self._file_rows(array)
-            lost = [file for row in range(0, count, step) if not (file := self._file(name, row)).exists()]
+            lost = [] if array.shape[0] < count else [
+                file for row in range(0, count, step) if not (file := self._file(name, row)).exists()]
             if array.shape[0] < count or lost:
                 raise StoreError(
                     f"{self.path}/{name} holds {array.shape[0]} rows for {count} committed"
@@ -400,6 +418,7 @@ class _H5:
 
     def check(self) -> None:
         def shapes(f: h5py.File) -> tuple:
+            _check_columns(self.file, f["key"].dtype, f["sub"].dtype)
             return f["latent"].dtype, f["latent"].shape[1], min(f[name].shape[0] for name in COLUMNS)
 
         dtype, dim, rows = self._read(shapes)
@@ -415,9 +434,16 @@ class _H5:
             )
 
     def truncate(self) -> None:
-        with self._open("a") as f:
-            for name in COLUMNS:
-                f[name].resize(self.meta["count"], axis=0)
+        try:
+            with self._open("a") as f:
+                for name in COLUMNS:
+                    f[name].resize(self.meta["count"], axis=0)
+        except OSError as err:  # HDF5 does not recover a file whose write was cut off (a full disk)
+            raise StoreError(
+                f"cannot resume {self.file} ({err}): HDF5 files do not survive a write cut off mid-way; its "
+                f"{self.meta['count']} committed rows may still read (n2n-shards convert); else delete it and "
+                "rerun n2n-extract (zarr, the default format, resumes)"
+            ) from err
 
     def block_rows(self) -> int:
         return _unit_rows(self.meta["dim"], self.meta["dtype"])
@@ -472,11 +498,17 @@ class _Wds:
         meta["wds_shards"] = []
 
     def check(self) -> None:
-        try:
-            listed = sum(shard["rows"] for shard in self.meta["wds_shards"])
-        except (KeyError, TypeError):
-            listed = None
-        if listed != self.meta["count"]:
+        shards = self.meta.get("wds_shards")
+        valid = isinstance(shards, list) and all(
+            isinstance(shard, dict) and isinstance(shard.get("file"), str) and self.shard_file.fullmatch(shard["file"])
+            and not shard["file"].endswith(".tmp") and type(shard.get("rows")) is int and shard["rows"] > 0
+            for shard in shards)
+        if not valid:
+            raise StoreError(
+                f"{self.path}/{META_NAME}: wds_shards must list {{\"file\": \"shard-NNNNNN.tar\", \"rows\": N}} "
+                "entries of this folder: the store is damaged: delete it and rerun"
+            )
+        if sum(shard["rows"] for shard in shards) != self.meta["count"]:
             raise StoreError(
                 f"{self.path}/{META_NAME}: the wds shard list does not add up to the committed count: "
                 "the store is damaged: delete it and rerun"
@@ -684,12 +716,21 @@ class StoreWriter:
     def _write(self, rows: int) -> None:
         """Write the first `rows` buffered rows, then commit the new count (data before meta)."""
         columns = [np.concatenate([block[i] for block in self._pending]) for i in range(3)]
-        self._backend.write(*(column[:rows] for column in columns))
+        before = json.loads(json.dumps(self._meta))  # the committed state, which the backend shares
+        try:
+            self._backend.write(*(column[:rows] for column in columns))
+            self._meta["count"] += rows
+            write_json_atomic(self.path / META_NAME, self._meta)
+        except OSError as err:  # a full disk, a lost mount: what was committed stays; retry or resume
+            self._meta.clear()
+            self._meta.update(before)
+            raise StoreWriteError(
+                err.errno, f"cannot write to {self.path} ({err.strerror or err}): {before['count']} rows are "
+                "committed; free space (or fix the path) and rerun the same command to resume"
+            ) from err
         rest = tuple(column[rows:] for column in columns)
         self._pending = [rest] if len(rest[0]) else []  # type: ignore[list-item]
         self._pending_rows -= rows
-        self._meta["count"] += rows
-        write_json_atomic(self.path / META_NAME, self._meta)
 
 
 def create_store(
@@ -881,7 +922,7 @@ def _nonfinite(store: Store) -> list[str]:
             found[name].extend((np.flatnonzero(test(latents).any(axis=1)) + start).tolist())
         start += len(latents)
     return [
-        f"{len(rows)} rows hold {name} (first: row {rows[0]}, key {store.keys[rows[0]]!r})"
+        f"{len(rows)} rows hold {name} (first: row {rows[0]}, key {str(store.keys[rows[0]])!r})"
         for name, rows in found.items()
         if rows
     ]
@@ -897,7 +938,7 @@ def _duplicates(store: Store) -> list[str]:
     first = repeated.min()
     return [
         f"{len(repeated)} duplicate (key, sub) rows (first: row {first}, "
-        f"key {store.keys[first]!r}, sub {store.sub[first]})"
+        f"key {str(store.keys[first])!r}, sub {int(store.sub[first])})"
     ]
 
 

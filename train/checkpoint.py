@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from cinn import ConditionalFlow
 from train.data import Standardizer
 
 CHECKPOINT = "checkpoint.safetensors"
+SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # save_file writes one beside the file, then renames it
+HEADER_KEYS = ("n2n_checkpoint", "step", "model", "train", "optimizer")
 
 
 class CheckpointError(Exception):
@@ -54,6 +57,9 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) ->
     """Write atomically: a temp file in the same folder, fsync, rename over the old checkpoint."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    for stale in path.parent.glob(".tmp*"):  # safetensors' own temp files, left by a process killed mid-save
+        if SAFETENSORS_TMP.fullmatch(stale.name):
+            stale.unlink(missing_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"n2n": json.dumps(meta)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -83,9 +89,13 @@ def read_meta(path: Path) -> dict:
     """Only the JSON header: cheap, no tensor is read."""
     try:
         with safe_open(path, "pt") as f:
-            return json.loads((f.metadata() or {})["n2n"])
+            meta = json.loads((f.metadata() or {})["n2n"])
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable n2n checkpoint ({e}); use an earlier copy or retrain") from e
+    if not isinstance(meta, dict) or any(key not in meta for key in HEADER_KEYS):
+        raise CheckpointError(f"{path} is not a readable n2n checkpoint (its header lacks "
+                              f"{', '.join(HEADER_KEYS)}); use an earlier copy or retrain")
+    return meta
 
 
 def saved_norms(tensors: dict[str, torch.Tensor]) -> tuple[Standardizer, Standardizer]:
@@ -120,6 +130,11 @@ def load_run(run: Path | str, device: str | torch.device = "cpu") -> Translator:
     """Load ``run/checkpoint.safetensors`` (or a checkpoint file) for sampling, in eval mode."""
     run = Path(run)
     tensors, meta = load_checkpoint(run / CHECKPOINT if run.is_dir() else run)
-    flow = ConditionalFlow(**meta["model"])
-    flow.load_state_dict(prefixed(tensors, "model"))
-    return Translator(flow.to(device).eval(), *saved_norms(tensors), meta)
+    try:
+        flow = ConditionalFlow(**meta["model"])
+        flow.load_state_dict(prefixed(tensors, "model"))
+        norms = saved_norms(tensors)
+    except (TypeError, KeyError, RuntimeError) as e:  # a header or tensors of another model
+        raise CheckpointError(f"{run} does not hold a whole n2n model ({type(e).__name__}: {e}); "
+                              "use an earlier copy or retrain") from e
+    return Translator(flow.to(device).eval(), *norms, meta)

@@ -173,7 +173,10 @@ def check_finite(store: Store, block: torch.Tensor, rows: torch.Tensor | np.ndar
     naming the store row: ``rows`` holds each block row's store row, or is the first one's."""
     if torch.isfinite(block.sum()):  # any NaN or inf makes the sum one: a cheap test
         return
-    bad = int((~torch.isfinite(block).all(1)).nonzero()[0, 0])
+    bad_rows = (~torch.isfinite(block).all(1)).nonzero()
+    if not len(bad_rows):  # finite values whose float32 sum overflowed
+        return
+    bad = int(bad_rows[0, 0])
     row = rows + bad if isinstance(rows, int) else int(rows[bad])
     raise StoreError(
         f"{store.path}: the latent of row {row} holds NaN or inf; check the store with "
