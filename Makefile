@@ -48,6 +48,7 @@ bench: install
 	$(PY) -m bench.reference
 	$(PY) -m bench.compile
 	$(PY) -m bench.extraction
+	$(PY) -m bench.stream
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
