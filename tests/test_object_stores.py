@@ -112,8 +112,10 @@ def test_extraction_to_s3_killed_mid_way_resumes_to_the_clean_store(s3_env, tmp_
     args = [*EXTRACT, "--limit", 160, "--commit-every", 0]
     invoke(extract_main, *args, "--out", tmp_path / "clean")
     out = "s3://n2n-tests/crashed"
-    proc = subprocess.Popen([sys.executable, "-m", "extract", *map(str, args), "--out", out], env=s3_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "extract.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "extract", *map(str, args), "--out", out], env=s3_env,
+                                stdout=sink, stderr=subprocess.STDOUT)
     meta = as_path(f"{out}/shapes/minilm/meta.json")
     deadline = time.time() + 120
     count = 0
@@ -123,6 +125,7 @@ def test_extraction_to_s3_killed_mid_way_resumes_to_the_clean_store(s3_env, tmp_
         if count >= 200:
             break
         time.sleep(0.1)
+    assert proc.poll() is None, f"the extraction ended before the kill:\n{log.read_text()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     committed = json.loads(meta.fs.cat_file(meta.path))

@@ -164,7 +164,7 @@ class PairStream:
         """The next (target, source) batch; under torchrun, this rank's slice of it."""
         if size != self.batch_size:
             raise ValueError(f"this stream draws batches of {self.batch_size}, not {size}")
-        if self.left == 0:
+        while self.left <= 0:  # a window of fewer pairs than a batch (an epoch's last) gives none
             self.current = self._next_window()
             self.left, self.cursor = self.current.batches(size) - self.skip, self.skip * size
             self.skip = 0  # only the first window is entered part-way
