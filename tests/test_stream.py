@@ -123,3 +123,30 @@ def test_nan_in_a_streamed_store_is_refused_naming_the_row(tmp_path):
     result = n2n_train("--shards", view, "--out", tmp_path / "r", "--steps", 5, "--stream", *SMALL[:-2])
     assert result.exit_code == 2 and "row 123" in result.output and "NaN" in result.output
     assert not (tmp_path / "r" / CHECKPOINT).exists()
+
+
+def test_a_window_smaller_than_a_batch_is_passed_over(view):
+    """Windows are whole files: with batches of 1024, an epoch whose last file (808 rows) ends alone
+    gives a window of no batch, and the stream goes on to the next epoch instead of drawing an empty one."""
+    kwargs = {"device": torch.device("cpu"), "batch_size": 1024, "seed": 0, "eval_rows": 10, "window_pairs": 1024}
+    probe = stream_pairs(view, 0.05, None, **kwargs)
+    probe.stream.close()
+    plans = [probe.stream.plan(epoch) for epoch in range(20)]
+    epoch = next(e for e, plan in enumerate(plans) if len(plan[-1]) < 1024)  # the small file last
+    before = sum(len(w) // 1024 for plan in plans[:epoch] for w in plan)
+    data = stream_pairs(view, 0.05, (probe.source_norm, probe.target_norm), **kwargs, start_batch=before)
+    try:
+        for _ in range(2 * sum(len(w) // 1024 for w in plans[epoch])):  # through that epoch and the next
+            x, c = data.batch(1024, torch.Generator())
+            assert x.shape == (1024, 4) and c.shape == (1024, 384)
+    finally:
+        data.stream.close()
+
+
+def test_a_view_that_would_not_fit_is_streamed(view, tmp_path, monkeypatch):
+    import train.trainer
+
+    monkeypatch.setattr(train.trainer, "fits_in_memory", lambda view, device: False)
+    result = n2n_train("--shards", view, "--out", tmp_path / "r", "--steps", 5, *SMALL[:-2])
+    assert result.exit_code == 0, result.output
+    assert "would not fit" in " ".join(result.output.split()) and "streaming them" in " ".join(result.output.split())
