@@ -6,11 +6,15 @@ own step on batches from train.data (on the device) and train.stream (read windo
 the zarr stores in a background thread). Small windows make the stream read often: a window of
 4096 pairs is one zarr chunk of captions, read every 16 steps at batch 256.
 The ways run in alternating blocks of several windows, so that a read started by one block's
-stream runs inside that block. Run: python -m bench.stream
+stream runs inside that block. Memory is measured apart, in a fresh process per way (peak RSS
+after loading a 1M-caption view and 20 training steps). Run: python -m bench.stream
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +23,7 @@ import click
 import numpy as np
 import torch
 
-from bench.common import Row, report, trainer_step
+from bench.common import Row, peak_rss_mib, report, trainer_step
 from bench.compile import DEMO_FLOW
 from cinn import ConditionalFlow
 from shards.store import create_store
@@ -52,15 +56,45 @@ def steps_per_s(step, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def memory_of(way: str, view: Path, batch: int) -> dict:
+    """Peak RSS of a fresh process that loads ``view`` one way and trains 20 steps (run as a child)."""
+    data = load_pairs(view) if way == "resident" else stream_pairs(
+        view, 0.05, None, device=torch.device("cpu"), batch_size=batch, seed=0, eval_rows=1024)
+    flow = ConditionalFlow(**DEMO_FLOW)
+    generator = torch.Generator().manual_seed(0)
+    flow(*data.batch(batch, generator))
+    train = trainer_step(flow)
+    for _ in range(20):
+        train(*data.batch(batch, generator))
+    if data.stream is not None:
+        data.stream.close()
+    return {"peak_rss_mib": peak_rss_mib()}
+
+
 @click.command()
 @click.option("--captions", default=200_000, show_default=True)
+@click.option("--rss-captions", default=1_000_000, show_default=True, help="The view whose memory is measured.")
+@click.option("--rss-of", type=click.Choice(["resident", "stream"]), default=None, hidden=True)
+@click.option("--view", type=click.Path(path_type=Path), default=None, hidden=True)
 @click.option("--batch", default=256, show_default=True)
 @click.option("--window", "windows", multiple=True, type=int, default=(4096, 16384), show_default=True,
               help="Pairs per stream window (each a separate measurement).")
 @click.option("--blocks", default=3, show_default=True, help="Alternating timed blocks per way.")
-def main(captions: int, batch: int, windows: tuple[int, ...], blocks: int) -> None:
+def main(captions: int, rss_captions: int, rss_of: str | None, view: Path | None, batch: int,
+         windows: tuple[int, ...], blocks: int) -> None:
+    if rss_of:  # the child of the memory measurement
+        print(json.dumps(memory_of(rss_of, view, batch)))
+        return
     rows, raw = [], {}
     with tempfile.TemporaryDirectory() as tmp:
+        big = write_view(Path(tmp) / "big", rss_captions)
+        rss = {way: json.loads(subprocess.run(
+            [sys.executable, "-m", "bench.stream", "--rss-of", way, "--view", str(big), "--batch", str(batch)],
+            capture_output=True, text=True, check=True).stdout)["peak_rss_mib"] for way in ("resident", "stream")}
+        raw["peak_rss_mib"] = rss
+        rows.append(Row(f"peak memory (RSS) of a process loading a {rss_captions:,}-caption view and training 20 "
+                        "steps: streamed vs on the device", f"{rss['stream']:.0f} MiB", f"{rss['resident']:.0f} MiB",
+                        rss["resident"] / rss["stream"]))
         view = write_view(Path(tmp), captions)
         resident = load_pairs(view)
         for window in windows:
@@ -90,8 +124,9 @@ def main(captions: int, batch: int, windows: tuple[int, ...], blocks: int) -> No
                             f"a read every {window // batch} steps) vs on the device",
                             f"{mean['stream']:.1f}/s", f"{mean['resident']:.1f}/s", ratio, f">= {TARGET}x",
                             ratio >= TARGET))
-    report("stream", {"captions": captions, "batch": batch, "windows": list(windows), "blocks": blocks,
-                      "flow": DEMO_FLOW}, rows, raw)
+    settings = {"captions": captions, "rss_captions": rss_captions, "batch": batch, "windows": list(windows),
+                "blocks": blocks, "flow": DEMO_FLOW}
+    report("stream", settings, rows, raw)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ def pick_device(name: str, local_rank: int = 0, error: type[Exception] = Runtime
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise error(f"--device {name} asked for, but this torch sees no CUDA GPU; use --device cpu")
     if name == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise error(f"process {local_rank} of this node has no GPU of its own ({torch.cuda.device_count()} "
+                        "visible): start at most one process per GPU (--nproc / --nproc-per-node)")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 

@@ -841,25 +841,28 @@ class Store:
         return self._backend.bounds()
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """``latents[rows]`` for any row indices, reading only the files (chunks, tars) that hold them:
-        each run of consecutive files in one read. What streaming a view larger than memory is made of."""
+        """``latents[rows]`` for any row indices, reading only the files (chunks, tars) that hold them,
+        one at a time: memory stays the result plus one file. What streaming a view is made of."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise StoreError(f"{self.path}: rows {rows.min()}..{rows.max()} asked of a store of {len(self)} rows")
+        out = np.empty((len(rows), self.dim), self.dtype)
+        if not len(rows):
+            return out
         bounds = self.bounds()
         file_of = np.searchsorted(bounds, rows, side="right") - 1
-        files = np.unique(file_of)
-        runs = np.split(files, np.flatnonzero(np.diff(files) != 1) + 1) if len(files) else []
-        parts, offset = [], np.zeros(len(bounds), dtype=np.int64)  # offset[f]: where file f begins in `parts`
-        done = 0
-        for run in runs:
-            start, stop = int(bounds[run[0]]), int(bounds[run[-1] + 1])
-            parts.append(self._backend.read_latents(start, stop))
-            offset[run] = done + bounds[run] - start
-            done += stop - start
-        if not parts:
-            return np.empty((0, self.dim), self.dtype)
-        return np.concatenate(parts)[offset[file_of] + rows - bounds[file_of]]
+        order = np.argsort(file_of, kind="stable")  # the requested rows, grouped by file
+        files, starts = np.unique(file_of[order], return_index=True)
+        for file, picked in zip(files, np.split(order, starts[1:]), strict=True):
+            start, stop = int(bounds[file]), int(bounds[file + 1])
+            out[picked] = self._backend.read_latents(start, stop)[rows[picked] - start]
+        return out
+
+    def latent_files(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, latents) of each file in turn: a pass over the latents alone, a file in memory."""
+        bounds = self.bounds()
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            yield int(start), self._backend.read_latents(int(start), int(stop))
 
     def blocks(self) -> Iterator[Block]:
         """Committed rows as (keys, sub, latents) blocks of the format's write unit: bounded memory."""

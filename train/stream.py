@@ -30,22 +30,19 @@ from shards.store import Store, StoreError
 from shards.view import View
 from train.data import BLOCK_ROWS, PairedLatents, Rows, Standardizer, check_finite, read_truth, split_pairs
 
-WINDOW_PAIRS = 1 << 18  # pairs per window: ~200 MB of 384 + 768 float16 dims; two are held at a time
+WINDOW_PAIRS = 1 << 16  # pairs per window: ~50 MB of 384-dim float16 captions; up to three are held at a time
 
 
 def counted_blocks(store: Store, rows: np.ndarray) -> Iterator[torch.Tensor]:
     """float32 blocks of ``store.latents()[rows]`` (rows repeated as often as they occur), read block
     by block from the store: a view's statistics in one pass over its stores, and a NaN check."""
     counts = np.bincount(rows, minlength=len(store))
-    start = 0
-    for _, _, latents in store.blocks():
-        stop = start + len(latents)
-        block = torch.from_numpy(latents).float()
-        check_finite(store, block, start)
-        picked = np.repeat(np.arange(len(latents)), counts[start:stop])
+    for start, latents in store.latent_files():
+        block = torch.from_numpy(latents)
+        check_finite(store, block.float(), start)
+        picked = np.repeat(np.arange(len(latents)), counts[start : start + len(latents)])
         for i in range(0, len(picked), BLOCK_ROWS):
-            yield block[torch.from_numpy(picked[i : i + BLOCK_ROWS])]
-        start = stop
+            yield block[torch.from_numpy(picked[i : i + BLOCK_ROWS])].float()
 
 
 @dataclass
@@ -145,7 +142,8 @@ class PairStream:
                                    (self.view.target, self.target_index, self.norms[1])):
             rows, inverse = np.unique(index[pairs], return_inverse=True)
             latents = torch.from_numpy(store.take(rows))
-            check_finite(store, latents.float(), rows)
+            for i in range(0, len(rows), BLOCK_ROWS):  # block by block: no float32 copy of the window
+                check_finite(store, latents[i : i + BLOCK_ROWS].float(), rows[i : i + BLOCK_ROWS])
             sides.append(Rows(latents.to(self.device), torch.from_numpy(inverse).to(self.device), norm))
         generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch, w]).integers(2**62)))
         order = torch.randperm(len(pairs), generator=generator).to(self.device)
