@@ -45,6 +45,15 @@ def counted_blocks(store: Store, rows: np.ndarray) -> Iterator[torch.Tensor]:
             yield block[torch.from_numpy(picked[i : i + BLOCK_ROWS])].float()
 
 
+def read_rows(store: Store, rows: np.ndarray, norm: Standardizer, device: torch.device) -> Rows:
+    """``store``'s latents of ``rows`` (repeats read once) as training rows on ``device``; NaN refused."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    latents = torch.from_numpy(store.take(unique))
+    for i in range(0, len(unique), BLOCK_ROWS):  # block by block: no float32 copy of the whole
+        check_finite(store, latents[i : i + BLOCK_ROWS].float(), unique[i : i + BLOCK_ROWS])
+    return Rows(latents.to(device), torch.from_numpy(inverse).to(device), norm)
+
+
 @dataclass
 class Window:
     """One window's pairs on the device, in the order they are drawn."""
@@ -137,14 +146,9 @@ class PairStream:
             self.windows.put(None)
 
     def _read(self, epoch: int, w: int, pairs: np.ndarray) -> Window:
-        sides = []
-        for store, index, norm in ((self.view.source, self.source_index, self.norms[0]),
-                                   (self.view.target, self.target_index, self.norms[1])):
-            rows, inverse = np.unique(index[pairs], return_inverse=True)
-            latents = torch.from_numpy(store.take(rows))
-            for i in range(0, len(rows), BLOCK_ROWS):  # block by block: no float32 copy of the window
-                check_finite(store, latents[i : i + BLOCK_ROWS].float(), rows[i : i + BLOCK_ROWS])
-            sides.append(Rows(latents.to(self.device), torch.from_numpy(inverse).to(self.device), norm))
+        sides = [read_rows(store, index[pairs], norm, self.device)
+                 for store, index, norm in ((self.view.source, self.source_index, self.norms[0]),
+                                            (self.view.target, self.target_index, self.norms[1]))]
         generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch, w]).integers(2**62)))
         order = torch.randperm(len(pairs), generator=generator).to(self.device)
         return Window(*sides, order)
@@ -198,10 +202,7 @@ def stream_pairs(view_path: Path | str, holdout: float, norms: tuple[Standardize
     held_rows = {}
     for side, store, index, norm in (("source", view.source, join.source_index, norms[0]),
                                      ("target", view.target, join.target_index, norms[1])):
-        rows, inverse = np.unique(index[held_pairs], return_inverse=True)
-        latents = torch.from_numpy(store.take(rows))
-        check_finite(store, latents.float(), rows)
-        held_rows[f"held_{side}"] = Rows(latents, torch.from_numpy(inverse), norm).to(device)
+        held_rows[f"held_{side}"] = read_rows(store, index[held_pairs], norm, device)
     stream = PairStream(view, *train_rows, norms, device, batch_size, seed, window_pairs, start_batch)
     return PairedLatents(view, None, None, **held_rows, source_norm=norms[0], target_norm=norms[1],
                          truth=read_truth(view), held_key=join.key[held_pairs],
