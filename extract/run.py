@@ -32,9 +32,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from extract.datasets import ItemDataset, ItemError, open_dataset
 from extract.experts import Expert, load_expert
 from parallel import Ranks, pick_device
-from shards.parts import commit_parts, existing_ranges, part_meta, part_path, part_ranges, parts_dir
+from shards.parts import commit_parts, existing_ranges, open_parts, part_meta, part_path, part_ranges, parts_dir
 from shards.store import (
     Store,
+    StoreError,
     StoreWriter,
     as_path,
     create_store,
@@ -267,7 +268,6 @@ def finish_side_files(path: Path, dataset: ItemDataset, index_of: dict[str, int]
     return failed
 
 
-
 @dataclass
 class Job:
     """What one extraction writes: the expert, the dataset, and one store per layer."""
@@ -344,11 +344,21 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
 
 
 def extract_parts(job: Job, ranks: Ranks, device: torch.device, console: Console) -> dict:
-    """This rank's range of items into parts of the stores; rank 0 then commits them."""
-    started = [p for p in job.paths.values() if (p / "meta.json").exists()]
+    """This rank's range of items into parts of the stores; rank 0 then commits them. Parts that are
+    all complete (a commit cut off) are committed by any number of processes, one included."""
+    started = [p for p in job.paths.values() if (p / "meta.json").exists() and not parts_dir(p).exists()]
     if started:
         raise ExtractError(f"{started[0]} was begun by a single process: rerun without torchrun / --nproc to "
                            "finish it, or pass --overwrite")
+    if all_parts_complete(job):
+        if ranks.main:
+            for path in job.paths.values():
+                commit_parts(path)
+        ranks.barrier()
+        rows = len(open_store(job.paths[job.layers[0]]))
+        console.print(f"committed the finished parts: {', '.join(map(str, job.paths.values()))} ({rows} rows)")
+        return {"stores": [str(p) for p in job.paths.values()], "rows": rows, "skipped": 0, "seconds": 0.0,
+                "items_per_s": 0.0, "already_complete": False}
     batch_size = job.stored_batch_size()
     ranges = part_ranges(job.items, batch_size, ranks.world)
     for path in job.paths.values():
@@ -370,6 +380,14 @@ def extract_parts(job: Job, ranks: Ranks, device: torch.device, console: Console
         summary |= {"stores": [str(p) for p in job.paths.values()], "rows": len(open_store(job.paths[job.layers[0]]))}
     ranks.barrier()
     return summary
+
+
+def all_parts_complete(job: Job) -> bool:
+    """Whether every store's parts are on disk, complete and tiling the items: only the commit is left."""
+    try:
+        return all(same_origin(open_parts(path)[0].meta, job.metas[layer]) for layer, path in job.paths.items())
+    except StoreError:
+        return False
 
 
 def check_origin(store: Store, wanted: dict) -> None:

@@ -240,3 +240,38 @@ def test_the_global_batch_must_split_over_the_processes(gaussian_view, tmp_path)
     said = " ".join(done.stderr.split())
     assert "--batch-size 63" in said and "multiple of the process count" in said
     assert not (tmp_path / "r" / "checkpoint.safetensors").exists()
+
+
+def test_a_commit_cut_off_is_finished_by_a_rerun_with_any_process_count(tmp_path, monkeypatch):
+    """Both ranks' parts complete, rank 0 killed while committing (an incomplete store beside the parts):
+    the command run again, here by one process, commits the parts instead of extracting anything."""
+    import torch
+    from rich.console import Console
+
+    import extract.run as run
+    from parallel import Ranks
+
+    assert n2n_extract(*ARGS, "--limit", 50, "--out", tmp_path / "clean").exit_code == 0
+    cfg = run.ExtractConfig(expert="minilm", data="shapes", limit=50, batch_size=8, num_workers=0, dtype="float32",
+                            out=tmp_path / "cut", device="cpu")
+    job, quiet, cpu = run.plan(cfg), Console(quiet=True), torch.device("cpu")
+    with monkeypatch.context() as m:
+        m.setattr(Ranks, "barrier", lambda self: None)  # the two ranks run one after the other here
+        run.extract_parts(job, Ranks(1, 2, 0), cpu, quiet)
+
+        def cut_off(store):  # the commit's own first step, then a kill
+            writer = create_store(store, dim=384, dtype="float32", meta=job.metas[job.layers[0]])
+            writer.append(["x"], [0], np.zeros((1, 384), np.float32))
+            writer.flush()
+            raise RuntimeError("killed while committing")
+
+        m.setattr(run, "commit_parts", cut_off)
+        with pytest.raises(RuntimeError, match="killed while committing"):
+            run.extract_parts(job, Ranks(0, 2, 0), cpu, quiet)
+    store = tmp_path / "cut/shapes/minilm"
+    assert not open_store(store, require_complete=False).complete and parts_dir(store).exists()
+    result = n2n_extract(*ARGS, "--limit", 50, "--out", tmp_path / "cut")
+    assert result.exit_code == 0, result.output
+    assert "committed the finished parts" in " ".join(result.output.split())
+    same_store(tmp_path / "clean/shapes/minilm", store)
+    assert not parts_dir(store).exists()
