@@ -40,6 +40,7 @@ from shards.store import (
     as_path,
     create_store,
     is_remote,
+    is_store,
     open_store,
     remove_tree,
     resume_store,
@@ -280,11 +281,17 @@ class Job:
     paths: dict[str, Path]
     metas: dict[str, dict]
 
+    def summary(self, paths: dict[str, Path] | None = None, **fields: object) -> dict:
+        """What extract() returns: the stores written, then rows, timings and flags as ``fields`` say."""
+        stores = [str(p) for p in (paths or self.paths).values()]
+        return {"stores": stores, "skipped": 0, "seconds": 0.0, "items_per_s": 0.0, "already_complete": False,
+                **fields}
+
     def stored_batch_size(self) -> int:
         """The batch size the stores (or their parts) were begun with: it fixes the batch boundaries."""
         for path in self.paths.values():
             for candidate in (path, *(part_path(path, lo, hi) for lo, hi in existing_ranges(path))):
-                if (candidate / "meta.json").exists():
+                if is_store(candidate):
                     return open_store(candidate, require_complete=False).meta["extraction"]["batch_size"]
         return self.cfg.batch_size
 
@@ -324,7 +331,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
                 remove_tree(parts_dir(path))
         ranks.barrier()
         finished = {layer: open_store(p, require_complete=False)
-                    for layer, p in job.paths.items() if (p / "meta.json").exists()}
+                    for layer, p in job.paths.items() if is_store(p)}
         for layer, store in finished.items():
             check_origin(store, job.metas[layer])
         if len(finished) == len(job.paths) and all(s.complete for s in finished.values()):
@@ -333,8 +340,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
                     remove_tree(parts_dir(path))
             console.print(f"already complete: {', '.join(str(p) for p in job.paths.values())} "
                           f"({len(finished[job.layers[0]])} rows); --overwrite redoes it")
-            return {"stores": [str(p) for p in job.paths.values()], "rows": len(finished[job.layers[0]]), "skipped": 0,
-                    "seconds": 0.0, "items_per_s": 0.0, "already_complete": True}
+            return job.summary(rows=len(finished[job.layers[0]]), already_complete=True)
         if ranks.world == 1 and not any(existing_ranges(p) for p in job.paths.values()):
             return extract_items(job, job.paths, job.metas, 0, job.items, device, console)
         return extract_parts(job, ranks, device, console)
@@ -346,7 +352,7 @@ def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
 def extract_parts(job: Job, ranks: Ranks, device: torch.device, console: Console) -> dict:
     """This rank's range of items into parts of the stores; rank 0 then commits them. Parts that are
     all complete (a commit cut off) are committed by any number of processes, one included."""
-    started = [p for p in job.paths.values() if (p / "meta.json").exists() and not parts_dir(p).exists()]
+    started = [p for p in job.paths.values() if is_store(p) and not parts_dir(p).exists()]
     if started:
         raise ExtractError(f"{started[0]} was begun by a single process: rerun without torchrun / --nproc to "
                            "finish it, or pass --overwrite")
@@ -357,8 +363,7 @@ def extract_parts(job: Job, ranks: Ranks, device: torch.device, console: Console
         ranks.barrier()
         rows = len(open_store(job.paths[job.layers[0]]))
         console.print(f"committed the finished parts: {', '.join(map(str, job.paths.values()))} ({rows} rows)")
-        return {"stores": [str(p) for p in job.paths.values()], "rows": rows, "skipped": 0, "seconds": 0.0,
-                "items_per_s": 0.0, "already_complete": False}
+        return job.summary(rows=rows)
     batch_size = job.stored_batch_size()
     ranges = part_ranges(job.items, batch_size, ranks.world)
     for path in job.paths.values():
@@ -403,12 +408,10 @@ def extract_items(job: Job, paths: dict[str, Path], metas: dict[str, dict], lo: 
     ``label`` names the rank in messages; ``bar`` off: no progress bar (one per job, rank 0's)."""
     cfg, expert, dataset, layers = job.cfg, job.expert, job.dataset, job.layers
     existing = {layer: open_store(p, require_complete=False)
-                for layer, p in paths.items() if (p / "meta.json").exists()}
+                for layer, p in paths.items() if is_store(p)}
     for layer, store in existing.items():
         check_origin(store, metas[layer])
-    summary = {"stores": [str(p) for p in paths.values()], "skipped": 0, "seconds": 0.0, "items_per_s": 0.0,
-               "already_complete": False, "config": {k: str(v) if isinstance(v, Path) else v
-                                                     for k, v in asdict(cfg).items()}}
+    summary = job.summary(paths, config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
     if len(existing) == len(paths) and all(s.complete for s in existing.values()):  # this rank's part is done
         return summary | {"rows": len(next(iter(existing.values())))}
 

@@ -193,7 +193,7 @@ def commit(path: Path) -> None:
 @click.option("--out", type=PATH_OR_URL, help="Destination (default: PATH-FORMAT).")
 def convert(path: Path, format_: str, out: Path | None) -> None:
     """Copy a store into another format (streamed, block by block)."""
-    out = out or Path(f"{str(path).rstrip('/')}-{format_}")
+    out = out or as_path(f"{str(path).rstrip('/')}-{format_}")
     written = convert_store(path, out, format_)
     _console().print(f"wrote {written} ({format_})", markup=False)
 

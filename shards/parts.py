@@ -22,6 +22,7 @@ from shards.store import (
     StoreError,
     as_path,
     create_store,
+    is_store,
     open_store,
     remove_tree,
     write_text_atomic,
@@ -118,7 +119,7 @@ def commit_parts(store: Path | str) -> Path:
     """
     store = as_path(store)
     folder = parts_dir(store)
-    if (store / "meta.json").exists() and open_store(store, require_complete=False).complete:
+    if is_store(store) and open_store(store, require_complete=False).complete:
         remove_tree(folder)
         return store
     parts = open_parts(store)

@@ -17,6 +17,7 @@ replaced by one PUT (which object stores make atomic) where a local file is rena
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import io
 import json
@@ -68,7 +69,7 @@ class StoreWriteError(StoreError, OSError):
 
 def as_path(path: str | os.PathLike) -> Path:
     """A local path as a Path, an fsspec URL (s3://, memory://, ...) as a UPath with the same API."""
-    if isinstance(path, Path) or (is_remote(path) and not isinstance(path, str)):
+    if not isinstance(path, str) and (isinstance(path, Path) or is_remote(path)):
         return path  # type: ignore[return-value]  # a Path, or already a UPath
     text = os.fspath(path)
     if text.startswith("file://"):
@@ -116,6 +117,11 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def is_store(path: Path) -> bool:
+    """Whether ``path`` holds a store (its meta.json), finished or not."""
+    return (path / META_NAME).exists()
 
 
 def remove_tree(path: Path) -> None:
@@ -214,7 +220,8 @@ def _check_columns(path: Path, key: np.dtype, sub: np.dtype) -> None:
 # Each backend shares the writer's meta dict (count = committed rows) and offers:
 # create (empty arrays), check (at open: arrays present, long enough, matching dtype/dim),
 # truncate (on resume: forget uncommitted rows), block_rows (rows to buffer before the next
-# whole-unit write), write (rows at meta["count"]), columns (keys, sub), blocks, latents.
+# whole-unit write), write (rows at meta["count"]), columns (keys, sub), blocks, bounds (the first
+# row of each file, then the count) and read_latents (rows [start, stop) on file bounds).
 
 
 class _Zarr:
@@ -365,9 +372,6 @@ class _Zarr:
                 self._read("latent", start, stop),
             )
 
-    def latents(self) -> np.ndarray:
-        return self._read("latent", 0, self.meta["count"], self.fast_latent)
-
     def bounds(self) -> np.ndarray:
         return np.r_[np.arange(0, self.meta["count"], self._file_rows(self.arrays["latent"])), self.meta["count"]]
 
@@ -467,9 +471,6 @@ class _H5:
             yield self._read(
                 lambda f, a=start, b=stop: (f["key"].asstr()[a:b], f["sub"][a:b], f["latent"][a:b])
             )
-
-    def latents(self) -> np.ndarray:
-        return self._read(lambda f: f["latent"][: self.meta["count"]])
 
     def bounds(self) -> np.ndarray:
         step = self._read(lambda f: f["latent"].chunks[0])
@@ -613,10 +614,6 @@ class _Wds:
             sub.append(block_sub)
         return _as_unicode(np.concatenate(keys)), np.concatenate(sub)
 
-    def latents(self) -> np.ndarray:
-        empty = np.empty((0, self.meta["dim"]), self.meta["dtype"])
-        return np.concatenate([empty, *(latent for _, _, latent in self.blocks())])
-
     def bounds(self) -> np.ndarray:
         return np.cumsum([0, *(shard["rows"] for shard in self.meta["wds_shards"])])
 
@@ -624,8 +621,9 @@ class _Wds:
         """Rows [start, stop), which must begin and end on tar boundaries (as Store.take asks)."""
         bounds, shards = self.bounds(), self.meta["wds_shards"]
         first, last = np.searchsorted(bounds, [start, stop])
-        return np.concatenate([self._read_tar(self.path / shards[i]["file"], int(bounds[i]), shards[i]["rows"])[2]
-                               for i in range(first, last)])
+        empty = np.empty((0, self.meta["dim"]), self.meta["dtype"])
+        return np.concatenate([empty, *(self._read_tar(self.path / shards[i]["file"], int(bounds[i]),
+                                                       shards[i]["rows"])[2] for i in range(first, last))])
 
 
 _BACKENDS: dict[str, type[_Zarr] | type[_H5] | type[_Wds]] = {"zarr": _Zarr, "wds": _Wds, "h5": _H5}
@@ -716,7 +714,7 @@ class StoreWriter:
     def _write(self, rows: int) -> None:
         """Write the first `rows` buffered rows, then commit the new count (data before meta)."""
         columns = [np.concatenate([block[i] for block in self._pending]) for i in range(3)]
-        before = json.loads(json.dumps(self._meta))  # the committed state, which the backend shares
+        before = copy.deepcopy(self._meta)  # the committed state (the backend shares the dict and edits it)
         try:
             self._backend.write(*(column[:rows] for column in columns))
             self._meta["count"] += rows
@@ -834,7 +832,7 @@ class Store:
 
     def latents(self) -> np.ndarray:
         """All committed latents [N, dim] in the stored dtype, read in one go."""
-        return self._backend.latents()
+        return self._backend.read_latents(0, len(self))
 
     def bounds(self) -> np.ndarray:
         """The first row of each file (zarr chunk, tar, HDF5 chunk), then the row count: what take() reads."""
@@ -845,7 +843,8 @@ class Store:
         one at a time: memory stays the result plus one file. What streaming a view is made of."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
-            raise StoreError(f"{self.path}: rows {rows.min()}..{rows.max()} asked of a store of {len(self)} rows")
+            raise StoreError(f"{self.path}: rows {rows.min()}..{rows.max()} asked of a store of {len(self)} rows: "
+                             "the store changed under an open view; open the view again")
         out = np.empty((len(rows), self.dim), self.dtype)
         if not len(rows):
             return out

@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_extract import same_store
 
 from extract.cli import main as extract_main
 from shards.cli import main as shards_main
@@ -29,12 +29,6 @@ def invoke(command, *args):
     return result
 
 
-def same_rows(a, b) -> None:
-    sa, sb = open_store(a), open_store(b)
-    assert np.array_equal(sa.keys, sb.keys) and np.array_equal(sa.sub, sb.sub)
-    assert np.array_equal(sa.latents(), sb.latents())
-
-
 @pytest.fixture
 def memory_root():
     root = as_path("memory://n2n-tests")
@@ -44,7 +38,7 @@ def memory_root():
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "wds"])
-def test_a_store_in_memory_resumes_like_a_local_one(memory_root, fmt, tmp_path):
+def test_a_store_in_memory_resumes_like_a_local_one(memory_root, fmt):
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((20_000, 16)).astype(np.float32)
     keys = np.array([f"k{i}" for i in range(20_000)])
@@ -74,7 +68,7 @@ def test_extract_pair_verify_and_train_in_memory(memory_root, tmp_path):
     invoke(extract_main, *EXTRACT, "--limit", 40, "--out", root)
     invoke(extract_main, "--expert", f"ae:{ae}", "--data", "shapes", "--limit", 40, "--num-workers", 0, "--out", root)
     invoke(extract_main, *EXTRACT, "--limit", 40, "--out", tmp_path / "local")
-    same_rows(f"{root}/shapes/minilm", tmp_path / "local/shapes/minilm")
+    same_store(f"{root}/shapes/minilm", tmp_path / "local/shapes/minilm")
     said = invoke(shards_main, "pair", f"{root}/shapes/minilm", f"{root}/shapes/ae-x", "--name", "t2i", "--root", root)
     assert "200 pairs" in said.output
     assert json.loads(as_path(f"{root}/t2i/view.json").read_text())["source"] == f"{root}/shapes/minilm"
@@ -132,7 +126,7 @@ def test_extraction_to_s3_killed_mid_way_resumes_to_the_clean_store(s3_env, tmp_
     assert not committed["complete"] and committed["count"] >= 200, "the kill came too late"
     result = CliRunner().invoke(extract_main, [*map(str, args), "--out", out], catch_exceptions=False)
     assert result.exit_code == 0 and "resuming at item" in result.output, result.output
-    same_rows(Path(tmp_path / "clean/shapes/minilm"), f"{out}/shapes/minilm")
+    same_store(tmp_path / "clean/shapes/minilm", f"{out}/shapes/minilm")
     assert verify_store(f"{out}/shapes/minilm") == []
 
 
@@ -143,7 +137,7 @@ def test_two_processes_extract_to_s3_as_one_does(s3_env, tmp_path):
     done = subprocess.run([sys.executable, "-m", "extract", *map(str, args), "--out", "s3://n2n-tests/two",
                            "--nproc", "2"], env=s3_env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    same_rows(tmp_path / "one/shapes/minilm", "s3://n2n-tests/two/shapes/minilm")
+    same_store(tmp_path / "one/shapes/minilm", "s3://n2n-tests/two/shapes/minilm")
     folder = as_path("s3://n2n-tests/two/shapes")
     listed = folder.fs.ls(folder.path, refresh=True, detail=False)  # refresh: no cached listing
     assert [name.rsplit("/", 1)[-1] for name in listed] == ["minilm"]  # the parts are gone

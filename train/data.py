@@ -100,6 +100,18 @@ class Rows:
         return Rows(self.latents.to(device) if latents is None else latents, self.index.to(device), self.norm)
 
 
+def rank_batch(target: Rows, source: Rows, idx: torch.Tensor, generator: torch.Generator, noise: float,
+               ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of the global batch ``idx`` as (target, source) rows. The target noise is
+    drawn for the whole global batch, so that the batch is the same for any number of processes."""
+    size = len(idx)
+    part = slice(ranks.rank * size // ranks.world, (ranks.rank + 1) * size // ranks.world)
+    x = target[idx[part]]
+    if noise:
+        x = x + noise * torch.randn((size, x.shape[1]), device=x.device, generator=generator)[part]
+    return x, source[idx[part]]
+
+
 ARRAYS = ("source", "target", "held_source", "held_target")
 
 
@@ -136,14 +148,10 @@ class PairedLatents:
         if self.stream is not None:
             return self.stream.batch(size, generator, noise, ranks)
         idx = torch.randint(len(self.target), (size,), device=self.target.device, generator=generator)
-        part = slice(ranks.rank * size // ranks.world, (ranks.rank + 1) * size // ranks.world)
-        x = self.target[idx[part]]
-        if noise:
-            x = x + noise * torch.randn((size, x.shape[1]), device=x.device, generator=generator)[part]
-        return x, self.source[idx[part]]
+        return rank_batch(self.target, self.source, idx, generator, noise, ranks)
 
     def to(self, device: torch.device) -> PairedLatents:
-        """Move the arrays to the device (n2n-train streams a view that would not fit: see fits())."""
+        """Move the arrays to the device (n2n-train streams a view that would not fit: fits_in_memory)."""
         sides = {"source": self.source.latents, "target": self.target.latents}
         moved = {side: x.to(device) for side, x in sides.items()}
         rows = {k: getattr(self, k).to(device, moved[k.removeprefix("held_")]) for k in ARRAYS}

@@ -28,7 +28,16 @@ import torch
 from parallel import ONE_PROCESS, Ranks
 from shards.store import Store, StoreError
 from shards.view import View
-from train.data import BLOCK_ROWS, PairedLatents, Rows, Standardizer, check_finite, read_truth, split_pairs
+from train.data import (
+    BLOCK_ROWS,
+    PairedLatents,
+    Rows,
+    Standardizer,
+    check_finite,
+    rank_batch,
+    read_truth,
+    split_pairs,
+)
 
 WINDOW_PAIRS = 1 << 16  # pairs per window: ~50 MB of 384-dim float16 captions; up to three are held at a time
 
@@ -170,15 +179,10 @@ class PairStream:
             self.current = self._next_window()
             self.left, self.cursor = self.current.batches(size) - self.skip, self.skip * size
             self.skip = 0  # only the first window is entered part-way
-        window = self.current
-        part = slice(ranks.rank * size // ranks.world, (ranks.rank + 1) * size // ranks.world)
-        idx = window.order[self.cursor : self.cursor + size][part]
+        idx = self.current.order[self.cursor : self.cursor + size]
         self.cursor += size
         self.left -= 1
-        x = window.target[idx]
-        if noise:
-            x = x + noise * torch.randn((size, x.shape[1]), device=x.device, generator=generator)[part]
-        return x, window.source[idx]
+        return rank_batch(self.current.target, self.current.source, idx, generator, noise, ranks)
 
     def close(self) -> None:
         self.stopped.set()
