@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from bench.common import NET2NET, Row, interleaved, report, timed, trainer_step
-from cinn import ConditionalFlow
-from cinn.flow import PairedMLP
+from n2n.cinn import ConditionalFlow
+from n2n.cinn.flow import PairedMLP
 
 TARGETS = {256: 0.70, 1024: 0.85}
 

@@ -19,9 +19,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cinn import ConditionalFlow
-from shards.store import write_json_atomic
-from train.trainer import make_loss, make_optimizer, make_step
+from n2n.cinn import ConditionalFlow
+from n2n.shards.store import write_json_atomic
+from n2n.train.trainer import make_loss, make_optimizer, make_step
 
 RESULTS = Path(__file__).parent / "results"  # N2N_BENCH_RESULTS overrides it (the tests write elsewhere)
 NET2NET = {"dim": 268, "cond_dim": 768, "n_flows": 24, "hidden_dim": 1024}  # net2net's BERT -> BigGAN cINN

@@ -16,9 +16,9 @@ import click
 import torch
 
 from bench.common import Row, report
-from extract.datasets import open_dataset
-from extract.experts import load_expert
-from extract.run import ExtractConfig, batches, extract
+from n2n.extract.datasets import open_dataset
+from n2n.extract.experts import load_expert
+from n2n.extract.run import ExtractConfig, batches, extract
 
 TARGET = 1.25
 

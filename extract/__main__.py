@@ -1,5 +1,5 @@
-"""``python -m extract`` (and ``torchrun ... -m extract``): the n2n-extract command."""
+"""``python -m n2n.extract`` (and ``torchrun ... -m n2n.extract``): the n2n-extract command."""
 
-from extract.cli import main
+from n2n.extract.cli import main
 
 main()

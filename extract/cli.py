@@ -11,12 +11,12 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from extract.datasets import DatasetError, known_datasets
-from extract.experts import ExpertError, known_experts
-from extract.run import ExtractConfig, ExtractError, extract
-from parallel import Ranks, relaunch
-from shards.cli import PATH_OR_URL
-from shards.store import FORMATS, StoreError
+from n2n.extract.datasets import DatasetError, known_datasets
+from n2n.extract.experts import ExpertError, known_experts
+from n2n.extract.run import ExtractConfig, ExtractError, extract
+from n2n.parallel import Ranks, relaunch
+from n2n.shards.cli import PATH_OR_URL
+from n2n.shards.store import FORMATS, StoreError
 
 console = Console(stderr=True)
 
@@ -73,11 +73,11 @@ def main(expert: str, data: str, data_root: Path | None, split: str, data_option
 
     Example: n2n-extract --expert minilm --data shapes --limit 2000
 
-    Several GPUs: n2n-extract --nproc 8 ... (or torchrun --nproc-per-node 8 -m extract ...). The
+    Several GPUs: n2n-extract --nproc 8 ... (or torchrun --nproc-per-node 8 -m n2n.extract ...). The
     store equals a one-process run's; after a crash the same command finishes only what is missing.
     """
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        sys.exit(relaunch(nproc, "extract", sys.argv[1:]))
+        sys.exit(relaunch(nproc, "n2n.extract", sys.argv[1:]))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenisers run in forked loader workers
     transformers.logging.disable_progress_bar()  # one progress bar, ours
     cfg = ExtractConfig(expert=expert, data=data, data_root=data_root, split=split, out=out, format=fmt,

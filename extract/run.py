@@ -29,11 +29,12 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from extract.datasets import ItemDataset, ItemError, open_dataset
-from extract.experts import Expert, load_expert
-from parallel import Ranks, pick_device
-from shards.parts import commit_parts, existing_ranges, open_parts, part_meta, part_path, part_ranges, parts_dir
-from shards.store import (
+from n2n.errors import N2NError
+from n2n.extract.datasets import ItemDataset, ItemError, open_dataset
+from n2n.extract.experts import Expert, load_expert
+from n2n.parallel import Ranks, pick_device
+from n2n.shards.parts import commit_parts, existing_ranges, open_parts, part_meta, part_path, part_ranges, parts_dir
+from n2n.shards.store import (
     Store,
     StoreError,
     StoreWriter,
@@ -51,7 +52,7 @@ ERRORS = "errors.jsonl"
 ATTRIBUTES = "attributes.jsonl"
 
 
-class ExtractError(Exception):
+class ExtractError(N2NError):
     """Bad input or a failed item under --on-error fail; the message names it and the way on."""
 
 

@@ -28,10 +28,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torchvision import transforms
 
-from extract.datasets import DatasetError, ItemDataset, ItemError, known_datasets, open_dataset
-from extract.experts import first_line
-from extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
-from parallel import pick_device
+from n2n.errors import N2NError
+from n2n.extract.datasets import DatasetError, ItemDataset, ItemError, known_datasets, open_dataset
+from n2n.extract.experts import first_line
+from n2n.extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
+from n2n.parallel import pick_device
 
 console = Console(stderr=True)
 MAX_IN_MEMORY_BYTES = 8 << 30  # images are held as uint8; above this, ask for --limit instead of swapping
@@ -39,7 +40,7 @@ FOREGROUND_REACH = 3  # pixels around the foreground that share its loss weight
 EVAL_COUNT = 2000  # held-out shapes images the judge scores (the whole val split)
 
 
-class TrainAEError(Exception):
+class TrainAEError(N2NError):
     """Bad input the user can fix; the one-line message says how."""
 
 
@@ -202,7 +203,7 @@ def reconstruct(model: ConvAutoencoder, images: torch.Tensor, device: torch.devi
 
 def judge_shapes(model: ConvAutoencoder, cfg: TrainAEConfig, device: torch.device) -> dict:
     """The shapes judge's per-attribute accuracy on held-out ``val`` images and on their reconstructions."""
-    from extract.datasets.shapes_judge import IMAGE_SIZE, accuracy, load_judge
+    from n2n.extract.datasets.shapes_judge import IMAGE_SIZE, accuracy, load_judge
 
     dataset = open_images(cfg, "val")
     count = min(EVAL_COUNT, len(dataset))
@@ -340,7 +341,7 @@ def main(data: str, data_root: Path | None, data_options: tuple[str, ...], limit
 
     Example: n2n-train-ae --data shapes --out experts/ae-shapes
     """
-    from extract.cli import parse_option
+    from n2n.extract.cli import parse_option
 
     try:
         widths = tuple(int(c) for c in channels.split(","))

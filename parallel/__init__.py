@@ -3,8 +3,8 @@
 Both stages run on torch.distributed as torchrun starts it (RANK, WORLD_SIZE, LOCAL_RANK and the
 rendezvous in the environment), so multi-GPU and multi-node runs are torchrun's, not ours:
 
-    torchrun --nproc-per-node 8 -m extract ...            one node, eight GPUs
-    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m extract ...
+    torchrun --nproc-per-node 8 -m n2n.extract ...            one node, eight GPUs
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m n2n.extract ...
 
 A process started any other way is rank 0 of 1 and never touches torch.distributed.
 """

@@ -1,6 +1,6 @@
 """Latent stores (zarr, webdataset, HDF5) and views that join two stores on the item key."""
 
-from shards.store import (
+from n2n.shards.store import (
     FORMATS,
     Store,
     StoreError,
@@ -11,7 +11,7 @@ from shards.store import (
     resume_store,
     verify_store,
 )
-from shards.view import Join, View, ViewError, create_view, open_view
+from n2n.shards.view import Join, View, ViewError, create_view, open_view
 
 __all__ = [
     "FORMATS",

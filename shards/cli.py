@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from shards.parts import commit_parts
-from shards.store import FORMATS, META_NAME, Store, StoreError, as_path, convert_store, open_store, verify_store
-from shards.view import VIEW_NAME, create_view, open_view, view_stores
+from n2n.shards.parts import commit_parts
+from n2n.shards.store import FORMATS, META_NAME, Store, StoreError, as_path, convert_store, open_store, verify_store
+from n2n.shards.view import VIEW_NAME, create_view, open_view, view_stores
 
 
 class _Group(click.Group):
@@ -208,7 +208,7 @@ def convert(path: Path, format_: str, out: Path | None) -> None:
 @click.option("--format", "format_", type=click.Choice(FORMATS), default="zarr", show_default=True)
 def synth(law: str, root: Path, n: int, src_dim: int, dst_dim: int, seed: int, format_: str) -> None:
     """Write a synthetic source/target store pair with a known law, and a view of them."""
-    from shards.synthetic import write_synthetic
+    from n2n.shards.synthetic import write_synthetic
 
     view = write_synthetic(
         root=root, law=law, n=n, src_dim=src_dim, dst_dim=dst_dim, seed=seed, format=format_

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shards.store import (
+from n2n.shards.store import (
     RESERVED_META,
     Store,
     StoreError,

@@ -36,6 +36,8 @@ import h5py
 import numpy as np
 import zarr
 
+from n2n.errors import N2NError
+
 if TYPE_CHECKING:
     import torch
 
@@ -53,7 +55,7 @@ WDS_SHARD_ROWS = 16384
 Block = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-class StoreError(Exception):
+class StoreError(N2NError):
     """A store is missing, damaged or misused; the message names the path and what to do."""
 
 

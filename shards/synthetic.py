@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.store import create_store
-from shards.view import create_view
+from n2n.shards.store import create_store
+from n2n.shards.view import create_view
 
 LAWS = ("gaussian", "bimodal")
 BIMODAL_RADIUS = 3.0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.store import Store, StoreError, as_path, is_remote, open_store, write_json_atomic
+from n2n.shards.store import Store, StoreError, as_path, is_remote, open_store, write_json_atomic
 
 VIEW_NAME = "view.json"
 

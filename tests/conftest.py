@@ -28,7 +28,7 @@ def save_tiny_bert(folder, seed: int):
 @pytest.fixture(scope="session")
 def small_judge(tmp_path_factory):
     """A shapes judge trained for a few steps: enough to exercise every code path, not to be right."""
-    from extract.datasets.shapes_judge import save_judge, train_judge
+    from n2n.extract.datasets.shapes_judge import save_judge, train_judge
 
     return save_judge(train_judge(steps=20, count=256), tmp_path_factory.mktemp("judge") / "judge-shapes")
 

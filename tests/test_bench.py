@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from bench import cinn_step, extraction, freia_peer, fused_coupling, reference, store_reads
-from cinn import ConditionalFlow
+from n2n.cinn import ConditionalFlow
 
 
 def test_step_flops_counts_every_layer_forward_and_backward():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import jacrev, vmap
 
-from cinn import ActNorm, ConditionalFlow, bits_per_dim, nll
+from n2n.cinn import ActNorm, ConditionalFlow, bits_per_dim, nll
 
 
 def initialised_flow(dim=12, cond_dim=7, n=256, seed=0, **kwargs):

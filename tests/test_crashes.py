@@ -20,8 +20,8 @@ import pytest
 from click.testing import CliRunner
 from test_extract import same_store
 
-from extract.cli import main as extract_main
-from shards.store import verify_store
+from n2n.extract.cli import main as extract_main
+from n2n.shards.store import verify_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,7 +36,7 @@ def extract_in_process(out) -> None:
 
 def kill_at_random(out, delay: float) -> str:
     """Start the extraction in a process, SIGKILL it after ``delay`` s; what the kill interrupted."""
-    proc = subprocess.Popen([sys.executable, "-m", "extract", *ARGS, "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "n2n.extract", *ARGS, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(delay)
     finished = proc.poll() is not None

@@ -19,8 +19,8 @@ import torch
 import webdataset
 from PIL import Image
 
-from extract.datasets import DatasetError, ItemError, known_datasets, open_dataset
-from extract.datasets.shapes import (
+from n2n.extract.datasets import DatasetError, ItemError, known_datasets, open_dataset
+from n2n.extract.datasets.shapes import (
     BACKGROUND,
     CAPTIONS_PER_ITEM,
     COLOR_WORDS,

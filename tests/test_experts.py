@@ -17,7 +17,7 @@ import torch
 from conftest import save_tiny_bert, save_tiny_biggan  # noqa: E402
 from PIL import Image
 
-from extract.experts import Expert, ExpertError, known_experts, load_expert
+from n2n.extract.experts import Expert, ExpertError, known_experts, load_expert
 
 CAPTIONS = ["a red circle", "a crimson circle", "a blue square",
             "a very large green triangle in the upper left corner of a dark and otherwise empty picture"]
@@ -272,7 +272,7 @@ def biggan(biggan_dir) -> Expert:
 
 
 def test_biggan_latent_is_z_and_class_embedding(biggan):
-    from extract.datasets.biggan import BigGANDataset
+    from n2n.extract.datasets.biggan import BigGANDataset
 
     assert (biggan.spec, biggan.name, biggan.modality, biggan.can_decode) == (
         "biggan:biggan-deep-128@latent", "biggan-deep-128", "biggan", True)
@@ -319,7 +319,7 @@ def test_biggan_weights(biggan, biggan_dir, tmp_path, offline):
 
 
 def test_biggan_dataset_items(biggan_dir, biggan):
-    from extract.datasets.biggan import BigGANDataset
+    from n2n.extract.datasets.biggan import BigGANDataset
 
     options = {"count": 50, "classes": "0,1,2,3,4,5,6,7,8,9", "truncation": 0.5}
     data = BigGANDataset(None, "train", **options)
@@ -335,7 +335,7 @@ def test_biggan_dataset_items(biggan_dir, biggan):
     assert {data[i]["class"] for i in range(50)} <= set(range(10)) and len({data[i]["class"] for i in range(50)}) > 3
     assert not np.array_equal(BigGANDataset(None, "val", **options)[7]["z"], item["z"])
     assert not np.array_equal(BigGANDataset(None, "train", seed=1, **options)[7]["z"], item["z"])
-    from extract.datasets.biggan import class_names
+    from n2n.extract.datasets.biggan import class_names
 
     assert len(item["text"]) == 1 and class_names()[item["class"]] in item["text"][0]
     assert data.describe() == {"name": "biggan", "root": None, "split": "train", "count": 50, "seed": 0,
@@ -351,8 +351,8 @@ def test_biggan_dataset_items(biggan_dir, biggan):
 
 
 def test_biggan_dataset_bad_options():
-    from extract.datasets import DatasetError
-    from extract.datasets.biggan import BigGANDataset
+    from n2n.extract.datasets import DatasetError
+    from n2n.extract.datasets.biggan import BigGANDataset
 
     bad = ({"count": 0}, {"classes": "1001"}, {"classes": "cat"}, {"truncation": 0}, {"model": "biggan-64"},
            {"seed": -1})
@@ -365,7 +365,7 @@ def test_biggan_dataset_bad_options():
 
 
 def test_autoencoder_save_load_encode_decode(tmp_path):
-    from extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
+    from n2n.extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
 
     torch.manual_seed(0)
     model = ConvAutoencoder(image_size=32, channels=(8, 16), latent_dim=16)
@@ -398,7 +398,7 @@ def test_autoencoder_save_load_encode_decode(tmp_path):
 
 
 def test_variational_autoencoder_stores_the_posterior_mean(tmp_path):
-    from extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
+    from n2n.extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
 
     torch.manual_seed(0)
     model = ConvAutoencoder(image_size=32, channels=(8, 16), latent_dim=6, variational=True)
@@ -417,7 +417,7 @@ def test_variational_autoencoder_stores_the_posterior_mean(tmp_path):
 
 
 def test_autoencoder_errors(tmp_path):
-    from extract.experts.ae import ConvAutoencoder
+    from n2n.extract.experts.ae import ConvAutoencoder
 
     with pytest.raises(ExpertError, match="no autoencoder at .*--weights PATH"):
         load_expert(f"ae:{tmp_path}")

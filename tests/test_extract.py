@@ -13,8 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from extract.cli import main
-from shards.store import open_store
+from n2n.extract.cli import main
+from n2n.shards.store import open_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -86,7 +86,7 @@ def test_several_layers_from_one_pass_equal_separate_runs(tmp_path):
 
 
 def test_identical_captions_give_identical_latents(tmp_path):
-    from extract.datasets import open_dataset
+    from n2n.extract.datasets import open_dataset
 
     assert n2n_extract("--expert", "minilm", "--data", "shapes", "--limit", 200, "--num-workers", 0,
                        "--batch-size", 32, "--out", tmp_path).exit_code == 0
@@ -104,8 +104,8 @@ def test_identical_captions_give_identical_latents(tmp_path):
 def test_coco_captions_and_images_go_to_two_stores_that_pair(tmp_path):
     from test_datasets import write_coco
 
-    from extract.experts.ae import ConvAutoencoder, save_autoencoder
-    from shards.view import create_view, open_view
+    from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
+    from n2n.shards.view import create_view, open_view
 
     root = write_coco(tmp_path / "coco")
     ae = save_autoencoder(ConvAutoencoder(image_size=64, channels=(8, 16), latent_dim=16), tmp_path / "ae-coco")
@@ -163,7 +163,7 @@ def test_a_store_of_another_origin_is_not_resumed(tmp_path):
 
 def shapes_folder(root: Path, n: int = 12) -> Path:
     """An ImageNet-layout folder of rendered shapes, one class per shape kind."""
-    from extract.datasets import open_dataset
+    from n2n.extract.datasets import open_dataset
 
     shapes = open_dataset("shapes")
     for i in range(n):
@@ -196,7 +196,7 @@ def test_timm_on_a_folder_skips_and_records_a_corrupt_image(tmp_path, resnet18_f
 def test_bert_and_autoencoder_on_shapes(tmp_path):
     from conftest import save_tiny_bert
 
-    from extract.experts.ae import ConvAutoencoder, save_autoencoder
+    from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
 
     torch.manual_seed(0)
     bert = save_tiny_bert(tmp_path / "tiny-bert", seed=0)
@@ -208,8 +208,8 @@ def test_bert_and_autoencoder_on_shapes(tmp_path):
     images = open_store(tmp_path / "shards" / "shapes" / "ae-tiny")
     assert text.dim == 32 and len(text) == 50 and images.dim == 24 and len(images) == 10
     # Many captions onto one image: the view joins them, and the cINN trains from the stores alone.
-    from shards.view import create_view, open_view
-    from train.cli import main as n2n_train
+    from n2n.shards.view import create_view, open_view
+    from n2n.train.cli import main as n2n_train
 
     view = create_view(tmp_path / "shards" / "bert_ae", text.path, images.path)
     assert len(open_view(view).join()) == 50

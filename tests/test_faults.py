@@ -61,17 +61,17 @@ from test_extract import n2n_extract, same_store
 from test_store import DIM, assert_same_rows, rows, write
 from test_train import SMALL, n2n_train
 
-from extract.cli import main as extract_main
-from extract.datasets import DatasetError, ItemError, open_dataset
-from extract.experts.ae import ConvAutoencoder, save_autoencoder
-from shards import store as store_module
-from shards.store import FORMATS, StoreError, create_store, open_store, resume_store, verify_store
-from shards.synthetic import write_synthetic
-from shards.view import create_view
-from train import data as train_data
-from train.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, load_run, read_meta
-from train.data import Standardizer, finite_latents, load_pairs
-from train.stream import stream_pairs
+from n2n.extract.cli import main as extract_main
+from n2n.extract.datasets import DatasetError, ItemError, open_dataset
+from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
+from n2n.shards import store as store_module
+from n2n.shards.store import FORMATS, StoreError, create_store, open_store, resume_store, verify_store
+from n2n.shards.synthetic import write_synthetic
+from n2n.shards.view import create_view
+from n2n.train import data as train_data
+from n2n.train.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, load_run, read_meta
+from n2n.train.data import Standardizer, finite_latents, load_pairs
+from n2n.train.stream import stream_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -845,7 +845,7 @@ H5_DISK_FULL = """
 import resource, signal, sys
 from pathlib import Path
 import numpy as np
-from shards import store
+from n2n.shards import store
 store._chunk_rows = lambda dim, dtype: 16
 store._unit_rows = lambda dim, dtype: 64
 path, data = Path(sys.argv[1]), np.load(sys.argv[2])
@@ -934,7 +934,7 @@ def test_disk_full_during_extraction_is_one_line_naming_the_store(tmp_path, monk
 CHECKPOINT_WRITERS = """
 import os, sys
 import torch
-from train.checkpoint import save_checkpoint
+from n2n.train.checkpoint import save_checkpoint
 path = sys.argv[1]
 print("ready", flush=True)
 for line in sys.stdin:

@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 from test_extract import same_store
 
-from extract.cli import main as extract_main
-from shards.cli import main as shards_main
-from shards.store import StoreError, as_path, create_store, open_store, remove_tree, resume_store, verify_store
-from train.cli import main as train_main
+from n2n.extract.cli import main as extract_main
+from n2n.shards.cli import main as shards_main
+from n2n.shards.store import StoreError, as_path, create_store, open_store, remove_tree, resume_store, verify_store
+from n2n.train.cli import main as train_main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 EXTRACT = ["--expert", "minilm", "--data", "shapes", "--batch-size", "8", "--num-workers", "0", "--dtype", "float32"]
@@ -61,7 +61,7 @@ def test_hdf5_at_a_url_is_refused(memory_root):
 
 def test_extract_pair_verify_and_train_in_memory(memory_root, tmp_path):
     """The whole path with every store and view at memory:// (only the run folder is local)."""
-    from extract.experts.ae import ConvAutoencoder, save_autoencoder
+    from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
 
     ae = save_autoencoder(ConvAutoencoder(image_size=64, channels=(8, 16), latent_dim=16), tmp_path / "ae-x")
     root = "memory://n2n-tests/shards"
@@ -108,7 +108,7 @@ def test_extraction_to_s3_killed_mid_way_resumes_to_the_clean_store(s3_env, tmp_
     out = "s3://n2n-tests/crashed"
     log = tmp_path / "extract.log"
     with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "extract", *map(str, args), "--out", out], env=s3_env,
+        proc = subprocess.Popen([sys.executable, "-m", "n2n.extract", *map(str, args), "--out", out], env=s3_env,
                                 stdout=sink, stderr=subprocess.STDOUT)
     meta = as_path(f"{out}/shapes/minilm/meta.json")
     deadline = time.time() + 120
@@ -134,7 +134,7 @@ def test_two_processes_extract_to_s3_as_one_does(s3_env, tmp_path):
     """Parts at S3 URLs, their commit there, and the parts deleted: the store a one-process run writes."""
     args = [*EXTRACT, "--limit", 50]
     invoke(extract_main, *args, "--out", tmp_path / "one")
-    done = subprocess.run([sys.executable, "-m", "extract", *map(str, args), "--out", "s3://n2n-tests/two",
+    done = subprocess.run([sys.executable, "-m", "n2n.extract", *map(str, args), "--out", "s3://n2n-tests/two",
                            "--nproc", "2"], env=s3_env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     same_store(tmp_path / "one/shapes/minilm", "s3://n2n-tests/two/shapes/minilm")

@@ -14,10 +14,10 @@ import torch
 from click.testing import CliRunner
 from test_extract import same_store as same_rows
 
-from extract.cli import main as extract_main
-from shards.cli import main as shards_main
-from shards.parts import commit_parts, part_meta, part_path, part_ranges, parts_dir
-from shards.store import StoreError, create_store, open_store, verify_store
+from n2n.extract.cli import main as extract_main
+from n2n.shards.cli import main as shards_main
+from n2n.shards.parts import commit_parts, part_meta, part_path, part_ranges, parts_dir
+from n2n.shards.store import StoreError, create_store, open_store, verify_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,7 +30,7 @@ def n2n_extract(*args):
 
 def launch(*args) -> subprocess.Popen:
     """n2n-extract in a fresh process, as a user runs it (--nproc relaunches it under torchrun)."""
-    cmd = [sys.executable, "-m", "extract", *map(str, args)]
+    cmd = [sys.executable, "-m", "n2n.extract", *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -192,14 +192,14 @@ TRAIN = ["--n-flows", "2", "--hidden-dim", "16", "--batch-size", "64", "--no-com
 
 @pytest.fixture(scope="module")
 def gaussian_view(tmp_path_factory) -> Path:
-    from shards.synthetic import write_synthetic
+    from n2n.shards.synthetic import write_synthetic
 
     return write_synthetic(tmp_path_factory.mktemp("shards"), "gaussian", n=3000, src_dim=6, dst_dim=4)
 
 
 def n2n_train(*args, nproc: int = 1) -> subprocess.CompletedProcess:
     """n2n-train in a fresh process; --nproc 2 relaunches it under torchrun (gloo on CPU)."""
-    cmd = [sys.executable, "-m", "train", *map(str, args), "--nproc", str(nproc)]
+    cmd = [sys.executable, "-m", "n2n.train", *map(str, args), "--nproc", str(nproc)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -208,7 +208,7 @@ def curve(run: Path) -> np.ndarray:
 
 
 def weights(run: Path) -> dict:
-    from train.checkpoint import CHECKPOINT, load_checkpoint, prefixed
+    from n2n.train.checkpoint import CHECKPOINT, load_checkpoint, prefixed
 
     return prefixed(load_checkpoint(run / CHECKPOINT)[0], "model")
 
@@ -248,8 +248,8 @@ def test_a_commit_cut_off_is_finished_by_a_rerun_with_any_process_count(tmp_path
     import torch
     from rich.console import Console
 
-    import extract.run as run
-    from parallel import Ranks
+    import n2n.extract.run as run
+    from n2n.parallel import Ranks
 
     assert n2n_extract(*ARGS, "--limit", 50, "--out", tmp_path / "clean").exit_code == 0
     cfg = run.ExtractConfig(expert="minilm", data="shapes", limit=50, batch_size=8, num_workers=0, dtype="float32",

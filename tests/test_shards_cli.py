@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from shards.cli import main
-from shards.store import create_store, open_store
+from n2n.shards.cli import main
+from n2n.shards.store import create_store, open_store
 
 
 @pytest.fixture
@@ -88,9 +88,9 @@ def test_convert_defaults_to_path_dash_format(root):
 
 def test_synth_passes_its_options_and_prints_the_view(root, monkeypatch):
     calls = []
-    fake = types.ModuleType("shards.synthetic")
+    fake = types.ModuleType("n2n.shards.synthetic")
     fake.write_synthetic = lambda **kwargs: calls.append(kwargs) or Path(kwargs["root"]) / "synth-x"
-    monkeypatch.setitem(sys.modules, "shards.synthetic", fake)
+    monkeypatch.setitem(sys.modules, "n2n.shards.synthetic", fake)
     result = run("synth", "--law", "bimodal", "--root", root, "--n", "50", "--format", "h5")
     assert result.exit_code == 0, result.output
     assert calls == [

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import zarr
 
-from shards import store as store_module
-from shards.store import (
+from n2n.shards import store as store_module
+from n2n.shards.store import (
     FORMATS,
     StoreError,
     convert_store,
@@ -159,7 +159,7 @@ def test_count_covers_buffered_rows_and_flush_commits_them(tmp_path, format):
 CRASHING_WRITER = """
 import os, sys
 import numpy as np
-from shards import store
+from n2n.shards import store
 store._chunk_rows = lambda dim, dtype: 16
 store._unit_rows = lambda dim, dtype: 64
 store.WDS_SHARD_ROWS = 50

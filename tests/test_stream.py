@@ -8,12 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from shards.store import StoreError, create_store, open_store
-from shards.view import create_view
-from train.checkpoint import CHECKPOINT, load_checkpoint, prefixed
-from train.cli import main as train_main
-from train.data import load_pairs
-from train.stream import stream_pairs
+from n2n.shards.store import StoreError, create_store, open_store
+from n2n.shards.view import create_view
+from n2n.train.checkpoint import CHECKPOINT, load_checkpoint, prefixed
+from n2n.train.cli import main as train_main
+from n2n.train.data import load_pairs
+from n2n.train.stream import stream_pairs
 
 PER_ITEM = 3
 
@@ -144,9 +144,9 @@ def test_a_window_smaller_than_a_batch_is_passed_over(view):
 
 
 def test_a_view_that_would_not_fit_is_streamed(view, tmp_path, monkeypatch):
-    import train.trainer
+    import n2n.train.trainer as trainer_module
 
-    monkeypatch.setattr(train.trainer, "fits_in_memory", lambda view, device: False)
+    monkeypatch.setattr(trainer_module, "fits_in_memory", lambda view, device: False)
     result = n2n_train("--shards", view, "--out", tmp_path / "r", "--steps", 5, *SMALL[:-2])
     assert result.exit_code == 0, result.output
     assert "would not fit" in " ".join(result.output.split()) and "streaming them" in " ".join(result.output.split())

@@ -13,12 +13,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from shards.store import create_store
-from shards.synthetic import modes, write_synthetic
-from shards.view import create_view
-from train.checkpoint import CHECKPOINT, load_checkpoint, load_run, prefixed
-from train.cli import main
-from train.data import Standardizer, heldout_mask, load_pairs
+from n2n.shards.store import create_store
+from n2n.shards.synthetic import modes, write_synthetic
+from n2n.shards.view import create_view
+from n2n.train.checkpoint import CHECKPOINT, load_checkpoint, load_run, prefixed
+from n2n.train.cli import main
+from n2n.train.data import Standardizer, heldout_mask, load_pairs
 
 SMALL = ["--n-flows", "2", "--hidden-dim", "16", "--batch-size", "64", "--no-compile"]
 
@@ -208,9 +208,9 @@ def test_loss_blowing_up_stops_and_keeps_the_last_good_checkpoint(small_view, tm
     assert n2n_train(*args, "--steps", 10).exit_code == 0
     good = (run / CHECKPOINT).read_bytes()
     # The run goes on and its loss turns NaN at once (as a too-high lr or a broken latent would make it).
-    import train.trainer
+    import n2n.train.trainer as trainer_module
 
-    monkeypatch.setattr(train.trainer, "nll", lambda z, logdet: (z.sum(1) + logdet) * float("nan"))
+    monkeypatch.setattr(trainer_module, "nll", lambda z, logdet: (z.sum(1) + logdet) * float("nan"))
     result = n2n_train(*args, "--steps", 40, "--resume")
     assert result.exit_code == 1
     assert "loss became" in result.output and "lower --lr" in result.output
@@ -270,8 +270,8 @@ def test_resume_refusals(small_view, tmp_path):
 @pytest.mark.slow
 def test_compiled_loss_matches_eager_and_trains(small_view, tmp_path):
     """The default path on CUDA: torch.compile of the loss (here on CPU's inductor)."""
-    from cinn import ConditionalFlow
-    from train.trainer import make_loss
+    from n2n.cinn import ConditionalFlow
+    from n2n.train.trainer import make_loss
 
     torch.manual_seed(0)
     flow = ConditionalFlow(4, 6, n_flows=2, hidden_dim=16)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
-from extract.datasets.shapes_judge import (
+from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
+from n2n.extract.datasets.shapes_judge import (
     ShapesJudge,
     accuracy,
     augment,
@@ -15,8 +15,8 @@ from extract.datasets.shapes_judge import (
     shapes_images,
     train_judge,
 )
-from extract.experts import load_expert
-from extract.train_ae import main
+from n2n.extract.experts import load_expert
+from n2n.extract.train_ae import main
 
 SMALL = ["--data", "shapes", "--limit", 256, "--steps", 30, "--batch-size", 16, "--latent-dim", 16,
          "--channels", "8,8,16,16", "--device", "cpu"]

@@ -10,14 +10,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from extract.cli import main as n2n_extract
-from extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
-from extract.experts.ae import ConvAutoencoder, save_autoencoder
-from shards.view import create_view
-from train.cli import main as n2n_train
-from translate.cli import main as n2n_translate
-from translate.evaluate import main as n2n_eval
-from translate.evaluate import text_to_image_scores, uniform_entropy
+from n2n.extract.cli import main as n2n_extract
+from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
+from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
+from n2n.shards.view import create_view
+from n2n.train.cli import main as n2n_train
+from n2n.translate.cli import main as n2n_translate
+from n2n.translate.evaluate import main as n2n_eval
+from n2n.translate.evaluate import text_to_image_scores, uniform_entropy
 
 
 def invoke(command, *args) -> "click.testing.Result":  # noqa: F821
@@ -66,7 +66,7 @@ def test_latents_out_are_reproducible_and_follow_temperature(runs, tmp_path):
 
 
 def test_image_to_text_writes_latents_and_refuses_a_png(runs, tmp_path):
-    from extract.datasets import open_dataset
+    from n2n.extract.datasets import open_dataset
 
     picture = tmp_path / "shape.png"
     open_dataset("shapes")[0]["image"].save(picture)
@@ -98,7 +98,7 @@ def test_bad_input(runs, tmp_path, problem):
 
 
 def test_normalized_entropy_and_caption_consistency():
-    from translate.evaluate import consistent, normalized_entropy
+    from n2n.translate.evaluate import consistent, normalized_entropy
 
     assert normalized_entropy(["a"] * 10, 9) == 0
     assert abs(normalized_entropy([str(i) for i in range(9)] * 3, 9) - 1) < 1e-9
@@ -187,7 +187,7 @@ def test_text_to_image_scores_count_named_attributes_and_open_entropy():
 
 
 def test_an_expert_that_cannot_be_loaded_is_named_with_the_flag_to_fix_it(runs, tmp_path, monkeypatch):
-    import extract.experts.ae as ae
+    import n2n.extract.experts.ae as ae
 
     def gone(path):
         raise FileNotFoundError(f"no autoencoder at {path}")

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from shards import view as view_module
-from shards.store import StoreError, create_store
-from shards.view import View, ViewError, create_view, open_view
+from n2n.shards import view as view_module
+from n2n.shards.store import StoreError, create_store
+from n2n.shards.view import View, ViewError, create_view, open_view
 
 
 def store(path: Path, keys, sub=None, dim: int = 3, **meta) -> Path:

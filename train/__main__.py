@@ -1,5 +1,5 @@
-"""``python -m train`` (and ``torchrun ... -m train``): the n2n-train command."""
+"""``python -m n2n.train`` (and ``torchrun ... -m n2n.train``): the n2n-train command."""
 
-from train.cli import main
+from n2n.train.cli import main
 
 main()

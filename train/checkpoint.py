@@ -21,15 +21,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cinn import ConditionalFlow
-from train.data import Standardizer
+from n2n.errors import N2NError
+from n2n.cinn import ConditionalFlow
+from n2n.train.data import Standardizer
 
 CHECKPOINT = "checkpoint.safetensors"
 SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # save_file writes one beside the file, then renames it
 HEADER_KEYS = ("n2n_checkpoint", "step", "model", "train", "optimizer")
 
 
-class CheckpointError(Exception):
+class CheckpointError(N2NError):
     """A checkpoint that is missing or unreadable; the message names the file and what to do."""
 
 
@@ -110,7 +111,7 @@ def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 @dataclass
-class Translator:
+class TrainedFlow:
     """A trained run, ready to sample: target latents given source latents, both in stored units."""
 
     flow: ConditionalFlow
@@ -126,7 +127,7 @@ class Translator:
         return self.target_norm.inverse(self.flow.sample(c, temperature, generator))
 
 
-def load_run(run: Path | str, device: str | torch.device = "cpu") -> Translator:
+def load_run(run: Path | str, device: str | torch.device = "cpu") -> TrainedFlow:
     """Load ``run/checkpoint.safetensors`` (or a checkpoint file) for sampling, in eval mode."""
     run = Path(run)
     tensors, meta = load_checkpoint(run / CHECKPOINT if run.is_dir() else run)
@@ -137,4 +138,4 @@ def load_run(run: Path | str, device: str | torch.device = "cpu") -> Translator:
     except (TypeError, KeyError, RuntimeError) as e:  # a header or tensors of another model
         raise CheckpointError(f"{run} does not hold a whole n2n model ({type(e).__name__}: {e}); "
                               "use an earlier copy or retrain") from e
-    return Translator(flow.to(device).eval(), *norms, meta)
+    return TrainedFlow(flow.to(device).eval(), *norms, meta)

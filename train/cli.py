@@ -10,13 +10,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cinn import ConditionalFlow
-from parallel import Ranks, relaunch
-from shards.cli import PATH_OR_URL
-from shards.store import StoreError
-from shards.view import open_view
-from train.checkpoint import CHECKPOINT, CheckpointError, read_meta
-from train.trainer import DivergedError, ModelConfig, TrainConfig, TrainError, train
+from n2n.cinn import ConditionalFlow
+from n2n.parallel import Ranks, relaunch
+from n2n.shards.cli import PATH_OR_URL
+from n2n.shards.store import StoreError
+from n2n.shards.view import open_view
+from n2n.train.checkpoint import CHECKPOINT, CheckpointError, read_meta
+from n2n.train.trainer import DivergedError, ModelConfig, TrainConfig, TrainError, train
 
 console = Console(stderr=True)
 # Options that shape the run; on --resume they come from the checkpoint and may not be changed.
@@ -102,12 +102,12 @@ def main(ctx: click.Context, view: Path, out: Path | None, steps: int, batch_siz
 
     Example: n2n-train --shards shards/synth-gaussian --steps 2000 --n-flows 8 --hidden-dim 128
 
-    Several GPUs: n2n-train --nproc 8 ... (or torchrun --nproc-per-node 8 -m train ...): DDP, each
+    Several GPUs: n2n-train --nproc 8 ... (or torchrun --nproc-per-node 8 -m n2n.train ...): DDP, each
     process a slice of every global batch, so the run is the one-process run's; --resume works with
     any process count.
     """
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        sys.exit(relaunch(nproc, "train", sys.argv[1:]))
+        sys.exit(relaunch(nproc, "n2n.train", sys.argv[1:]))
     model = ModelConfig(n_flows=n_flows, hidden_dim=hidden_dim, hidden_depth=hidden_depth,
                         embedding_dim=embedding_dim, embedder_norm=embedder_norm)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, holdout=holdout,

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from parallel import ONE_PROCESS, Ranks
-from shards.store import Store, StoreError
-from shards.view import Join, View, hash_keys, open_view
+from n2n.parallel import ONE_PROCESS, Ranks
+from n2n.shards.store import Store, StoreError
+from n2n.shards.view import Join, View, hash_keys, open_view
 
 if TYPE_CHECKING:
-    from train.stream import PairStream
+    from n2n.train.stream import PairStream
 
 
 @dataclass

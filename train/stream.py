@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from parallel import ONE_PROCESS, Ranks
-from shards.store import Store, StoreError
-from shards.view import View
-from train.data import (
+from n2n.parallel import ONE_PROCESS, Ranks
+from n2n.shards.store import Store, StoreError
+from n2n.shards.view import View
+from n2n.train.data import (
     BLOCK_ROWS,
     PairedLatents,
     Rows,

@@ -27,11 +27,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
 
-from cinn import ConditionalFlow, bits_per_dim, nll
-from parallel import Ranks, pick_device
-from shards.store import is_remote
-from shards.view import open_view
-from train.checkpoint import (
+from n2n.errors import N2NError
+from n2n.cinn import ConditionalFlow, bits_per_dim, nll
+from n2n.parallel import Ranks, pick_device
+from n2n.shards.store import is_remote
+from n2n.shards.view import open_view
+from n2n.train.checkpoint import (
     CHECKPOINT,
     CheckpointError,
     load_checkpoint,
@@ -41,8 +42,8 @@ from train.checkpoint import (
     save_checkpoint,
     saved_norms,
 )
-from train.data import PairedLatents, Standardizer, load_pairs
-from train.stream import stream_pairs
+from n2n.train.data import PairedLatents, Standardizer, load_pairs
+from n2n.train.stream import stream_pairs
 
 NET2NET_BASE_LR = 4.5e-6  # net2net scales its learning rate by the batch size
 
@@ -80,7 +81,7 @@ class TrainConfig:
         return self.lr if self.lr is not None else NET2NET_BASE_LR * self.batch_size
 
 
-class TrainError(Exception):
+class TrainError(N2NError):
     """Bad input for a run; the message names what and how to go on."""
 
 

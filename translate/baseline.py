@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from train.data import PairedLatents
+from n2n.train.data import PairedLatents
 
 
 def train_mlp(data: PairedLatents, steps: int = 2000, batch_size: int = 256, hidden: int = 512,

@@ -12,11 +12,11 @@ import transformers
 from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 
-from extract.experts import ExpertError
-from shards.store import write_json_atomic
-from train.checkpoint import CheckpointError
-from translate.grid import image_grid
-from translate.pipeline import TranslateError, load_pipeline
+from n2n.extract.experts import ExpertError
+from n2n.shards.store import write_json_atomic
+from n2n.train.checkpoint import CheckpointError
+from n2n.translate.grid import image_grid
+from n2n.translate.pipeline import TranslateError, load_pipeline
 
 console = Console(stderr=True)
 

@@ -25,14 +25,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
-from extract.experts import ExpertError
-from shards.store import StoreError, as_path, write_json_atomic
-from train.checkpoint import CheckpointError, Translator, load_run
-from train.data import load_pairs
-from train.trainer import heldout_bpd
-from translate.baseline import train_mlp
-from translate.pipeline import TranslateError, expert_of
+from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
+from n2n.extract.experts import ExpertError
+from n2n.shards.store import StoreError, as_path, write_json_atomic
+from n2n.train.checkpoint import CheckpointError, TrainedFlow, load_run
+from n2n.train.data import load_pairs
+from n2n.train.trainer import heldout_bpd
+from n2n.translate.baseline import train_mlp
+from n2n.translate.pipeline import TranslateError, expert_of
 
 ATTRIBUTES = ("color", "shape", "size", "position")
 VALUES = {"color": len(COLORS), "shape": len(SHAPES), "size": len(SIZES), "position": len(POSITIONS)}
@@ -66,7 +66,7 @@ def uniform_entropy(n_values: int, n_samples: int, trials: int = 4000, seed: int
 
 
 @torch.no_grad()
-def sample_standardized(translator: Translator, c: torch.Tensor, n: int, temperature: float,
+def sample_standardized(translator: TrainedFlow, c: torch.Tensor, n: int, temperature: float,
                         generator: torch.Generator) -> torch.Tensor:
     """n target latents (stored units) per standardised source row: [len(c) * n, dim], row-major."""
     repeated = c.repeat_interleave(n, dim=0)
@@ -147,8 +147,8 @@ def evaluate(run: Path, samples: int = 16, temperature: float = 1.0, max_rows: i
     source_rows, _ = data.held_rows
     subs = data.view.source.sub[source_rows]
     if target.can_decode and source_truth is not None:
-        from extract.datasets.shapes import render
-        from extract.datasets.shapes_judge import accuracy, load_judge
+        from n2n.extract.datasets.shapes import render
+        from n2n.extract.datasets.shapes_judge import accuracy, load_judge
 
         judge = load_judge(judge_path, console=console)  # trained once (about a minute) where missing
         real_attrs = [source_truth[str(k)] for k in np.unique(data.held_key)[:500]]

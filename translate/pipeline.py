@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from extract.experts import Expert, ExpertError, load_expert
-from train.checkpoint import Translator, load_run
+from n2n.errors import N2NError
+from n2n.extract.experts import Expert, ExpertError, load_expert
+from n2n.train.checkpoint import TrainedFlow, load_run
 
 
-class TranslateError(Exception):
+class TranslateError(N2NError):
     """Bad input for a run (wrong modality, empty text); the message names it and the fix."""
 
 
@@ -40,7 +41,7 @@ def expert_of(identity: dict, side: str, weights: Path | None, console: Console 
 
 @dataclass
 class Pipeline:
-    translator: Translator
+    flow: TrainedFlow
     source: Expert
     target: Expert
     source_layer: str
@@ -58,7 +59,7 @@ class Pipeline:
         """n target latents per source row: [len(source), n, dim]; reproducible from the seed."""
         generator = torch.Generator().manual_seed(seed)
         repeated = source.repeat_interleave(n, dim=0)
-        latents = self.translator.sample(repeated, temperature, generator)
+        latents = self.flow.sample(repeated, temperature, generator)
         return latents.view(len(source), n, -1)
 
     @torch.no_grad()

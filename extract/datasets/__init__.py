@@ -20,19 +20,21 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from n2n.errors import N2NError
+
 MODALITIES = ("image", "text", "label")
 
 # name -> (module, class); the module is imported by open_dataset only.
 _REGISTRY = {
-    "biggan": ("extract.datasets.biggan", "BigGANDataset"),
-    "coco": ("extract.datasets.coco", "CocoDataset"),
-    "folder": ("extract.datasets.folder", "FolderDataset"),
-    "shapes": ("extract.datasets.shapes", "ShapesDataset"),
-    "wds": ("extract.datasets.wds", "WdsDataset"),
+    "biggan": ("n2n.extract.datasets.biggan", "BigGANDataset"),
+    "coco": ("n2n.extract.datasets.coco", "CocoDataset"),
+    "folder": ("n2n.extract.datasets.folder", "FolderDataset"),
+    "shapes": ("n2n.extract.datasets.shapes", "ShapesDataset"),
+    "wds": ("n2n.extract.datasets.wds", "WdsDataset"),
 }
 
 
-class DatasetError(Exception):
+class DatasetError(N2NError):
     """A dataset cannot be opened; the one-line message names the path or name and the fix."""
 
 

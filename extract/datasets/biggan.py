@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from extract.datasets import DatasetError, ItemDataset
+from n2n.extract.datasets import DatasetError, ItemDataset
 
 Z_DIM = 128
 Z_BOUND = 2.5  # net2net samples z from a normal truncated at |z| <= 2.5
@@ -61,7 +61,7 @@ class BigGANDataset(ItemDataset):
     def __init__(self, root: str | Path | None = None, split: str = "train", seed: int = 0, count: int = 10000,
                  classes: str | Sequence[int] | None = None, truncation: float = 0.4, model: str = "biggan-deep-128",
                  weights: str | Path | None = None, render: bool = False) -> None:
-        from extract.experts.biggan import MODELS
+        from n2n.extract.experts.biggan import MODELS
 
         super().__init__(None, split)  # nothing is read from disk: a root given out of habit is not recorded
         if not split:
@@ -96,7 +96,7 @@ class BigGANDataset(ItemDataset):
     def render(self, z: np.ndarray, class_index: int) -> Image.Image:
         """The generator's image of (z, class) at the dataset's truncation."""
         if self._generator is None:
-            from extract.experts import load_expert
+            from n2n.extract.experts import load_expert
 
             self._generator = load_expert(f"biggan:{self.model}", self.weights)
         expert = self._generator

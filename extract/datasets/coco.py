@@ -12,7 +12,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from extract.datasets import DatasetError, ItemDataset, check_captions, decode_image
+from n2n.extract.datasets import DatasetError, ItemDataset, check_captions, decode_image
 
 YEARS = (2017, 2014)
 SPLITS = ("train", "val")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from extract.datasets import DatasetError, ItemDataset, decode_image
+from n2n.extract.datasets import DatasetError, ItemDataset, decode_image
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Sub-folder names that mean "split folders", not classes: reading them as classes would be a silent mistake.

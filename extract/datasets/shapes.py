@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from extract.datasets import DatasetError, ItemDataset
+from n2n.extract.datasets import DatasetError, ItemDataset
 
 COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white")
 SHAPES = ("circle", "square", "triangle", "star", "cross")

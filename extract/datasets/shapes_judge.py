@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesDataset, render
+from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesDataset, render
 
 FORMAT = "n2n-shapes-judge"
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -163,7 +163,7 @@ def _progress(console: Console | None) -> Progress:
 
 def save_judge(judge: ShapesJudge, path: str | Path) -> Path:
     """Write the judge to the folder ``path`` atomically (safetensors + config.json)."""
-    from extract.experts import save_model_folder
+    from n2n.extract.experts import save_model_folder
 
     config = {"format": FORMAT, **judge.network.config, "classes": {k: list(v) for k, v in CLASSES.items()}}
     return save_model_folder(judge.network, config, path, WEIGHTS, CONFIG)

@@ -21,7 +21,7 @@ from typing import BinaryIO, NamedTuple
 
 from braceexpand import braceexpand
 
-from extract.datasets import MODALITIES, DatasetError, ItemDataset, ItemError, check_captions, decode_image
+from n2n.extract.datasets import MODALITIES, DatasetError, ItemDataset, ItemError, check_captions, decode_image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 JSON_TEXT_FIELDS = ("caption", "text", "captions")

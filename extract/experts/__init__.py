@@ -23,19 +23,21 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from n2n.errors import N2NError
+
 # family -> module; each module has ``load(model, layer, weights) -> Expert``.
 _FAMILIES = {
-    "ae": "extract.experts.ae",
-    "bert": "extract.experts.bert",
-    "biggan": "extract.experts.biggan",
-    "minilm": "extract.experts.minilm",
-    "timm": "extract.experts.timm_expert",
+    "ae": "n2n.extract.experts.ae",
+    "bert": "n2n.extract.experts.bert",
+    "biggan": "n2n.extract.experts.biggan",
+    "minilm": "n2n.extract.experts.minilm",
+    "timm": "n2n.extract.experts.timm_expert",
 }
 # The model part is lazy so that a path keeps any '@' that is not followed by a bare layer name at the end.
 _SPEC = re.compile(r"(?P<name>[A-Za-z0-9_-]+)(?::(?P<model>.+?))?(?:@(?P<layer>[A-Za-z0-9_-]+))?")
 
 
-class ExpertError(Exception):
+class ExpertError(N2NError):
     """A spec, layer or weights problem the user can fix; the one-line message says how."""
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from extract.experts import Expert, ExpertError, first_line, folder_name, rgb, save_model_folder
+from n2n.extract.experts import Expert, ExpertError, first_line, folder_name, rgb, save_model_folder
 
 FORMAT = "n2n-conv-autoencoder"
 CONFIG, WEIGHTS = "config.json", "model.safetensors"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from extract.experts import Expert, ExpertError, first_line, folder_name, missing_weights
+from n2n.extract.experts import Expert, ExpertError, first_line, folder_name, missing_weights
 
 DEFAULT_MODEL = "bert-base-uncased"
 LOCAL_FILES = "a folder with config.json, the model weights and the tokenizer files"

@@ -7,8 +7,8 @@ checkpoint is a sentence-transformers one (mean pooling, then Normalize), so the
 
 from __future__ import annotations
 
-from extract.experts import ExpertError
-from extract.experts.bert import TextExpert, build
+from n2n.extract.experts import ExpertError
+from n2n.extract.experts.bert import TextExpert, build
 
 HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
