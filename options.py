@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from n2n.errors import N2NError
 
 

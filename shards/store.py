@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 import zarr
-
 from n2n.errors import N2NError
 
 if TYPE_CHECKING:

@@ -18,9 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from PIL import Image
-
 from n2n.errors import N2NError
+from PIL import Image
 
 MODALITIES = ("image", "text", "label")
 

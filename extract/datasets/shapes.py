@@ -15,9 +15,8 @@ import math
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
 from n2n.extract.datasets import DatasetError, ItemDataset
+from PIL import Image, ImageDraw
 
 COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white")
 SHAPES = ("circle", "square", "triangle", "star", "cross")

@@ -21,9 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
-
 from n2n.errors import N2NError
+from PIL import Image
 
 # family -> module; each module has ``load(model, layer, weights) -> Expert``.
 _FAMILIES = {
