@@ -13,9 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-from n2n.errors import N2NError
 from rich.console import Console
 from rich.markup import escape
+
+from n2n.errors import N2NError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from n2n.errors import N2NError
 
 

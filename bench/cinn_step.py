@@ -15,11 +15,11 @@ from functools import partial
 
 import click
 import torch
-from n2n.cinn import ConditionalFlow
-from n2n.cinn.flow import PairedMLP
 from torch import nn
 
 from bench.common import NET2NET, Row, interleaved, report, timed, trainer_step
+from n2n.cinn import ConditionalFlow
+from n2n.cinn.flow import PairedMLP
 
 TARGETS = {256: 0.70, 1024: 0.85}
 

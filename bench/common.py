@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
+
 from n2n.cinn import ConditionalFlow
 from n2n.shards.store import write_json_atomic
 from n2n.train.trainer import make_loss, make_optimizer, make_step
-from rich.console import Console
-from rich.table import Table
 
 RESULTS = Path(__file__).parent / "results"  # N2N_BENCH_RESULTS overrides it (the tests write elsewhere)
 NET2NET = {"dim": 268, "cond_dim": 768, "n_flows": 24, "hidden_dim": 1024}  # net2net's BERT -> BigGAN cINN

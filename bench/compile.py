@@ -12,9 +12,9 @@ from functools import partial
 
 import click
 import torch
-from n2n.cinn import ConditionalFlow
 
 from bench.common import Row, report, timed, trainer_step
+from n2n.cinn import ConditionalFlow
 
 DEMO_FLOW = {"dim": 32, "cond_dim": 384, "n_flows": 8, "hidden_dim": 192, "embedding_dim": 256}
 GPU_TARGET = {16: 2.0, 64: 2.0}

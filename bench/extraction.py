@@ -14,11 +14,11 @@ from pathlib import Path
 
 import click
 import torch
+
+from bench.common import Row, report
 from n2n.extract.datasets import open_dataset
 from n2n.extract.experts import load_expert
 from n2n.extract.run import ExtractConfig, batches, extract
-
-from bench.common import Row, report
 
 TARGET = 1.25
 

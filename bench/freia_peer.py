@@ -23,14 +23,14 @@ import click
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
 import torch
+from torch import nn
+
+from bench.common import NET2NET, Row, interleaved, report, trainer_step
 from n2n.cinn import ConditionalFlow
 from n2n.cinn.flow import mlp
 from n2n.shards.synthetic import write_synthetic
 from n2n.train.data import PairedLatents, load_pairs
 from n2n.train.trainer import heldout_bpd
-from torch import nn
-
-from bench.common import NET2NET, Row, interleaved, report, trainer_step
 
 SMALL = {"dim": 16, "cond_dim": 32, "n_flows": 4, "hidden_dim": 128}  # the NLL comparison's size
 TARGETS = {64: 0.8, 1024: 1.0}  # n2n's step time / FrEIA's, at most

@@ -15,11 +15,11 @@ from functools import partial
 
 import click
 import torch
-from n2n.cinn import ConditionalFlow
-from n2n.cinn.flow import DoubleAffineCoupling, PairedMLP, mlp
 from torch import Tensor, nn
 
 from bench.common import NET2NET, Row, interleaved, report, trainer_step
+from n2n.cinn import ConditionalFlow
+from n2n.cinn.flow import DoubleAffineCoupling, PairedMLP, mlp
 
 
 def separate_nets(paired: PairedMLP) -> tuple[nn.Sequential, nn.Sequential]:

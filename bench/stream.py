@@ -22,14 +22,14 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
+
+from bench.common import Row, peak_rss_mib, report, trainer_step
+from bench.compile import DEMO_FLOW
 from n2n.cinn import ConditionalFlow
 from n2n.shards.store import create_store
 from n2n.shards.view import create_view
 from n2n.train.data import load_pairs
 from n2n.train.stream import stream_pairs
-
-from bench.common import Row, peak_rss_mib, report, trainer_step
-from bench.compile import DEMO_FLOW
 
 TARGET = 0.8
 

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import click
 import transformers
+from rich.console import Console
+from rich.table import Table
+
 from n2n.extract.datasets import DatasetError, known_datasets
 from n2n.extract.experts import ExpertError, known_experts
 from n2n.extract.run import ExtractConfig, ExtractError, extract
 from n2n.parallel import Ranks, relaunch
 from n2n.shards.cli import PATH_OR_URL
 from n2n.shards.store import FORMATS, StoreError
-from rich.console import Console
-from rich.table import Table
 
 console = Console(stderr=True)
 

@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 from n2n.errors import N2NError
 from n2n.extract.datasets import ItemDataset, ItemError, open_dataset
 from n2n.extract.experts import Expert, load_expert
@@ -44,8 +47,6 @@ from n2n.shards.store import (
     resume_store,
     write_text_atomic,
 )
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 ERRORS = "errors.jsonl"
 ATTRIBUTES = "attributes.jsonl"

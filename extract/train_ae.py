@@ -23,15 +23,16 @@ from pathlib import Path
 import click
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from torchvision import transforms
+
 from n2n.errors import N2NError
 from n2n.extract.datasets import DatasetError, ItemDataset, ItemError, known_datasets, open_dataset
 from n2n.extract.experts import first_line
 from n2n.extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
 from n2n.parallel import pick_device
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from torchvision import transforms
 
 console = Console(stderr=True)
 MAX_IN_MEMORY_BYTES = 8 << 30  # images are held as uint8; above this, ask for --limit instead of swapping

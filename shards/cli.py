@@ -11,12 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import click
-from n2n.shards.parts import commit_parts
-from n2n.shards.store import FORMATS, META_NAME, Store, StoreError, as_path, convert_store, open_store, verify_store
-from n2n.shards.view import VIEW_NAME, create_view, open_view, view_stores
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from n2n.shards.parts import commit_parts
+from n2n.shards.store import FORMATS, META_NAME, Store, StoreError, as_path, convert_store, open_store, verify_store
+from n2n.shards.view import VIEW_NAME, create_view, open_view, view_stores
 
 
 class _Group(click.Group):

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 import zarr
+
 from n2n.errors import N2NError
 
 if TYPE_CHECKING:

@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+
 from n2n.shards.store import create_store
 from n2n.shards.view import create_view
 

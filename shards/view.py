@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from n2n.shards.store import Store, StoreError, as_path, is_remote, open_store, write_json_atomic
 
 VIEW_NAME = "view.json"

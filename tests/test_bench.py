@@ -4,9 +4,9 @@ import json
 
 import torch
 from click.testing import CliRunner
-from n2n.cinn import ConditionalFlow
 
 from bench import cinn_step, extraction, freia_peer, fused_coupling, reference, store_reads
+from n2n.cinn import ConditionalFlow
 
 
 def test_step_flops_counts_every_layer_forward_and_backward():

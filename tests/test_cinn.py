@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
-from n2n.cinn import ActNorm, ConditionalFlow, bits_per_dim, nll
 from torch.func import jacrev, vmap
+
+from n2n.cinn import ActNorm, ConditionalFlow, bits_per_dim, nll
 
 
 def initialised_flow(dim=12, cond_dim=7, n=256, seed=0, **kwargs):

@@ -18,9 +18,10 @@ from collections import Counter
 
 import pytest
 from click.testing import CliRunner
+from test_extract import same_store
+
 from n2n.extract.cli import main as extract_main
 from n2n.shards.store import verify_store
-from test_extract import same_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 import webdataset
+from PIL import Image
+
 from n2n.extract.datasets import DatasetError, ItemError, known_datasets, open_dataset
 from n2n.extract.datasets.shapes import (
     BACKGROUND,
@@ -33,7 +35,6 @@ from n2n.extract.datasets.shapes import (
     SIZES,
     render,
 )
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_bert, save_tiny_biggan  # noqa: E402
-from n2n.extract.experts import Expert, ExpertError, known_experts, load_expert
 from PIL import Image
+
+from n2n.extract.experts import Expert, ExpertError, known_experts, load_expert
 
 CAPTIONS = ["a red circle", "a crimson circle", "a blue square",
             "a very large green triangle in the upper left corner of a dark and otherwise empty picture"]

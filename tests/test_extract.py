@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+
 from n2n.extract.cli import main
 from n2n.shards.store import open_store
 
@@ -101,9 +102,10 @@ def test_identical_captions_give_identical_latents(tmp_path):
 
 
 def test_coco_captions_and_images_go_to_two_stores_that_pair(tmp_path):
+    from test_datasets import write_coco
+
     from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
     from n2n.shards.view import create_view, open_view
-    from test_datasets import write_coco
 
     root = write_coco(tmp_path / "coco")
     ae = save_autoencoder(ConvAutoencoder(image_size=64, channels=(8, 16), latent_dim=16), tmp_path / "ae-coco")
@@ -193,6 +195,7 @@ def test_timm_on_a_folder_skips_and_records_a_corrupt_image(tmp_path, resnet18_f
 
 def test_bert_and_autoencoder_on_shapes(tmp_path):
     from conftest import save_tiny_bert
+
     from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
 
     torch.manual_seed(0)

@@ -55,6 +55,12 @@ import pytest
 import torch
 import zarr.storage._local as zarr_local
 from click.testing import CliRunner
+from safetensors.torch import save_file
+from test_datasets import add_member, png
+from test_extract import n2n_extract, same_store
+from test_store import DIM, assert_same_rows, rows, write
+from test_train import SMALL, n2n_train
+
 from n2n.extract.cli import main as extract_main
 from n2n.extract.datasets import DatasetError, ItemError, open_dataset
 from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
@@ -66,11 +72,6 @@ from n2n.train import data as train_data
 from n2n.train.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, load_run, read_meta
 from n2n.train.data import Standardizer, finite_latents, load_pairs
 from n2n.train.stream import stream_pairs
-from safetensors.torch import save_file
-from test_datasets import add_member, png
-from test_extract import n2n_extract, same_store
-from test_store import DIM, assert_same_rows, rows, write
-from test_train import SMALL, n2n_train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,11 +12,12 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_extract import same_store
+
 from n2n.extract.cli import main as extract_main
 from n2n.shards.cli import main as shards_main
 from n2n.shards.store import StoreError, as_path, create_store, open_store, remove_tree, resume_store, verify_store
 from n2n.train.cli import main as train_main
-from test_extract import same_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 EXTRACT = ["--expert", "minilm", "--data", "shapes", "--batch-size", "8", "--num-workers", "0", "--dtype", "float32"]

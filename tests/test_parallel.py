@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_extract import same_store as same_rows
+
 from n2n.extract.cli import main as extract_main
 from n2n.shards.cli import main as shards_main
 from n2n.shards.parts import commit_parts, part_meta, part_path, part_ranges, parts_dir
 from n2n.shards.store import StoreError, create_store, open_store, verify_store
-from test_extract import same_store as same_rows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -244,10 +245,11 @@ def test_the_global_batch_must_split_over_the_processes(gaussian_view, tmp_path)
 def test_a_commit_cut_off_is_finished_by_a_rerun_with_any_process_count(tmp_path, monkeypatch):
     """Both ranks' parts complete, rank 0 killed while committing (an incomplete store beside the parts):
     the command run again, here by one process, commits the parts instead of extracting anything."""
-    import n2n.extract.run as run
     import torch
-    from n2n.parallel import Ranks
     from rich.console import Console
+
+    import n2n.extract.run as run
+    from n2n.parallel import Ranks
 
     assert n2n_extract(*ARGS, "--limit", 50, "--out", tmp_path / "clean").exit_code == 0
     cfg = run.ExtractConfig(expert="minilm", data="shapes", limit=50, batch_size=8, num_workers=0, dtype="float32",

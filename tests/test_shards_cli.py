@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from n2n.shards.cli import main
 from n2n.shards.store import create_store, open_store
 

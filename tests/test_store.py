@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+
 from n2n.shards import store as store_module
 from n2n.shards.store import (
     FORMATS,

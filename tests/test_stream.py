@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+
 from n2n.shards.store import StoreError, create_store, open_store
 from n2n.shards.view import create_view
 from n2n.train.checkpoint import CHECKPOINT, load_checkpoint, prefixed

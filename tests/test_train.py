@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+
 from n2n.shards.store import create_store
 from n2n.shards.synthetic import modes, write_synthetic
 from n2n.shards.view import create_view

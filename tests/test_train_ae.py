@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+
 from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
 from n2n.extract.datasets.shapes_judge import (
     ShapesJudge,

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
+
 from n2n.extract.cli import main as n2n_extract
 from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
 from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
@@ -16,7 +18,6 @@ from n2n.train.cli import main as n2n_train
 from n2n.translate.cli import main as n2n_translate
 from n2n.translate.evaluate import main as n2n_eval
 from n2n.translate.evaluate import text_to_image_scores, uniform_entropy
-from PIL import Image
 
 
 def invoke(command, *args) -> "click.testing.Result":  # noqa: F821

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from n2n.cinn import ConditionalFlow
 from n2n.errors import N2NError
 from n2n.train.data import Standardizer
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 CHECKPOINT = "checkpoint.safetensors"
 SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # save_file writes one beside the file, then renames it

@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.table import Table
+
 from n2n.cinn import ConditionalFlow
 from n2n.parallel import Ranks, relaunch
 from n2n.shards.cli import PATH_OR_URL
@@ -14,8 +17,6 @@ from n2n.shards.store import StoreError
 from n2n.shards.view import open_view
 from n2n.train.checkpoint import CHECKPOINT, CheckpointError, read_meta
 from n2n.train.trainer import DivergedError, ModelConfig, TrainConfig, TrainError, train
-from rich.console import Console
-from rich.table import Table
 
 console = Console(stderr=True)
 # Options that shape the run; on --resume they come from the checkpoint and may not be changed.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
 from n2n.parallel import ONE_PROCESS, Ranks
 from n2n.shards.store import Store, StoreError
 from n2n.shards.view import Join, View, hash_keys, open_view

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from n2n.parallel import ONE_PROCESS, Ranks
 from n2n.shards.store import Store, StoreError
 from n2n.shards.view import View

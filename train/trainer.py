@@ -23,6 +23,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.nn.parallel import DistributedDataParallel
+
 from n2n.cinn import ConditionalFlow, bits_per_dim, nll
 from n2n.errors import N2NError
 from n2n.parallel import Ranks, pick_device
@@ -40,9 +44,6 @@ from n2n.train.checkpoint import (
 )
 from n2n.train.data import PairedLatents, Standardizer, load_pairs
 from n2n.train.stream import stream_pairs
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.nn.parallel import DistributedDataParallel
 
 NET2NET_BASE_LR = 4.5e-6  # net2net scales its learning rate by the batch size
 

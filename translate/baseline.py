@@ -8,8 +8,9 @@ where the caption leaves attributes open (zero diversity by construction).
 from __future__ import annotations
 
 import torch
-from n2n.train.data import PairedLatents
 from torch import nn
+
+from n2n.train.data import PairedLatents
 
 
 def train_mlp(data: PairedLatents, steps: int = 2000, batch_size: int = 256, hidden: int = 512,

@@ -9,13 +9,14 @@ from pathlib import Path
 import click
 import numpy as np
 import transformers
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+
 from n2n.extract.experts import ExpertError
 from n2n.shards.store import write_json_atomic
 from n2n.train.checkpoint import CheckpointError
 from n2n.translate.grid import image_grid
 from n2n.translate.pipeline import TranslateError, load_pipeline
-from PIL import Image, UnidentifiedImageError
-from rich.console import Console
 
 console = Console(stderr=True)
 

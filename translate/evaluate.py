@@ -22,6 +22,9 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
+from rich.console import Console
+from rich.table import Table
+
 from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
 from n2n.extract.experts import ExpertError
 from n2n.shards.store import StoreError, as_path, write_json_atomic
@@ -30,8 +33,6 @@ from n2n.train.data import load_pairs
 from n2n.train.trainer import heldout_bpd
 from n2n.translate.baseline import train_mlp
 from n2n.translate.pipeline import TranslateError, expert_of
-from rich.console import Console
-from rich.table import Table
 
 ATTRIBUTES = ("color", "shape", "size", "position")
 VALUES = {"color": len(COLORS), "shape": len(SHAPES), "size": len(SIZES), "position": len(POSITIONS)}

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+
 from n2n.errors import N2NError
 from n2n.extract.experts import Expert, ExpertError, load_expert
 from n2n.train.checkpoint import TrainedFlow, load_run
-from rich.console import Console
 
 
 class TranslateError(N2NError):

@@ -18,8 +18,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from n2n.errors import N2NError
 from PIL import Image
+
+from n2n.errors import N2NError
 
 MODALITIES = ("image", "text", "label")
 

@@ -16,8 +16,9 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-from n2n.extract.datasets import DatasetError, ItemDataset
 from PIL import Image
+
+from n2n.extract.datasets import DatasetError, ItemDataset
 
 Z_DIM = 128
 Z_BOUND = 2.5  # net2net samples z from a normal truncated at |z| <= 2.5

@@ -15,8 +15,9 @@ import math
 import random
 from pathlib import Path
 
-from n2n.extract.datasets import DatasetError, ItemDataset
 from PIL import Image, ImageDraw
+
+from n2n.extract.datasets import DatasetError, ItemDataset
 
 COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white")
 SHAPES = ("circle", "square", "triangle", "star", "cross")

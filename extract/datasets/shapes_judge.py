@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesDataset, render
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+
+from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesDataset, render
 
 FORMAT = "n2n-shapes-judge"
 CONFIG, WEIGHTS = "config.json", "model.safetensors"

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, NamedTuple
 
 from braceexpand import braceexpand
+
 from n2n.extract.datasets import MODALITIES, DatasetError, ItemDataset, ItemError, check_captions, decode_image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from n2n.errors import N2NError
 from PIL import Image
+
+from n2n.errors import N2NError
 
 # family -> module; each module has ``load(model, layer, weights) -> Expert``.
 _FAMILIES = {

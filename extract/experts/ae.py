@@ -15,9 +15,10 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from n2n.extract.experts import Expert, ExpertError, first_line, folder_name, rgb, save_model_folder
 from torch import nn
 from torchvision import transforms
+
+from n2n.extract.experts import Expert, ExpertError, first_line, folder_name, rgb, save_model_folder
 
 FORMAT = "n2n-conv-autoencoder"
 CONFIG, WEIGHTS = "config.json", "model.safetensors"

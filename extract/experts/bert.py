@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from n2n.extract.experts import Expert, ExpertError, first_line, folder_name, missing_weights
 
 DEFAULT_MODEL = "bert-base-uncased"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from n2n.extract.experts import Expert, ExpertError, first_line, hub_offline, missing_weights
 
 MODELS = ("biggan-deep-128", "biggan-deep-256", "biggan-deep-512")

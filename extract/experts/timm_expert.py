@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
 from n2n.extract.experts import Expert, ExpertError, first_line, folder_name, missing_weights, rgb
 
 LOCAL_FILES = "a state-dict file (.safetensors, .pth, .bin) or a folder holding model.safetensors or pytorch_model.bin"
