@@ -36,7 +36,7 @@ demo: install
 	  $(BIN)/n2n-eval --run runs/minilm_ae --out demo/eval.json
 	test demo/eval-ae_minilm.json -nt runs/ae_minilm/checkpoint.safetensors || \
 	  $(BIN)/n2n-eval --run runs/ae_minilm --out demo/eval-ae_minilm.json
-	$(BIN)/python -c 'import translate.evaluate as e, json; [e.print_report(json.load(open(f))) \
+	$(BIN)/python -c 'import n2n.translate.evaluate as e, json; [e.print_report(json.load(open(f))) \
 	  for f in ("demo/eval.json", "demo/eval-ae_minilm.json")]'
 
 # Benchmarks: n2n against its baselines in one run each; tables on the terminal, JSON in bench/results/.

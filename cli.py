@@ -51,9 +51,22 @@ class PathOrURL(click.ParamType):
     name = "path"
 
     def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 (click's signature)
-        from n2n.shards.store import as_path
+        from n2n.shards.paths import as_path
 
         return as_path(value)
 
 
 PATH_OR_URL = PathOrURL()
+
+
+def parse_option(text: str, option: str) -> tuple[str, object]:
+    """KEY=VALUE (a ``--data-option``) with VALUE as an int, a float, true/false, or else the string itself."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise N2NError(f"{option} {text!r}: write it as KEY=VALUE, e.g. seed=1")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)

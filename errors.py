@@ -2,7 +2,7 @@
 
 Each stage raises its own subclass (``StoreError``, ``ExpertError``, ``TrainError``, ...), whose
 message is one line naming the input and the way on. The API lets them propagate; every command
-turns them into ``error: <message>`` and exit status 2 through ``n2n.cli.run`` (one place).
+turns them into ``error: <message>`` and exit status 2 through ``n2n.cli.reports_errors`` (one place).
 """
 
 

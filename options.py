@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import click
 
 from n2n.errors import N2NError
 
@@ -55,8 +54,8 @@ def check_value(name: str, value: Any, *, integer: bool = False, min: float | No
         if value not in choices:
             raise N2NError(f"{where}: {rule}")
         return
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or (integer and not float(value).is_integer()) or not math.isfinite(value):
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
+    if not number or not math.isfinite(value) or (integer and not float(value).is_integer()):
         raise N2NError(f"{where}: {rule}")
     if ((min is not None and value < min) or (max is not None and value > max)
             or (above is not None and value <= above) or (below is not None and value >= below)):
@@ -88,7 +87,11 @@ def _base(hint: Any) -> tuple[Any, bool]:
 
 
 def check_fields(obj: Any) -> None:
-    """Check every ``setting`` field of a dataclass instance against its declared type and range."""
+    """Check every ``setting`` field of a dataclass instance against its declared type and range.
+
+    A number that passes is stored as the field's own type (``np.int64(5)`` or ``5.0`` as ``5``), so a
+    config always serialises to JSON (checkpoint headers, store meta) and compares equal to its copy.
+    """
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         meta = f.metadata.get("n2n")
@@ -101,14 +104,19 @@ def check_fields(obj: Any) -> None:
         elif kind in (int, float):
             check_value(f.name, value, integer=kind is int, min=meta["min"], max=meta["max"], above=meta["above"],
                         below=meta["below"], optional=optional)
+            if value is not None:
+                object.__setattr__(obj, f.name, kind(value))  # frozen dataclasses too
 
 
 def click_options(cls: type, skip: Sequence[str] = ()) -> Callable[[Callable], Callable]:
     """Decorate a click command with one option per ``setting`` field of ``cls`` (in field order).
 
     Defaults come from the dataclass; a ``None`` default shows the field's help text instead.
-    Ranges are not given to click: the dataclass checks them, with the API's message.
+    Ranges are not given to click: the dataclass checks them, with the API's message. click is
+    imported here, so that a module declaring its settings (``n2n.cinn``) does not need it.
     """
+    import click
+
     hints = _hints(cls)
 
     def decorate(command: Callable) -> Callable:

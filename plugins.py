@@ -22,6 +22,8 @@ does not stop the others.
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -29,7 +31,7 @@ from importlib.metadata import entry_points
 from n2n.errors import N2NError
 
 GROUPS = {"expert": "n2n.experts", "dataset": "n2n.datasets", "format": "n2n.formats"}
-IN_PROCESS = "(registered in this process)"
+IN_PROCESS = "(registered in this process)"  # the "distribution" of what register() adds
 
 
 class PluginError(N2NError):
@@ -47,6 +49,11 @@ class Plugin:
     get: Callable[[], object]
 
     @property
+    def provider(self) -> str:
+        """The distribution's name without its version, or "this process"."""
+        return "this process" if self.dist == IN_PROCESS else self.dist.split()[0]
+
+    @property
     def where(self) -> str:
         return f"entry point {self.name} = {self.target!r} of {self.dist}"
 
@@ -57,7 +64,8 @@ class Plugin:
         except Exception as err:  # whatever the plug-in's import raises
             raise PluginError(f"{self.kind} plug-in {self.name!r} failed to load ({type(err).__name__}: "
                               f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}) from {self.where}; "
-                              f"fix or uninstall {self.dist.split()[0]}") from err
+                              f"fix {'it' if self.dist == IN_PROCESS else 'or uninstall ' + self.provider}"
+                              ) from err
 
 
 _registered: dict[str, dict[str, Plugin]] = {kind: {} for kind in GROUPS}
@@ -65,11 +73,19 @@ _registered: dict[str, dict[str, Plugin]] = {kind: {} for kind in GROUPS}
 
 def _installed(kind: str) -> dict[str, list[Plugin]]:
     """Entry points of one group, by name (a name may be claimed by several distributions)."""
+    return {name: list(claims) for name, claims in _scan(GROUPS[kind], tuple(sys.path)).items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _scan(group: str, path: tuple[str, ...]) -> dict[str, tuple[Plugin, ...]]:
+    """Scanning the installed distributions takes ~20 ms: once per group and ``sys.path`` (a changed
+    path, e.g. a plug-in folder added in a notebook or a test, is scanned anew)."""
+    kind = next(k for k, g in GROUPS.items() if g == group)
     found: dict[str, list[Plugin]] = {}
-    for ep in entry_points(group=GROUPS[kind]):
+    for ep in entry_points(group=group):
         dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unknown distribution"
         found.setdefault(ep.name, []).append(Plugin(kind, ep.name, dist, ep.value, ep.load))
-    return found
+    return {name: tuple(claims) for name, claims in found.items()}
 
 
 def plugins(kind: str) -> dict[str, list[Plugin]]:
@@ -130,5 +146,5 @@ def register_format(name: str, cls: type) -> None:
 
 def listing(kind: str) -> str:
     """``name (distribution), ...`` for help texts and ``n2n-shards ls``."""
-    return ", ".join(f"{name} ({claims[0].dist.split()[0]})" if len(claims) == 1 else f"{name} (conflict)"
+    return ", ".join(f"{name} ({claims[0].provider})" if len(claims) == 1 else f"{name} (conflict)"
                      for name, claims in plugins(kind).items())

@@ -50,7 +50,7 @@ def main(batches: tuple[int, ...], repeat: int) -> None:
     peak, gemm_times = gemm_flops_per_s()
     raw: dict = {"gemm_flops_per_s": peak, "gemm_s": gemm_times}
     rows = []
-    flow = ConditionalFlow(**NET2NET)
+    flow = ConditionalFlow.from_dict(NET2NET)
     flow.train()
     flow(torch.randn(256, flow.dim), torch.randn(256, NET2NET["cond_dim"]))  # ActNorm init
     for batch in batches:

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from n2n.cinn import ConditionalFlow
-from n2n.shards.store import write_json_atomic
+from n2n.shards import write_json_atomic
 from n2n.train.trainer import make_loss, make_optimizer, make_step
 
 RESULTS = Path(__file__).parent / "results"  # N2N_BENCH_RESULTS overrides it (the tests write elsewhere)

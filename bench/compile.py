@@ -31,7 +31,7 @@ def main(device: str, batches: tuple[int, ...], steps: int) -> None:
         result = {}
         for way in ("eager", "compiled"):
             torch.manual_seed(0)
-            flow = ConditionalFlow(**DEMO_FLOW).to(dev)
+            flow = ConditionalFlow.from_dict(DEMO_FLOW).to(dev)
             x = torch.randn(batch, DEMO_FLOW["dim"], device=dev)
             c = torch.randn(batch, DEMO_FLOW["cond_dim"], device=dev)
             flow(x, c)  # ActNorm init, eagerly (as the trainer does)

@@ -18,7 +18,7 @@ import torch
 from bench.common import Row, report
 from n2n.extract.datasets import open_dataset
 from n2n.extract.experts import load_expert
-from n2n.extract.run import ExtractConfig, batches, extract
+from n2n.extract.run import ExtractConfig, batches, run_extraction
 
 TARGET = 1.25
 
@@ -55,7 +55,7 @@ def main(items: int, num_workers: int, batch_size: int) -> None:
                                 num_workers=num_workers, batch_size=batch_size, weights=weights, device="cpu")
             forward_only(spec, weights, min(items, 2 * batch_size), batch_size)  # load files into the page cache
             start = time.perf_counter()
-            extract(cfg)
+            run_extraction(cfg)
             wall = time.perf_counter() - start
             forward = forward_only(spec, weights, items, batch_size)
             raw[spec] = {"extract_wall_s": wall, "forward_s": forward}

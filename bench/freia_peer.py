@@ -57,8 +57,7 @@ def parameters(module: nn.Module) -> int:
 
 def matched_freia(flow: ConditionalFlow) -> FreiaFlow:
     """The FrEIA flow whose parameter count is nearest the n2n flow's (block count solved for)."""
-    cfg = flow.config
-    args = (cfg["dim"], cfg["cond_dim"], cfg["hidden_dim"], cfg["hidden_depth"])
+    args = (flow.dim, flow.cond_dim, flow.config.hidden_dim, flow.config.hidden_depth)
     per_block = parameters(FreiaFlow(*args, blocks=1))
     return FreiaFlow(*args, blocks=max(1, round(parameters(flow) / per_block)))
 
@@ -66,7 +65,7 @@ def matched_freia(flow: ConditionalFlow) -> FreiaFlow:
 def step_times(batch_size: int, repeat: int) -> dict:
     """Seconds per training step of both models at net2net size."""
     torch.manual_seed(0)
-    flow = ConditionalFlow(**NET2NET)
+    flow = ConditionalFlow.from_dict(NET2NET)
     freia = matched_freia(flow)
     x, c = torch.randn(batch_size, NET2NET["dim"]), torch.randn(batch_size, NET2NET["cond_dim"])
     steps = {name: partial(trainer_step(model.train(), lr=LR), x, c) for name, model in (("n2n", flow),
@@ -79,7 +78,7 @@ def step_times(batch_size: int, repeat: int) -> dict:
 def nll_after(data: PairedLatents, steps: int, batch_size: int, seed: int = 0) -> dict:
     """Held-out NLL (bits/dim) of both models after `steps` steps on the same batches."""
     torch.manual_seed(seed)
-    flow = ConditionalFlow(**SMALL)
+    flow = ConditionalFlow.from_dict(SMALL)
     out: dict = {"n2n_parameters": parameters(flow)}
     freia = matched_freia(flow)
     out["freia_parameters"], out["freia_blocks"] = parameters(freia), len(freia.inn.module_list)

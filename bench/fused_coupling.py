@@ -60,7 +60,7 @@ class SeparateCoupling(nn.Module):
 
 def separate_twin(flow: ConditionalFlow) -> ConditionalFlow:
     """A copy of `flow` whose couplings run their four nets separately, with the same weights."""
-    twin = ConditionalFlow(**flow.config)
+    twin = ConditionalFlow.from_dict(flow.to_dict())
     twin.load_state_dict(flow.state_dict())
     for block in twin.blocks:
         block.coupling = SeparateCoupling(block.coupling)
@@ -72,7 +72,7 @@ def separate_twin(flow: ConditionalFlow) -> ConditionalFlow:
 @click.option("--repeat", default=3, show_default=True, help="Timed steps per model and batch size.")
 def main(batches: tuple[int, ...], repeat: int) -> None:
     torch.manual_seed(0)
-    flow = ConditionalFlow(**NET2NET).train()
+    flow = ConditionalFlow.from_dict(NET2NET).train()
     flow(torch.randn(256, NET2NET["dim"]), torch.randn(256, NET2NET["cond_dim"]))  # ActNorm init
     twin = separate_twin(flow).train()
     x, c = torch.randn(64, NET2NET["dim"]), torch.randn(64, NET2NET["cond_dim"])

@@ -25,7 +25,7 @@ import click
 import torch
 
 from bench.common import Row, peak_rss_mib, report, trainer_step
-from n2n.cinn import ConditionalFlow
+from n2n.cinn import ConditionalFlow, FlowConfig
 from n2n.train.data import PairedLatents, Rows, Standardizer
 
 # BigGAN-deep-256's generator layout (pytorch-pretrained-biggan's published config): 4x4 -> 256x256.
@@ -104,7 +104,8 @@ def n2n_step(pair: str, step, batch_size: int, generator: torch.Generator, image
     norms = [Standardizer(torch.zeros(d), torch.ones(d)) for d in (source_dim, target_dim)]
     source = Rows(torch.randn(5 * images, source_dim).half(), torch.arange(5 * images), norms[0])
     target = Rows(torch.randn(images, target_dim).half(), torch.arange(images).repeat_interleave(5), norms[1])
-    data = PairedLatents(None, source, target, source, target, *norms, None)  # held-out rows: unused here
+    data = PairedLatents(view=None, source=source, target=target, held_source=source, held_target=target,
+                         source_norm=norms[0], target_norm=norms[1])  # held-out rows: unused here
 
     def run() -> None:
         step(*data.batch(batch_size, generator))
@@ -117,7 +118,7 @@ def measure(pair: str, way: str, batch_size: int, steps: int) -> dict:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     source_dim, target_dim = PAIRS[pair]["dims"]
-    flow = ConditionalFlow(target_dim, source_dim, **PAIRS[pair]["flow"])
+    flow = ConditionalFlow(target_dim, source_dim, FlowConfig(**PAIRS[pair]["flow"]))
     flow.train()
     flow(torch.randn(batch_size, target_dim), torch.randn(batch_size, source_dim))  # ActNorm init
     step = trainer_step(flow)

@@ -16,7 +16,7 @@ import click
 import numpy as np
 
 from bench.common import Row, report, timed
-from n2n.shards.store import FORMATS, create_store, open_store
+from n2n.shards import FORMATS, create_store, open_store
 from n2n.shards.view import create_view, open_view
 from n2n.train.data import load_pairs
 

@@ -26,7 +26,7 @@ import torch
 from bench.common import Row, peak_rss_mib, report, trainer_step
 from bench.compile import DEMO_FLOW
 from n2n.cinn import ConditionalFlow
-from n2n.shards.store import create_store
+from n2n.shards import create_store
 from n2n.shards.view import create_view
 from n2n.train.data import load_pairs
 from n2n.train.stream import stream_pairs
@@ -60,14 +60,13 @@ def memory_of(way: str, view: Path, batch: int) -> dict:
     """Peak RSS of a fresh process that loads ``view`` one way and trains 20 steps (run as a child)."""
     data = load_pairs(view) if way == "resident" else stream_pairs(
         view, 0.05, None, device=torch.device("cpu"), batch_size=batch, seed=0, eval_rows=1024)
-    flow = ConditionalFlow(**DEMO_FLOW)
+    flow = ConditionalFlow.from_dict(DEMO_FLOW)
     generator = torch.Generator().manual_seed(0)
     flow(*data.batch(batch, generator))
     train = trainer_step(flow)
     for _ in range(20):
         train(*data.batch(batch, generator))
-    if data.stream is not None:
-        data.stream.close()
+    data.close()
     return {"peak_rss_mib": peak_rss_mib()}
 
 
@@ -104,7 +103,7 @@ def main(captions: int, rss_captions: int, rss_of: str | None, view: Path | None
             steps = {}
             for name, data in (("resident", resident), ("stream", streamed)):
                 torch.manual_seed(0)
-                flow = ConditionalFlow(**DEMO_FLOW)
+                flow = ConditionalFlow.from_dict(DEMO_FLOW)
                 generator = torch.Generator().manual_seed(0)
                 flow(*data.batch(batch, generator))  # ActNorm init
                 train = trainer_step(flow)
@@ -116,7 +115,7 @@ def main(captions: int, rss_captions: int, rss_of: str | None, view: Path | None
             for _ in range(blocks):
                 for name, step in steps.items():
                     rates[name].append(steps_per_s(step, block))
-            streamed.stream.close()
+            streamed.close()
             mean = {name: float(np.mean(r)) for name, r in rates.items()}
             ratio = mean["stream"] / mean["resident"]
             raw[f"window_{window}"] = {"steps_per_s": rates, "block_steps": block}

@@ -9,15 +9,21 @@ A flow maps a target latent x to z ~ N(0, I) given a condition c (the source exp
         x = Shuffle(x)                                (a fixed permutation)
 
 Every piece is a short class with ``forward`` (x -> y, log|det J|) and ``reverse`` (y -> x), so the
-inverse is exact and the log-determinant is a sum of per-piece terms.
+inverse is exact and the log-determinant is a sum of per-piece terms. ``FlowConfig`` is the one
+description of a flow's shape: the flow, n2n-train's options and a checkpoint's header all read it,
+so a new option is one field and a new coupling type one entry of ``COUPLINGS``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from n2n.options import check_fields, setting
 
 NORMS = ("layer", "batch", "none")
 
@@ -184,13 +190,42 @@ class Shuffle(nn.Module):
         return y[:, self.inverse_perm]
 
 
-class FlowBlock(nn.Module):
-    """ActNorm -> DoubleAffineCoupling -> Shuffle."""
+# Coupling types by name (FlowConfig.coupling): each is built as cls(dim, embedding_dim, hidden_dim, depth)
+# and has forward(x, h) -> (y, log|det J|) and reverse(y, h) -> x.
+COUPLINGS: dict[str, type[nn.Module]] = {"affine": DoubleAffineCoupling}
 
-    def __init__(self, dim: int, embedding_dim: int, hidden_dim: int, depth: int, seed: int) -> None:
+
+@dataclasses.dataclass(frozen=True)
+class FlowConfig:
+    """The shape of a flow, less the two latent sizes (they come from the view). net2net's defaults."""
+
+    n_flows: int = setting(24, "Blocks of [ActNorm, coupling, shuffle].", min=1)
+    hidden_dim: int = setting(1024, "Width of the coupling nets.", min=1)
+    hidden_depth: int = setting(2, "Hidden layers of the coupling nets (net2net: 2, i.e. four Linear layers).",
+                                min=0)
+    # net2net's embedding is the target's size (268 for BigGAN): small targets starve of condition that way
+    # (measured: +0.4 nats/dim at dim 8).
+    embedding_dim: int | None = setting(None, "Size of the condition embedding every coupling net sees.  "
+                                              "[default: max(target dim, 64)]", min=1)
+    embedder_depth: int = setting(2, "Hidden layers of the condition embedder.", min=0)
+    embedder_norm: str = setting(
+        "layer", "Normalisation in the condition embedder. net2net's batch makes a sample's embedding depend on "
+                 "its batch and breaks at batch size 1 (translating one caption); layer trains as well.",
+        choices=NORMS)
+    coupling: str = setting("affine", "Coupling of every block; affine: net2net's double affine coupling (separate "
+                                      "s and t nets, tanh-bounded log-scales).", choices=tuple(COUPLINGS))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+class FlowBlock(nn.Module):
+    """ActNorm -> coupling -> Shuffle."""
+
+    def __init__(self, dim: int, config: FlowConfig, seed: int) -> None:
         super().__init__()
         self.norm = ActNorm(dim)
-        self.coupling = DoubleAffineCoupling(dim, embedding_dim, hidden_dim, depth)
+        self.coupling = COUPLINGS[config.coupling](dim, config.embedding_dim, config.hidden_dim, config.hidden_depth)
         self.shuffle = Shuffle(dim, seed)
 
     def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,46 +244,30 @@ class ConditionalFlow(nn.Module):
     Args:
         dim: size of the target latent x (what is generated).
         cond_dim: size of the condition c (the source expert's latent).
-        n_flows: number of blocks [ActNorm, DoubleAffineCoupling, Shuffle].
-        hidden_dim: width of the coupling nets.
-        hidden_depth: hidden layers of the coupling nets (net2net: 2, i.e. four Linear layers each).
-        embedding_dim: size of the condition embedding h that every coupling net sees; defaults to
-            ``max(dim, 64)``: net2net uses ``dim`` (268 for BigGAN); for small targets that width
-            starves the couplings of condition information (measured: +0.4 nats/dim at dim 8).
-        embedder_depth: hidden layers of the embedder MLP.
-        embedder_norm: normalisation inside the embedder. net2net uses "batch", which makes h depend
-            on the rest of the batch and breaks at batch size 1 (translating one caption); "layer"
-            (the default) normalises each sample on its own and trains as well (see README).
+        config: the flow's shape (FlowConfig's defaults: net2net's). ``self.config`` holds it with
+            ``embedding_dim`` resolved.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        cond_dim: int,
-        n_flows: int = 24,
-        hidden_dim: int = 1024,
-        hidden_depth: int = 2,
-        embedding_dim: int | None = None,
-        embedder_depth: int = 2,
-        embedder_norm: str = "layer",
-    ) -> None:
+    def __init__(self, dim: int, cond_dim: int, config: FlowConfig | None = None) -> None:
         super().__init__()
-        embedding_dim = embedding_dim or max(dim, 64)
-        self.config = dict(
-            dim=dim,
-            cond_dim=cond_dim,
-            n_flows=n_flows,
-            hidden_dim=hidden_dim,
-            hidden_depth=hidden_depth,
-            embedding_dim=embedding_dim,
-            embedder_depth=embedder_depth,
-            embedder_norm=embedder_norm,
-        )
-        self.dim = dim
-        self.embedder = mlp(cond_dim, embedding_dim, embedder_depth, embedding_dim, norm=embedder_norm)
-        self.blocks = nn.ModuleList(
-            FlowBlock(dim, embedding_dim, hidden_dim, hidden_depth, seed=i) for i in range(n_flows)
-        )
+        config = config or FlowConfig()
+        self.config = dataclasses.replace(config, embedding_dim=config.embedding_dim or max(dim, 64))
+        self.dim, self.cond_dim = dim, cond_dim
+        width = self.config.embedding_dim
+        self.embedder = mlp(cond_dim, width, self.config.embedder_depth, width, norm=self.config.embedder_norm)
+        self.blocks = nn.ModuleList(FlowBlock(dim, self.config, seed=i) for i in range(self.config.n_flows))
+
+    def to_dict(self) -> dict[str, Any]:
+        """What rebuilds this flow (``from_dict``): both sizes and the resolved config; a checkpoint's
+        ``model`` header."""
+        return {"dim": self.dim, "cond_dim": self.cond_dim, **dataclasses.asdict(self.config)}
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> ConditionalFlow:
+        """A flow from ``dim``, ``cond_dim`` and any FlowConfig fields (the rest at their defaults):
+        a checkpoint's header, of this version or an earlier one (which had no ``coupling``)."""
+        spec = dict(spec)
+        return cls(spec.pop("dim"), spec.pop("cond_dim"), FlowConfig(**spec))
 
     def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, dim], c [B, cond_dim] -> z [B, dim], log|det dz/dx| [B]."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import threading
 import time
@@ -32,9 +33,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from n2n.errors import N2NError
 from n2n.extract.datasets import ItemDataset, ItemError, open_dataset
 from n2n.extract.experts import Expert, load_expert
+from n2n.options import check_fields, setting
 from n2n.parallel import Ranks, pick_device
-from n2n.shards.parts import commit_parts, existing_ranges, open_parts, part_meta, part_path, part_ranges, parts_dir
-from n2n.shards.store import (
+from n2n.shards import (
     Store,
     StoreError,
     StoreWriter,
@@ -47,9 +48,12 @@ from n2n.shards.store import (
     resume_store,
     write_text_atomic,
 )
+from n2n.shards.parts import commit_parts, existing_ranges, open_parts, part_meta, part_path, part_ranges, parts_dir
 
 ERRORS = "errors.jsonl"
 ATTRIBUTES = "attributes.jsonl"
+WEIGHTS_FROM_STORE = "weights_from_store"
+RECORDS = (WEIGHTS_FROM_STORE, "plugin")  # entries of a store's expert/dataset meta that same_origin ignores
 
 
 class ExtractError(N2NError):
@@ -58,23 +62,35 @@ class ExtractError(N2NError):
 
 @dataclass
 class ExtractConfig:
+    """One extraction: which expert over which data, where to, and how. Checked when made."""
+
     expert: str
     data: str
     data_root: Path | None = None
     split: str = "train"
     out: Path = Path("shards")
     format: str = "zarr"
-    batch_size: int = 64
-    num_workers: int = 2
+    batch_size: int = setting(64, "Items per forward pass (fixed for the life of a store).", min=1)
+    num_workers: int = setting(2, "Loader processes (decode, preprocess); 0 loads in the main process.", min=0)
     device: str = "auto"
-    dtype: str = "float16"
-    limit: int | None = None
+    dtype: str = setting("float16", "Stored latent dtype.", choices=("float16", "float32"))
+    limit: int | None = setting(None, "Only the first N items.", min=1)
     layers: list[str] | None = None
     weights: Path | None = None
-    on_error: str = "skip"
+    on_error: str = setting("skip", "A corrupt image or empty caption: skip it (recorded in errors.jsonl) or stop.",
+                            choices=("skip", "fail"))
     overwrite: bool = False
-    commit_every: float = 30.0  # seconds between commits: the most work a crash can cost
-    dataset_options: dict = field(default_factory=dict)
+    commit_every: float = setting(30.0, "Seconds between commits: the most work a crash can cost.", min=0)
+    data_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("expert", "data"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ExtractError(f"{name} = {getattr(self, name)!r}: name an {name}, e.g. "
+                                   f"{'minilm' if name == 'expert' else 'shapes'}")
+        if self.layers is not None and (isinstance(self.layers, str) or not all(self.layers)):
+            raise ExtractError(f"layers = {self.layers!r}: give a list of layer names, e.g. ['cls', 'mean']")
 
 
 # ---------------------------------------------------------------- loader side (runs in workers)
@@ -191,18 +207,32 @@ def pick_layers(cfg: ExtractConfig, expert: Expert) -> list[str]:
     return layers
 
 
-def store_meta(cfg: ExtractConfig, expert: Expert, dataset: ItemDataset, layer: str, limit: int) -> dict:
+def store_meta(cfg: ExtractConfig, expert: Expert, dataset: ItemDataset, layer: str, limit: int,
+               path: Path) -> dict:
     """What a store records of its origin: a view refuses to pair stores that do not belong together."""
     return {
-        "expert": {**expert.identity(), "layer": layer},
+        "expert": {**expert.identity(), "layer": layer, **weights_from_store(expert.weights, path)},
         "dataset": {**dataset.describe(), "limit": cfg.limit},
         "split": cfg.split,
         "extraction": {"batch_size": cfg.batch_size, "items": limit, "dtype": cfg.dtype},
     }
 
 
+def weights_from_store(weights: str | None, store: Path) -> dict:
+    """Where local weights lie as seen from the store, so that a project folder (shards/ and experts/
+    together) that is moved or copied still finds them: ``{"weights_from_store": relative path}``."""
+    if not weights or is_remote(store) or not Path(weights).exists():
+        return {}
+    return {WEIGHTS_FROM_STORE: os.path.relpath(Path(weights).resolve(), Path(store).resolve())}
+
+
 def same_origin(existing: dict, wanted: dict) -> bool:
-    return all(existing.get(k) == wanted[k] for k in ("expert", "dataset", "split"))
+    """Same expert, dataset and split: the store can be resumed or reused. Where weights lay and which
+    distribution provided the plug-in (and its version) are records, not identity: they may change."""
+    def identity(entry: object) -> object:
+        return {k: v for k, v in entry.items() if k not in RECORDS} if isinstance(entry, dict) else entry
+
+    return all(identity(existing.get(k)) == identity(wanted[k]) for k in ("expert", "dataset", "split"))
 
 
 def resume_point(keys: np.ndarray, index_of: dict[str, int], batch_size: int, lo: int = 0) -> int:
@@ -283,7 +313,7 @@ class Job:
     metas: dict[str, dict]
 
     def summary(self, paths: dict[str, Path] | None = None, **fields: object) -> dict:
-        """What extract() returns: the stores written, then rows, timings and flags as ``fields`` say."""
+        """What run_extraction() returns: the stores written, then rows, timings and flags as ``fields`` say."""
         stores = [str(p) for p in (paths or self.paths).values()]
         return {"stores": stores, "skipped": 0, "seconds": 0.0, "items_per_s": 0.0, "already_complete": False,
                 **fields}
@@ -299,7 +329,7 @@ class Job:
 
 def plan(cfg: ExtractConfig) -> Job:
     """Open the dataset and the expert and name the stores; cheap checks first."""
-    dataset = open_dataset(cfg.data, cfg.data_root, cfg.split, **cfg.dataset_options)
+    dataset = open_dataset(cfg.data, cfg.data_root, cfg.split, **cfg.data_options)
     expert = load_expert(cfg.expert, cfg.weights)
     if expert.modality not in dataset.modalities:
         raise ExtractError(
@@ -310,11 +340,11 @@ def plan(cfg: ExtractConfig) -> Job:
     layers = pick_layers(cfg, expert)
     items = min(len(dataset), cfg.limit) if cfg.limit else len(dataset)
     paths = store_paths(cfg, expert, layers)
-    metas = {layer: store_meta(cfg, expert, dataset, layer, items) for layer in layers}
+    metas = {layer: store_meta(cfg, expert, dataset, layer, items, paths[layer]) for layer in layers}
     return Job(cfg, expert, dataset, layers, items, paths, metas)
 
 
-def extract(cfg: ExtractConfig, console: Console | None = None) -> dict:
+def run_extraction(cfg: ExtractConfig, console: Console | None = None) -> dict:
     """Extract (or resume, or confirm complete) the stores of one expert over one dataset.
 
     Under torchrun each rank extracts its own range of items into parts of the stores, and rank 0

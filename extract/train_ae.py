@@ -14,8 +14,6 @@ the number that decides whether text-to-image through this decoder can be scored
 from __future__ import annotations
 
 import json
-import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,10 +26,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torchvision import transforms
 
+from n2n import plugins
+from n2n.cli import CONTEXT, parse_option, reports_errors
 from n2n.errors import N2NError
-from n2n.extract.datasets import DatasetError, ItemDataset, ItemError, known_datasets, open_dataset
+from n2n.extract.datasets import DatasetError, ItemDataset, ItemError, open_dataset
 from n2n.extract.experts import first_line
 from n2n.extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
+from n2n.options import check_fields, click_options, setting
 from n2n.parallel import pick_device
 
 console = Console(stderr=True)
@@ -44,31 +45,44 @@ class TrainAEError(N2NError):
     """Bad input the user can fix; the one-line message says how."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainAEConfig:
-    """One run. The defaults reach 100% on every attribute of the shapes judge on held-out
-    reconstructions in about 2 minutes on two CPU cores. They are a VAE with a 32-d latent: on the
-    demo (text -> image, 4000 items, same cINN) colour accuracy was 93.9% with a plain 64-d
-    autoencoder, 95.5% with a 64-d VAE and 97.0% with a 32-d VAE. A KL weight of 1e-4 cost shape
-    (84.5% on reconstructions); 1e-5 leaves a posterior std of ~0.2 of the latent's spread."""
+    """One run, checked when made (before anything is read or written). The defaults reach 100% on
+    every attribute of the shapes judge on held-out reconstructions in about 2 minutes on two CPU
+    cores. They are a VAE with a 32-d latent: on the demo (text -> image, 4000 items, same cINN)
+    colour accuracy was 93.9% with a plain 64-d autoencoder, 95.5% with a 64-d VAE and 97.0% with a
+    32-d VAE. A KL weight of 1e-4 cost shape (84.5% on reconstructions); 1e-5 leaves a posterior std
+    of ~0.2 of the latent's spread."""
 
     data: str = "shapes"
     data_root: Path | None = None
     dataset_options: dict = field(default_factory=dict)
-    limit: int | None = None
-    image_size: int = 64
-    latent_dim: int = 32
+    limit: int | None = setting(None, "Train on the first N images only.", min=1)
+    image_size: int = setting(64, "Images are resized (shorter side) and centre-cropped to this.", min=1)
+    latent_dim: int = setting(32, "Size of the latent the expert stores.", min=1)
     channels: tuple[int, ...] = (16, 32, 64, 128)
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 2e-3
-    foreground_weight: float = 20.0
-    kl_weight: float = 1e-5  # > 0: a VAE (see ConvAutoencoder); weight of KL nats per image against the pixel loss
+    steps: int = setting(1500, "Optimiser steps.", min=1)
+    batch_size: int = setting(32, "Images per step.", min=1)
+    lr: float = setting(2e-3, "Peak learning rate (one-cycle schedule).", above=0)
+    foreground_weight: float = setting(20.0, "Extra loss weight on pixels unlike the image's border colour (small "
+                                             "shapes matter).", min=0)
+    kl_weight: float = setting(1e-5, "Above 0 a VAE, whose decoder also renders the latents between training "
+                                     "images (see ConvAutoencoder): weight of the KL term (nats per image) against "
+                                     "the pixel loss. 0: a plain autoencoder.", min=0)
     out: Path = Path("experts/ae-shapes")
     device: str = "auto"
-    seed: int = 0
+    seed: int = setting(0, "Seeds the initial weights and the batch order.", min=0)
     overwrite: bool = False
     judge: Path = Path("experts/judge-shapes")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.channels or min(self.channels) < 1:
+            raise TrainAEError(f"--channels must be one or more widths >= 1, not {','.join(map(str, self.channels))}")
+        stages = 2 ** len(self.channels)
+        if self.image_size % stages or self.image_size < stages:
+            raise TrainAEError(f"--image-size {self.image_size} must be a multiple of {stages} "
+                               f"(one halving per entry of --channels)")
 
 
 # ---------------------------------------------------------------- data
@@ -234,30 +248,8 @@ def saved_autoencoder(out: Path) -> bool:
     return True
 
 
-def check(cfg: TrainAEConfig) -> None:
-    """Reject bad numbers before anything slow happens."""
-    for name in ("latent_dim", "steps", "batch_size", "image_size"):
-        if getattr(cfg, name) < 1:
-            raise TrainAEError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(cfg, name)}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise TrainAEError(f"--limit must be >= 1, not {cfg.limit}")
-    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
-        raise TrainAEError(f"--lr must be a positive number, not {cfg.lr}")
-    if not cfg.kl_weight >= 0:
-        raise TrainAEError(f"--kl-weight must be >= 0 (0: a plain autoencoder), not {cfg.kl_weight}")
-    if cfg.foreground_weight < 0:
-        raise TrainAEError(f"--foreground-weight must be >= 0, not {cfg.foreground_weight}")
-    if not cfg.channels or min(cfg.channels) < 1:
-        raise TrainAEError(f"--channels must be one or more widths >= 1, not {','.join(map(str, cfg.channels))}")
-    side = cfg.image_size // 2 ** len(cfg.channels)
-    if side < 1 or side * 2 ** len(cfg.channels) != cfg.image_size:
-        raise TrainAEError(f"--image-size {cfg.image_size} must be a multiple of {2 ** len(cfg.channels)} "
-                           f"(one halving per entry of --channels)")
-
-
 def train_autoencoder(cfg: TrainAEConfig, progress_console: Console = console) -> dict:
     """Train, save to ``cfg.out`` and write ``cfg.out/report.json``; the report (``skipped`` if already done)."""
-    check(cfg)
     if not cfg.overwrite and saved_autoencoder(cfg.out):
         return {"skipped": True, "out": str(cfg.out)}
     device = resolve_device(cfg.device)
@@ -304,36 +296,32 @@ def summary_table(report: dict) -> Table:
     return table
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--data", default="shapes", help=f"Image dataset: {', '.join(known_datasets())}.")
+def parse_widths(channels: str) -> tuple[int, ...]:
+    """``--channels 16,32,64``; anything else is a one-line TrainAEError, as every other bad option is."""
+    try:
+        return tuple(int(c) for c in channels.split(","))
+    except ValueError:
+        raise TrainAEError(f"--channels {channels!r}: write widths as comma-separated integers, "
+                           "e.g. 16,32,64,128") from None
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--data", default=TrainAEConfig.data, help=f"Image dataset; installed: {plugins.listing('dataset')}.")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="Where the dataset lives (coco, folder, wds); shapes needs none.")
 @click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE",
               help="A dataset option, repeatable: e.g. seed=1 or count=5000 (shapes).")
-@click.option("--limit", type=int, default=None, help="Train on the first N images only.")
-@click.option("--image-size", default=64, help="Images are resized (shorter side) and centre-cropped to this.")
-@click.option("--latent-dim", default=TrainAEConfig.latent_dim, help="Size of the latent the expert stores.")
 @click.option("--channels", default=",".join(map(str, TrainAEConfig.channels)),
               help="Conv widths, one stride-2 stage each (comma-separated).")
-@click.option("--steps", default=TrainAEConfig.steps, help="Optimiser steps.")
-@click.option("--batch-size", default=TrainAEConfig.batch_size, help="Images per step.")
-@click.option("--lr", default=TrainAEConfig.lr, help="Peak learning rate (one-cycle schedule).")
-@click.option("--foreground-weight", default=TrainAEConfig.foreground_weight,
-              help="Extra loss weight on pixels unlike the image's border colour (small shapes matter).")
-@click.option("--kl-weight", default=TrainAEConfig.kl_weight,
-              help="Above 0 a VAE, whose decoder also renders the latents between training images (see "
-                   "ConvAutoencoder): weight of the KL term (nats per image) against the pixel loss. 0: a plain "
-                   "autoencoder.")
+@click_options(TrainAEConfig)
 @click.option("--out", type=click.Path(path_type=Path), default=TrainAEConfig.out,
               help="Folder of the saved expert (config.json, model.safetensors, report.json).")
-@click.option("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-@click.option("--seed", default=0, help="Seeds the initial weights and the batch order.")
+@click.option("--device", default=TrainAEConfig.device, help="auto | cpu | cuda | cuda:N")
 @click.option("--judge", type=click.Path(path_type=Path), default=TrainAEConfig.judge,
               help="Shapes judge folder (trained there in about a minute if missing); shapes only.")
 @click.option("--overwrite", is_flag=True, help="Retrain even if --out already holds an autoencoder.")
-def main(data: str, data_root: Path | None, data_options: tuple[str, ...], limit: int | None, image_size: int,
-         latent_dim: int, channels: str, steps: int, batch_size: int, lr: float, foreground_weight: float,
-         kl_weight: float, out: Path, device: str, seed: int, judge: Path, overwrite: bool) -> None:
+@reports_errors
+def main(data_options: tuple[str, ...], channels: str, **options: object) -> None:
     """Train a convolutional autoencoder on a dataset's images and save it as the expert ae:OUT.
 
     On shapes it also writes how well the shapes judge recognises colour, shape, size and position
@@ -341,24 +329,12 @@ def main(data: str, data_root: Path | None, data_options: tuple[str, ...], limit
 
     Example: n2n-train-ae --data shapes --out experts/ae-shapes
     """
-    from n2n.extract.cli import parse_option
-
-    try:
-        widths = tuple(int(c) for c in channels.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{channels!r}: write widths as comma-separated integers, e.g. 16,32,64,128",
-                                 param_hint="--channels") from None
-    cfg = TrainAEConfig(data=data, data_root=data_root, dataset_options=dict(parse_option(o) for o in data_options),
-                        limit=limit, image_size=image_size, latent_dim=latent_dim, channels=widths, steps=steps,
-                        batch_size=batch_size, lr=lr, foreground_weight=foreground_weight, kl_weight=kl_weight,
-                        out=out, device=device, seed=seed, overwrite=overwrite, judge=judge)
-    try:
-        report = train_autoencoder(cfg)
-    except TrainAEError as err:
-        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    cfg = TrainAEConfig(**options, channels=parse_widths(channels),
+                        dataset_options=dict(parse_option(o, "--data-option") for o in data_options))
+    report = train_autoencoder(cfg)
     if report.get("skipped"):
-        console.print(f"{out} already holds an autoencoder: nothing to do (--overwrite retrains it)",
+        console.print(f"{cfg.out} already holds an autoencoder: nothing to do (--overwrite retrains it)",
                       highlight=False)
         return
     Console().print(summary_table(report))
+

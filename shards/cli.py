@@ -1,7 +1,8 @@
 """n2n-shards: list, inspect, verify, pair and convert latent stores.
 
-Every user error (a wrong path, a damaged store) is a StoreError: it is printed as one line,
-``error: <what and how to fix it>``, and the command exits with status 2, never with a traceback.
+Every user error (a wrong path, a damaged store, an option out of range) is an N2NError: it is
+printed as one line, ``error: <what and how to fix it>``, and the command exits with status 2, never
+with a traceback (``n2n.cli.reports_errors``).
 """
 
 from __future__ import annotations
@@ -15,32 +16,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from n2n import plugins
+from n2n.cli import CONTEXT, PATH_OR_URL, reports_errors
+from n2n.shards.errors import StoreError
+from n2n.shards.formats import FORMATS
+from n2n.shards.meta import META_NAME
 from n2n.shards.parts import commit_parts
-from n2n.shards.store import FORMATS, META_NAME, Store, StoreError, as_path, convert_store, open_store, verify_store
-from n2n.shards.view import VIEW_NAME, create_view, open_view, view_stores
+from n2n.shards.paths import as_path
+from n2n.shards.reader import Store, open_store
+from n2n.shards.synthetic import LAWS
+from n2n.shards.verify import convert_store, verify_store
+from n2n.shards.view import VIEW_NAME, open_view, view_stores
+from n2n.shards.view import pair as pair_stores
 
-
-class _Group(click.Group):
-    """A click group that turns StoreError into a one-line message and exit status 2."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except StoreError as err:
-            click.echo(f"error: {err}", err=True)
-            ctx.exit(2)
-
-
-class PathOrURL(click.ParamType):
-    """A local path, or an fsspec URL (s3://bucket/shards/..., memory://...) for stores and views."""
-
-    name = "path"
-
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 (click's signature)
-        return as_path(value)
-
-
-PATH_OR_URL = PathOrURL()
+FORMAT_HELP = f"{', '.join(FORMATS)} or an installed plug-in's format (n2n-shards ls lists them)"
 
 
 def _console() -> Console:
@@ -57,7 +46,7 @@ def _is_view(path: Path) -> bool:
     return (path / VIEW_NAME).is_file()
 
 
-@click.group(cls=_Group)
+@click.group(context_settings=CONTEXT)
 def main() -> None:
     """Latent stores (one expert over one dataset) and views (two stores joined on the item key)."""
 
@@ -88,6 +77,7 @@ def _table(title: str, *columns: str) -> Table:
 
 @main.command("ls")
 @click.argument("root", default="shards", type=click.Path(path_type=Path))
+@reports_errors
 def ls(root: Path) -> None:
     """List the stores and views under ROOT (default: ./shards)."""
     _require(root)
@@ -110,6 +100,8 @@ def ls(root: Path) -> None:
     console = _console()
     console.print(stores)
     console.print(views)
+    for kind in plugins.GROUPS:
+        console.print(f"{kind} plug-ins: {escape(plugins.listing(kind))}")
 
 
 def _view_row(path: Path, root: Path) -> str:
@@ -122,6 +114,7 @@ def _view_row(path: Path, root: Path) -> str:
 
 @main.command()
 @click.argument("path", type=PATH_OR_URL)
+@reports_errors
 def info(path: Path) -> None:
     """Show a store's meta, or a view's two stores and its pair count."""
     _require(path)
@@ -140,6 +133,7 @@ def info(path: Path) -> None:
 
 @main.command()
 @click.argument("path", type=PATH_OR_URL)
+@reports_errors
 def verify(path: Path) -> None:
     """Check a store (or a view's two stores and their join); exit 1 if there are problems."""
     _require(path)
@@ -166,17 +160,20 @@ def _verify_view(path: Path) -> list[str]:
 @main.command()
 @click.argument("source", type=PATH_OR_URL)
 @click.argument("target", type=PATH_OR_URL)
-@click.option("--name", required=True, help="View name: the view is written to ROOT/NAME.")
-@click.option("--root", default="shards", show_default=True, type=PATH_OR_URL)
-def pair(source: Path, target: Path, name: str, root: Path) -> None:
-    """Create a view that translates SOURCE store latents into TARGET store latents."""
-    path = create_view(root / name, source, target)
-    pairs = len(open_view(path).join())
-    _console().print(f"view {path}: {pairs} pairs", markup=False)
+@click.option("--name", default=None, help="View name: the view is written to ROOT/NAME.  [default: SOURCE_TARGET, "
+              "the stores' folder names]")
+@click.option("--root", default=None, type=PATH_OR_URL,
+              help="Where views go.  [default: the shards root the stores sit under, shards/<data>/<expert>]")
+@reports_errors
+def pair(source: Path, target: Path, name: str | None, root: Path | None) -> None:
+    """Create a view that translates SOURCE store latents into TARGET store latents (n2n.pair)."""
+    view = pair_stores(source, target, name, root)
+    _console().print(f"view {view.path}: {len(view.join())} pairs", markup=False)
 
 
 @main.command()
 @click.argument("path", type=PATH_OR_URL)
+@reports_errors
 def commit(path: Path) -> None:
     """Join the parts of PATH written by several processes (PATH.parts/) into the store PATH.
 
@@ -189,8 +186,9 @@ def commit(path: Path) -> None:
 
 @main.command()
 @click.argument("path", type=PATH_OR_URL)
-@click.option("--format", "format_", required=True, type=click.Choice(FORMATS))
+@click.option("--format", "format_", required=True, help=FORMAT_HELP)
 @click.option("--out", type=PATH_OR_URL, help="Destination (default: PATH-FORMAT).")
+@reports_errors
 def convert(path: Path, format_: str, out: Path | None) -> None:
     """Copy a store into another format (streamed, block by block)."""
     out = out or as_path(f"{str(path).rstrip('/')}-{format_}")
@@ -199,13 +197,14 @@ def convert(path: Path, format_: str, out: Path | None) -> None:
 
 
 @main.command()
-@click.option("--law", type=click.Choice(["gaussian", "bimodal"]), default="gaussian", show_default=True)
+@click.option("--law", type=click.Choice(LAWS), default=LAWS[0], show_default=True)
 @click.option("--root", default="shards", show_default=True, type=PATH_OR_URL)
 @click.option("--n", default=20000, show_default=True)
 @click.option("--src-dim", default=16, show_default=True)
 @click.option("--dst-dim", default=8, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--format", "format_", type=click.Choice(FORMATS), default="zarr", show_default=True)
+@click.option("--format", "format_", default=FORMATS[0], show_default=True, help=FORMAT_HELP)
+@reports_errors
 def synth(law: str, root: Path, n: int, src_dim: int, dst_dim: int, seed: int, format_: str) -> None:
     """Write a synthetic source/target store pair with a known law, and a view of them."""
     from n2n.shards.synthetic import write_synthetic

@@ -16,17 +16,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from n2n.shards.store import (
-    RESERVED_META,
-    Store,
-    StoreError,
-    as_path,
-    create_store,
-    is_store,
-    open_store,
-    remove_tree,
-    write_text_atomic,
-)
+from n2n.shards.errors import StoreError
+from n2n.shards.meta import is_store
+from n2n.shards.paths import as_path, remove_tree, write_text_atomic
+from n2n.shards.reader import Store, open_store
+from n2n.shards.writer import create_store
 
 PARTS_SUFFIX = ".parts"
 SIDE_FILES = ("errors.jsonl", "attributes.jsonl")  # per-item records that travel with the rows
@@ -74,9 +68,9 @@ def existing_ranges(store: Path | str) -> list[tuple[int, int]]:
     return ranges
 
 
-def _origin(meta: dict) -> dict:
+def _origin(part: Store) -> dict:
     """What a part says about where its rows come from (the final store's descriptive meta)."""
-    return {k: v for k, v in meta.items() if k not in RESERVED_META and k != "part"}
+    return {k: v for k, v in part.origin().items() if k != "part"}
 
 
 def open_parts(store: Path | str) -> list[Store]:
@@ -103,7 +97,7 @@ def open_parts(store: Path | str) -> list[Store]:
                          "rerun the extraction with the process count that wrote them, or delete the folder")
     first = parts[0]
     for part in parts[1:]:
-        if _origin(part.meta) != _origin(first.meta) or (part.dim, part.dtype, part.format) != (
+        if _origin(part) != _origin(first) or (part.dim, part.dtype, part.format) != (
             first.dim, first.dtype, first.format
         ):
             raise StoreError(f"{part.path} and {first.path} come from different extractions: "
@@ -126,7 +120,7 @@ def commit_parts(store: Path | str) -> Path:
     remove_tree(store)  # an earlier commit, cut off: the parts still hold everything
     first = parts[0]
     with create_store(store, dim=first.dim, dtype=first.dtype.name, format=first.format,
-                      meta=_origin(first.meta)) as writer:
+                      meta=_origin(first), **first.layout.record()) as writer:
         for part in parts:
             for keys, sub, latents in part.blocks():
                 writer.append(keys, sub, latents)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from n2n.shards.store import create_store
+from n2n.options import check_value
 from n2n.shards.view import create_view
+from n2n.shards.writer import create_store
 
 LAWS = ("gaussian", "bimodal")
 BIMODAL_RADIUS = 3.0
@@ -98,9 +99,11 @@ def write_synthetic(
     """Write ``root/synth-<law>/{src,dst}`` stores and the view ``root/synth-<law>``; return the view.
 
     Stores are float32 so that storage rounding does not blur the comparison with the analytic NLL.
+    Every argument is checked before anything is written (an N2NError naming it and its range).
     """
-    if law not in LAWS:
-        raise ValueError(f"unknown law {law!r}: choose one of {', '.join(LAWS)}")
+    check_value("law", law, choices=LAWS)
+    for name, value, least in (("n", n, 1), ("src_dim", src_dim, 1), ("dst_dim", dst_dim, 1), ("seed", seed, 0)):
+        check_value(name, value, integer=True, min=least)
     rng = np.random.default_rng(seed)
     params = (gaussian_law if law == "gaussian" else bimodal_law)(rng, src_dim, dst_dim)
     c = rng.standard_normal((n, src_dim))

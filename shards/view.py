@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from n2n.shards.store import Store, StoreError, as_path, is_remote, open_store, write_json_atomic
+from n2n.shards.errors import StoreError
+from n2n.shards.paths import as_path, is_remote, write_json_atomic
+from n2n.shards.reader import Store, open_store
 
 VIEW_NAME = "view.json"
 
@@ -207,3 +209,20 @@ def open_view(path: str | os.PathLike) -> View:
     """Open a view and both its stores (which must be complete)."""
     source, target = view_stores(path)
     return View(as_path(path), open_store(source), open_store(target))
+
+
+def pair(source: Store | str | os.PathLike, target: Store | str | os.PathLike, name: str | None = None,
+         root: str | os.PathLike | None = None) -> View:
+    """A view translating ``source``'s latents into ``target``'s (``n2n.pair``; ``n2n-shards pair``).
+
+    Written to ``root/name/view.json``: ``name`` defaults to ``<source>_<target>`` (the stores' folder
+    names), ``root`` to the shards root both stores sit under (``shards/<data>/<expert>`` → ``shards``).
+    Pairing the same stores again rewrites the same view; nothing is copied.
+    """
+    source_path, target_path = (as_path(s.path if isinstance(s, Store) else s) for s in (source, target))
+    name = name if name is not None else f"{source_path.name}_{target_path.name}"
+    if not name or name != os.path.basename(name) or name in (".", ".."):
+        raise ViewError(f"view name {name!r}: give a plain folder name, e.g. minilm_ae")
+    path = create_view(as_path(root if root is not None else source_path.parent.parent) / name, source_path,
+                       target_path)
+    return open_view(path)

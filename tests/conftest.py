@@ -1,14 +1,32 @@
-"""Local random-weight experts shared by the tests: nothing here touches a hub."""
+"""What the tests share, in one place: no test module imports another.
+
+* local random-weight experts (nothing here touches a hub);
+* the CLIs run in process (``invoke``, ``n2n_extract``, ``n2n_train``, ``n2n_train_ae``);
+* toy stores: rows with awkward keys, written in tiny files, and comparisons of stores;
+* files for the dataset readers: PNG bytes, tar members, a COCO folder.
+
+A helper is a fixture that returns the function itself, under the name tests call it by: a test that
+lists ``rows, write`` among its parameters calls ``rows(150)`` and ``write(path, data, "zarr")``. These
+fixtures hold no state, so they are session-scoped and module fixtures may use them too. Plain constants
+(``DIM``, ``LAYOUT``, ``SMALL``) are imported from here: a ``parametrize`` needs them at import time.
+"""
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import tarfile
+from functools import partial
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from click.testing import CliRunner, Result  # noqa: E402
 
 
 def save_tiny_bert(folder, seed: int):
@@ -82,3 +100,188 @@ def save_tiny_biggan(folder, seed: int, safetensors: bool = False):
     return folder
 
 
+# ---------------------------------------------------------------- the CLIs, run in process
+
+SMALL = ["--n-flows", "2", "--hidden-dim", "16", "--batch-size", "64", "--no-compile"]  # n2n-train: a tiny cINN
+
+
+def _invoke(command, *args) -> Result:
+    """Run a click command here as a user would type it (every argument str()-ed); exceptions propagate."""
+    return CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def invoke():
+    """``invoke(command, *args)``: run any click command in process (see _invoke)."""
+    return _invoke
+
+
+@pytest.fixture(scope="session")
+def n2n_extract():
+    """``n2n_extract(*args)``: n2n-extract in process."""
+    from n2n.extract.cli import main
+
+    return partial(_invoke, main)
+
+
+@pytest.fixture(scope="session")
+def n2n_train():
+    """``n2n_train(*args)``: n2n-train in process."""
+    from n2n.train.cli import main
+
+    return partial(_invoke, main)
+
+
+@pytest.fixture(scope="session")
+def n2n_train_ae():
+    """``n2n_train_ae(*args)``: n2n-train-ae in process."""
+    from n2n.extract.train_ae import main
+
+    return partial(_invoke, main)
+
+
+# ---------------------------------------------------------------- toy stores
+
+DIM = 6
+KEYS = ["a", "a.b.c", "dir/file.jpg", "../up", "ünïcødé 日本", "", "x" * 70, "000123.jpg"]
+# Tiny chunks, writes and tars (create_store's sizes), so that a few hundred rows span many files (and tests stay fast).
+LAYOUT = {"chunk_rows": 16, "unit_rows": 64, "tar_rows": 50}
+
+
+def _new_store(path: Path, format: str = "zarr", dtype: str = "float16", **meta):
+    """A writer of an empty store of DIM-wide latents, cut into files as LAYOUT says."""
+    from n2n.shards import create_store
+
+    return create_store(path, dim=DIM, dtype=dtype, format=format, meta=meta or None, **LAYOUT)
+
+
+def _rows(n: int, dtype: str = "float16", seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n rows with awkward keys (dots, slashes, unicode, empty), subs 0..2 and random latents."""
+    rng = np.random.default_rng(seed)
+    keys = np.array([KEYS[i] if i < len(KEYS) else f"{KEYS[i % len(KEYS)]}#{i}" for i in range(n)])
+    sub = (np.arange(n) % 3).astype(np.int64)
+    return keys, sub, rng.standard_normal((n, DIM)).astype(dtype)
+
+
+def _write(path: Path, data, format: str, dtype: str = "float16", **meta) -> Path:
+    """A complete store at `path` holding `data` (keys, subs, latents), as _new_store cuts it."""
+    with _new_store(path, format, dtype, **meta) as writer:
+        writer.append(*data)
+    return path
+
+
+def _assert_same_rows(store, data) -> None:
+    """An open store holds exactly `data` (keys, subs, latents): same values, dtypes and latent bits."""
+    keys, sub, latents = data
+    assert store.keys.dtype.kind == "U" and store.keys.tolist() == list(keys)
+    assert store.sub.dtype == np.int64 and np.array_equal(store.sub, sub)
+    stored = store.latents()
+    assert stored.dtype == latents.dtype and stored.tobytes() == latents.tobytes()
+
+
+def _same_store(a, b) -> None:
+    """The stores at `a` and `b` (paths or URLs) hold the same keys, subs and latents, bit for bit."""
+    from n2n.shards import open_store
+
+    sa, sb = open_store(a), open_store(b)
+    assert np.array_equal(sa.keys, sb.keys) and np.array_equal(sa.sub, sb.sub)
+    assert np.array_equal(sa.latents(), sb.latents())  # bitwise: CPU MiniLM is deterministic
+
+
+@pytest.fixture(scope="session")
+def new_store():
+    """``new_store(path, format="zarr", dtype="float16", **meta)``: see _new_store."""
+    return _new_store
+
+
+@pytest.fixture(scope="session")
+def rows():
+    """``rows(n, dtype="float16", seed=0)``: see _rows."""
+    return _rows
+
+
+@pytest.fixture(scope="session")
+def write():
+    """``write(path, data, format, dtype="float16", **meta)``: see _write."""
+    return _write
+
+
+@pytest.fixture(scope="session")
+def assert_same_rows():
+    """``assert_same_rows(store, data)``: see _assert_same_rows."""
+    return _assert_same_rows
+
+
+@pytest.fixture(scope="session")
+def same_store():
+    """``same_store(a, b)``: see _same_store."""
+    return _same_store
+
+
+# ---------------------------------------------------------------- files for the dataset readers
+
+
+def _png(attrs: dict | None = None, size: int = 32) -> bytes:
+    """PNG bytes of a shapes picture: real, distinct, lossless images to write into test datasets."""
+    from n2n.extract.datasets.shapes import render
+
+    attrs = attrs or {"color": "red", "shape": "circle", "size": "large", "position": "center"}
+    buffer = io.BytesIO()
+    render(attrs, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """A regular file member `name` holding `data`, added to an open tar."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar at `path` of (name, data) members, in the order given."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            _add_member(tar, name, data)
+    return path
+
+
+def _write_coco(root: Path, year: int = 2017, split: str = "train") -> Path:
+    """Three images (ids 42, 7, 19 listed out of order), captions with annotation ids out of order."""
+    (root / "annotations").mkdir(parents=True)
+    (root / f"{split}{year}").mkdir()
+    images = [(42, "red"), (7, "green"), (19, "blue")]
+    for image_id, color in images:
+        attrs = {"color": color, "shape": "square", "size": "large", "position": "center"}
+        (root / f"{split}{year}" / f"{image_id:012d}.png").write_bytes(_png(attrs))
+    captions = [(5, 42, "second caption of 42"), (3, 42, "first caption of 42"), (9, 7, " caption of 7\n"),
+                (1, 19, "caption of 19")]
+    (root / "annotations" / f"captions_{split}{year}.json").write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"{i:012d}.png", "width": 32, "height": 32} for i, _ in images],
+        "annotations": [{"id": a, "image_id": i, "caption": c} for a, i, c in captions],
+    }))
+    return root
+
+
+@pytest.fixture(scope="session")
+def png():
+    """``png(attrs=None, size=32)``: see _png."""
+    return _png
+
+
+@pytest.fixture(scope="session")
+def add_member():
+    """``add_member(tar, name, data)``: see _add_member."""
+    return _add_member
+
+
+@pytest.fixture(scope="session")
+def write_tar():
+    """``write_tar(path, members)``: see _write_tar."""
+    return _write_tar
+
+
+@pytest.fixture(scope="session")
+def write_coco():
+    """``write_coco(root, year=2017, split="train")``: see _write_coco."""
+    return _write_coco

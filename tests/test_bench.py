@@ -6,11 +6,11 @@ import torch
 from click.testing import CliRunner
 
 from bench import cinn_step, extraction, freia_peer, fused_coupling, reference, store_reads
-from n2n.cinn import ConditionalFlow
+from n2n.cinn import ConditionalFlow, FlowConfig
 
 
 def test_step_flops_counts_every_layer_forward_and_backward():
-    flow = ConditionalFlow(6, 5, n_flows=2, hidden_dim=8, embedding_dim=4, hidden_depth=1)
+    flow = ConditionalFlow(6, 5, FlowConfig(n_flows=2, hidden_dim=8, embedding_dim=4, hidden_depth=1))
     first = flow.embedder[0]
     assert (first.in_features, first.out_features) == (5, 4)
     embedder = 5 * 4 + 3 * 4 * 4  # Linear(5, 4), then three Linear(4, 4)
@@ -43,7 +43,7 @@ def test_extraction_overhead_runs_small(tmp_path):
 
 
 def test_freia_peer_is_matched_on_parameters_not_blocks():
-    flow = ConditionalFlow(6, 5, n_flows=2, hidden_dim=16)
+    flow = ConditionalFlow(6, 5, FlowConfig(n_flows=2, hidden_dim=16))
     peer = freia_peer.matched_freia(flow)
     per_block = freia_peer.parameters(freia_peer.FreiaFlow(6, 5, 16, 2, blocks=1))
     assert abs(freia_peer.parameters(peer) - freia_peer.parameters(flow)) <= per_block / 2
@@ -53,7 +53,7 @@ def test_freia_peer_is_matched_on_parameters_not_blocks():
 
 def test_the_separate_net_baseline_computes_the_same_flow():
     torch.manual_seed(0)
-    flow = ConditionalFlow(6, 5, n_flows=2, hidden_dim=16).train()
+    flow = ConditionalFlow(6, 5, FlowConfig(n_flows=2, hidden_dim=16)).train()
     flow(torch.randn(32, 6), torch.randn(32, 5))  # ActNorm init
     twin = fused_coupling.separate_twin(flow)
     x, c = torch.randn(8, 6), torch.randn(8, 5)

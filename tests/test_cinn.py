@@ -1,17 +1,21 @@
 """The cINN: exact inverse, exact log-determinant, conditioning, ActNorm init, the loss helper."""
 
+import json
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from torch.func import jacrev, vmap
 
-from n2n.cinn import ActNorm, ConditionalFlow, bits_per_dim, nll
+from n2n import N2NError
+from n2n.cinn import ActNorm, ConditionalFlow, FlowConfig, bits_per_dim, nll
 
 
 def initialised_flow(dim=12, cond_dim=7, n=256, seed=0, **kwargs):
     torch.manual_seed(seed)
-    flow = ConditionalFlow(dim, cond_dim, **kwargs)
+    flow = ConditionalFlow(dim, cond_dim, FlowConfig(**kwargs))
     x, c = torch.randn(n, dim) * 3 + 1, torch.randn(n, cond_dim)
     flow.train()
     flow(x, c)  # ActNorm data-dependent init
@@ -85,7 +89,7 @@ def test_actnorm_keeps_a_constant_dimension_at_scale_one():
 
 def test_actnorm_init_survives_state_dict_round_trip():
     flow, x, c = initialised_flow(n_flows=2, hidden_dim=16)
-    fresh = ConditionalFlow(12, 7, n_flows=2, hidden_dim=16)
+    fresh = ConditionalFlow(12, 7, FlowConfig(n_flows=2, hidden_dim=16))
     assert fresh.needs_init
     fresh.load_state_dict(flow.state_dict())
     assert not fresh.needs_init
@@ -134,7 +138,7 @@ def test_nll_of_standard_normal_is_the_gaussian_entropy():
 
 
 def test_net2net_size_parameter_count():
-    flow = ConditionalFlow(dim=268, cond_dim=768, n_flows=24, hidden_dim=1024, hidden_depth=2, embedding_dim=268)
+    flow = ConditionalFlow(268, 768, FlowConfig(n_flows=24, hidden_dim=1024, hidden_depth=2, embedding_dim=268))
     n = sum(p.numel() for p in flow.parameters())
     # 24 blocks x 4 coupling nets of 4 Linear layers each + ActNorms + the embedder.
     net = lambda i, o: (i * 1024 + 1024) + 2 * (1024 * 1024 + 1024) + (1024 * o + o)  # noqa: E731
@@ -147,7 +151,7 @@ def test_a_checkpoint_with_separate_s_and_t_nets_still_loads():
     """n2n before PairedMLP saved each coupling's nets s1, t1, s2, t2 as nn.Sequential (Linear at
     0, 2, 4, ...): such a state dict loads into the stacked layout and computes the same flow."""
     torch.manual_seed(0)
-    flow = ConditionalFlow(5, 3, n_flows=2, hidden_dim=8, hidden_depth=1)
+    flow = ConditionalFlow(5, 3, FlowConfig(n_flows=2, hidden_dim=8, hidden_depth=1))
     flow(torch.randn(64, 5), torch.randn(64, 3))  # ActNorm init
     old = {}
     for key, value in flow.state_dict().items():
@@ -160,8 +164,45 @@ def test_a_checkpoint_with_separate_s_and_t_nets_still_loads():
         for i, name in enumerate(names):
             old[f"{prefix}.{name}.{2 * layer}.{'weight' if kind == 'weights' else 'bias'}"] = (
                 value[i].T if kind == "weights" else value[i, 0])
-    restored = ConditionalFlow(5, 3, n_flows=2, hidden_dim=8, hidden_depth=1)
+    restored = ConditionalFlow(5, 3, FlowConfig(n_flows=2, hidden_dim=8, hidden_depth=1))
     restored.load_state_dict(old)
     x, c = torch.randn(10, 5), torch.randn(10, 3)
     flow.eval(), restored.eval()
     assert all(torch.equal(a, b) for a, b in zip(flow(x, c), restored(x, c), strict=True))
+
+
+def test_a_flow_rebuilds_from_its_dict_and_from_a_header_of_before_flow_config():
+    """``to_dict`` is a checkpoint's ``model`` header; headers written before FlowConfig hold the same
+    keys less ``coupling`` (and n2n's own defaults resolved), and build the same flow."""
+    flow, x, c = initialised_flow(n_flows=2, hidden_dim=16, embedder_norm="none")
+    header = flow.to_dict()
+    assert header == {"dim": 12, "cond_dim": 7, "n_flows": 2, "hidden_dim": 16, "hidden_depth": 2, "embedding_dim": 64,
+                      "embedder_depth": 2, "embedder_norm": "none", "coupling": "affine"}
+    old = {k: v for k, v in header.items() if k != "coupling"}  # as ConditionalFlow.config was written
+    for spec in (header, old):
+        twin = ConditionalFlow.from_dict(spec)
+        assert twin.config == flow.config and (twin.dim, twin.cond_dim) == (12, 7)
+        twin.load_state_dict(flow.state_dict())
+        with torch.no_grad():
+            assert torch.equal(twin.eval()(x, c)[0], flow(x, c)[0])
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("n_flows", 0, "n_flows (--n-flows) = 0: must be an integer >= 1"),
+    ("hidden_dim", 0, "hidden_dim (--hidden-dim) = 0: must be an integer >= 1"),
+    ("hidden_depth", -1, "hidden_depth (--hidden-depth) = -1: must be an integer >= 0"),
+    ("embedding_dim", 0, "embedding_dim (--embedding-dim) = 0: must be an integer >= 1"),
+    ("embedder_depth", 1.5, "embedder_depth (--embedder-depth) = 1.5: must be an integer >= 0"),
+    ("embedder_norm", "group", "embedder_norm (--embedder-norm) = 'group': must be one of layer, batch, none"),
+    ("coupling", "spline", "coupling (--coupling) = 'spline': must be one of affine"),
+])
+def test_flow_config_refuses_values_out_of_range(field, value, message):
+    with pytest.raises(N2NError, match=re.escape(message)):
+        FlowConfig(**{field: value})
+
+
+def test_flow_config_stores_numbers_as_plain_ints():
+    """numpy integers (a notebook's sweep) pass and are stored as int, so a header serialises to JSON."""
+    config = FlowConfig(n_flows=np.int64(3), hidden_dim=16.0)
+    assert type(config.n_flows) is int and type(config.hidden_dim) is int
+    assert json.loads(json.dumps(ConditionalFlow(4, 3, config).to_dict()))["n_flows"] == 3

@@ -17,21 +17,13 @@ import time
 from collections import Counter
 
 import pytest
-from click.testing import CliRunner
-from test_extract import same_store
 
-from n2n.extract.cli import main as extract_main
-from n2n.shards.store import verify_store
+from n2n.shards import verify_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ARGS = ["--expert", "minilm", "--data", "shapes", "--limit", "160", "--batch-size", "8", "--num-workers", "0",
         "--dtype", "float32", "--commit-every", "0"]
-
-
-def extract_in_process(out) -> None:
-    result = CliRunner().invoke(extract_main, [*ARGS, "--out", str(out)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
 
 
 def kill_at_random(out, delay: float) -> str:
@@ -51,25 +43,36 @@ def kill_at_random(out, delay: float) -> str:
     return "after completion" if json.loads(meta.read_text())["complete"] else "mid-way"
 
 
-def run_trials(tmp_path, trials: int, seed: int) -> Counter:
-    extract_in_process(tmp_path / "clean")
-    rng = random.Random(seed)
-    moments: Counter = Counter()
-    for trial in range(trials):
-        out = tmp_path / f"trial{trial}"
-        moments[kill_at_random(out, rng.uniform(1.0, 9.0))] += 1
-        extract_in_process(out)  # the same command, to the end
-        same_store(tmp_path / "clean" / "shapes" / "minilm", out / "shapes" / "minilm")  # bit for bit
-        assert verify_store(out / "shapes" / "minilm") == [], trial  # no NaN, no duplicate (key, sub), readable
-    print(f"{trials} kill -9 trials: {dict(moments)}; rows lost or doubled: 0")
-    return moments
+@pytest.fixture
+def run_trials(n2n_extract, same_store):
+    """``run_trials(tmp_path, trials, seed)``: one clean extraction, then `trials` killed at random moments
+    and rerun to the end, each compared with the clean one; where the kills landed."""
+
+    def extract_in_process(out) -> None:
+        result = n2n_extract(*ARGS, "--out", out)
+        assert result.exit_code == 0, result.output
+
+    def run(tmp_path, trials: int, seed: int) -> Counter:
+        extract_in_process(tmp_path / "clean")
+        rng = random.Random(seed)
+        moments: Counter = Counter()
+        for trial in range(trials):
+            out = tmp_path / f"trial{trial}"
+            moments[kill_at_random(out, rng.uniform(1.0, 9.0))] += 1
+            extract_in_process(out)  # the same command, to the end
+            same_store(tmp_path / "clean" / "shapes" / "minilm", out / "shapes" / "minilm")  # bit for bit
+            assert verify_store(out / "shapes" / "minilm") == [], trial  # no NaN, no duplicate (key, sub), readable
+        print(f"{trials} kill -9 trials: {dict(moments)}; rows lost or doubled: 0")
+        return moments
+
+    return run
 
 
-def test_kill_9_at_random_moments_two_trials(tmp_path):
+def test_kill_9_at_random_moments_two_trials(tmp_path, run_trials):
     assert sum(run_trials(tmp_path, 2, seed=1).values()) == 2
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_ten_trials(tmp_path):
+def test_kill_9_at_random_moments_ten_trials(tmp_path, run_trials):
     moments = run_trials(tmp_path, 10, seed=0)
     assert moments["mid-way"] >= 3, moments  # most kills must land while rows are being written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 from collections import Counter
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import torch
 import webdataset
 from PIL import Image
 
+from n2n import plugins
 from n2n.extract.datasets import DatasetError, ItemError, known_datasets, open_dataset
 from n2n.extract.datasets.shapes import (
     BACKGROUND,
@@ -37,6 +40,7 @@ from n2n.extract.datasets.shapes import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+N2N = f"n2n {version('n2n')}"  # the distribution that provides the built-in datasets, as stores record it
 
 # ---------------------------------------------------------------- helpers
 
@@ -128,7 +132,7 @@ def test_shapes_items_are_deterministic_across_objects_and_processes():
     for i in (0, 1, 777, 19999):
         assert same_item(a[i], b[i]) and a.attributes(i) == b.attributes(i)
     # Another process with another hash seed: nothing may depend on hash() or on global random state.
-    code = "from extract.datasets import open_dataset; import json; d = open_dataset('shapes'); " \
+    code = "from n2n.extract.datasets import open_dataset; import json; d = open_dataset('shapes'); " \
            "print(json.dumps([d[5]['text'], d.attributes(5)]))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123"}).stdout
@@ -142,7 +146,7 @@ def test_shapes_seed_and_split_change_items_and_keys():
     for ds in (val, other):
         assert sum(ds.attributes(i) != train.attributes(i) for i in range(50)) > 40
     assert other.describe() == {"name": "shapes", "root": None, "split": "train", "count": 20000, "seed": 1,
-                                "size": 64, "captions_per_item": CAPTIONS_PER_ITEM}
+                                "size": 64, "captions_per_item": CAPTIONS_PER_ITEM, "plugin": N2N}
 
 
 def test_shapes_keys_unique_in_order_and_bounds_checked():
@@ -212,9 +216,49 @@ def test_shapes_large_is_larger_and_shapes_differ_even_when_small():
 
 def test_shapes_options_checked():
     assert open_dataset("shapes", size=96, count=3)[0]["image"].size == (96, 96)
-    for options in ({"size": 16}, {"count": 0}, {"split": "dev"}):
-        with pytest.raises(DatasetError):
-            open_dataset("shapes", **options)
+    assert open_dataset("shapes", size=64.0, count=3).size == 64  # a whole float is an integer
+    with pytest.raises(DatasetError, match="splits train, val, test, not 'dev'"):
+        open_dataset("shapes", split="dev")
+
+
+# Values outside the range of every numeric option of every built-in dataset: (dataset, options, the rule).
+BAD_OPTIONS = [
+    ("shapes", {"seed": -1}, "seed = -1 must be an integer >= 0"),
+    ("shapes", {"seed": 0.5}, "seed = 0.5 must be an integer >= 0"),
+    ("shapes", {"size": 16}, "size = 16 must be an integer >= 32 and <= 1024"),
+    ("shapes", {"size": 2048}, "size = 2048 must be an integer >= 32 and <= 1024"),
+    ("shapes", {"size": "big"}, "size = 'big' must be an integer >= 32 and <= 1024"),
+    ("shapes", {"count": 0}, "count = 0 must be an integer >= 1"),
+    ("shapes", {"count": True}, "count = True must be an integer >= 1"),
+    ("biggan", {"seed": -1}, "seed = -1 must be an integer >= 0"),
+    ("biggan", {"count": 0}, "count = 0 must be an integer >= 1"),
+    ("biggan", {"truncation": 0}, "truncation = 0 must be a number > 0 and <= 1"),
+    ("biggan", {"truncation": 1.5}, "truncation = 1.5 must be a number > 0 and <= 1"),
+    ("biggan", {"truncation": float("nan")}, "truncation = nan must be a number > 0 and <= 1"),
+    ("biggan", {"classes": "1000"}, "classes = '1000' must be ImageNet class indices in 0..999"),
+    ("biggan", {"classes": "cat"}, "classes = 'cat' must be ImageNet class indices in 0..999"),
+    ("biggan", {"classes": -1}, "classes = -1 must be ImageNet class indices in 0..999"),
+    ("biggan", {"model": "biggan-64"}, "model = 'biggan-64' must be one of biggan-deep-128"),
+    ("coco", {"year": 2015}, "year = 2015 must be one of 2017, 2014"),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "rule"), BAD_OPTIONS)
+def test_dataset_options_are_range_checked_before_anything_is_read(name, options, rule, tmp_path):
+    missing = tmp_path / "missing"  # coco would name the missing folder had it looked before checking
+    with pytest.raises(DatasetError) as err:
+        open_dataset(name, missing, **options)
+    message = str(err.value)
+    assert f"dataset {name}: option {rule}" in message and "--data-option" in message and "\n" not in message
+    assert not missing.exists()
+
+
+def test_every_numeric_dataset_option_has_a_row_in_the_table():
+    covered = {(name, option) for name, options, _ in BAD_OPTIONS for option in options}
+    for name in known_datasets():
+        parameters = inspect.signature(plugins.find("dataset", name).load()).parameters.values()
+        numeric = {(name, p.name) for p in parameters if re.search(r"\b(int|float)\b", str(p.annotation))}
+        assert numeric <= covered, f"add rows to BAD_OPTIONS for {sorted(numeric - covered)}"
 
 
 # ---------------------------------------------------------------- coco
@@ -248,7 +292,7 @@ def test_coco_items_keys_and_captions_in_annotation_order(tmp_path):
     assert np.array_equal(pixels(item["image"]), pixels(render(red, 32)))
     assert same_item(ds[1], open_dataset("coco", tmp_path / "coco")[1]) and ds.attributes(1) is None
     assert ds.describe() == {"name": "coco", "root": str(tmp_path / "coco"), "split": "train", "count": 3,
-                             "year": 2017}
+                             "year": 2017, "plugin": N2N}
 
 
 def test_coco_falls_back_to_2014_only_when_no_year_is_asked(tmp_path):

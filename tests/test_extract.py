@@ -13,24 +13,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from n2n.extract.cli import main
-from n2n.shards.store import open_store
+from n2n.shards import open_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def n2n_extract(*args) -> "click.testing.Result":  # noqa: F821
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def same_store(a: Path, b: Path) -> None:
-    sa, sb = open_store(a), open_store(b)
-    assert np.array_equal(sa.keys, sb.keys) and np.array_equal(sa.sub, sb.sub)
-    assert np.array_equal(sa.latents(), sb.latents())  # bitwise: CPU MiniLM is deterministic
-
-
-def test_minilm_on_shapes(tmp_path):
+def test_minilm_on_shapes(tmp_path, n2n_extract):
     result = n2n_extract("--expert", "minilm", "--data", "shapes", "--limit", 24, "--batch-size", 8,
                          "--num-workers", 1, "--out", tmp_path)
     assert result.exit_code == 0, result.output
@@ -52,7 +41,7 @@ def test_minilm_on_shapes(tmp_path):
     assert again.exit_code == 0 and "already complete" in again.output
 
 
-def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path):
+def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, n2n_extract, same_store):
     args = ["--expert", "minilm", "--data", "shapes", "--limit", 240, "--batch-size", 8, "--num-workers", 0,
             "--dtype", "float32", "--commit-every", 0]
     assert n2n_extract(*args, "--out", tmp_path / "clean").exit_code == 0
@@ -75,7 +64,7 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path):
     same_store(tmp_path / "clean" / "shapes" / "minilm", out / "shapes" / "minilm")
 
 
-def test_several_layers_from_one_pass_equal_separate_runs(tmp_path):
+def test_several_layers_from_one_pass_equal_separate_runs(tmp_path, n2n_extract, same_store):
     common = ["--data", "shapes", "--limit", 8, "--num-workers", 0]
     result = n2n_extract("--expert", "minilm", *common, "--layers", "mean,cls", "--out", tmp_path / "both")
     assert result.exit_code == 0, result.output
@@ -85,7 +74,7 @@ def test_several_layers_from_one_pass_equal_separate_runs(tmp_path):
     same_store(tmp_path / "both/shapes/minilm@cls", tmp_path / "one/shapes/minilm@cls")
 
 
-def test_identical_captions_give_identical_latents(tmp_path):
+def test_identical_captions_give_identical_latents(tmp_path, n2n_extract):
     from n2n.extract.datasets import open_dataset
 
     assert n2n_extract("--expert", "minilm", "--data", "shapes", "--limit", 200, "--num-workers", 0,
@@ -101,9 +90,7 @@ def test_identical_captions_give_identical_latents(tmp_path):
         assert np.abs(rows - rows[0]).max() < 2e-3, text
 
 
-def test_coco_captions_and_images_go_to_two_stores_that_pair(tmp_path):
-    from test_datasets import write_coco
-
+def test_coco_captions_and_images_go_to_two_stores_that_pair(tmp_path, n2n_extract, write_coco):
     from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
     from n2n.shards.view import create_view, open_view
 
@@ -122,7 +109,7 @@ def test_coco_captions_and_images_go_to_two_stores_that_pair(tmp_path):
     assert np.array_equal(images.keys[join.target_index], text.keys[join.source_index])
 
 
-def test_dataset_options_reach_the_dataset(tmp_path):
+def test_dataset_options_reach_the_dataset(tmp_path, n2n_extract):
     result = n2n_extract("--expert", "minilm", "--data", "biggan", "--data-option", "classes=207,980",
                          "--data-option", "count=12", "--num-workers", 0, "--out", tmp_path)
     assert result.exit_code == 0, result.output
@@ -140,14 +127,14 @@ def test_dataset_options_reach_the_dataset(tmp_path):
         (["--expert", "minilm", "--data", "coco", "--data-root", "/nonexistent/coco"], "/nonexistent/coco"),
     ],
 )
-def test_bad_input_is_one_clear_line(args, says, tmp_path):
+def test_bad_input_is_one_clear_line(args, says, tmp_path, n2n_extract):
     result = n2n_extract(*args, "--limit", 4, "--num-workers", 0, "--out", tmp_path)
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error:") and says in result.output
     assert not any(tmp_path.rglob("meta.json"))
 
 
-def test_a_store_of_another_origin_is_not_resumed(tmp_path):
+def test_a_store_of_another_origin_is_not_resumed(tmp_path, n2n_extract):
     base = ["--expert", "minilm", "--data", "shapes", "--num-workers", 0, "--out", tmp_path]
     assert n2n_extract(*base, "--limit", 4).exit_code == 0
     assert n2n_extract(*base, "--limit", 4, "--split", "val").exit_code == 0  # its own folder
@@ -173,7 +160,7 @@ def shapes_folder(root: Path, n: int = 12) -> Path:
     return root
 
 
-def test_timm_on_a_folder_skips_and_records_a_corrupt_image(tmp_path, resnet18_file):
+def test_timm_on_a_folder_skips_and_records_a_corrupt_image(tmp_path, resnet18_file, n2n_extract):
     root = shapes_folder(tmp_path / "images")
     broken = next(root.iterdir()) / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
@@ -193,7 +180,7 @@ def test_timm_on_a_folder_skips_and_records_a_corrupt_image(tmp_path, resnet18_f
     assert meta["complete"] is False  # nothing that looks complete
 
 
-def test_bert_and_autoencoder_on_shapes(tmp_path):
+def test_bert_and_autoencoder_on_shapes(tmp_path, n2n_extract):
     from conftest import save_tiny_bert
 
     from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
@@ -219,7 +206,7 @@ def test_bert_and_autoencoder_on_shapes(tmp_path):
     assert trained.exit_code == 0, trained.output
 
 
-def test_biggan_latents_of_the_biggan_dataset(tmp_path):
+def test_biggan_latents_of_the_biggan_dataset(tmp_path, n2n_extract):
     from conftest import save_tiny_biggan
 
     weights = save_tiny_biggan(tmp_path / "biggan", seed=0)

@@ -58,14 +58,14 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 from test_datasets import add_member, png
 from test_extract import n2n_extract, same_store
-from test_store import DIM, assert_same_rows, rows, write
+from test_store import DIM, LAYOUT, assert_same_rows, rows, write
 from test_train import SMALL, n2n_train
 
 from n2n.extract.cli import main as extract_main
 from n2n.extract.datasets import DatasetError, ItemError, open_dataset
 from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
-from n2n.shards import store as store_module
-from n2n.shards.store import FORMATS, StoreError, create_store, open_store, resume_store, verify_store
+from n2n.shards import FORMATS, StoreError, create_store, open_store, resume_store, verify_store, wds_format
+from n2n.shards import writer as writer_module
 from n2n.shards.synthetic import write_synthetic
 from n2n.shards.view import create_view
 from n2n.train import data as train_data
@@ -74,14 +74,6 @@ from n2n.train.data import Standardizer, finite_latents, load_pairs
 from n2n.train.stream import stream_pairs
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def small_units(monkeypatch):
-    """As in test_store: 16-row zarr chunks, 64-row writes, 50-row tars, so small stores span many files."""
-    monkeypatch.setattr(store_module, "_chunk_rows", lambda dim, dtype: 16)
-    monkeypatch.setattr(store_module, "_unit_rows", lambda dim, dtype: 64)
-    monkeypatch.setattr(store_module, "WDS_SHARD_ROWS", 50)
 
 
 class Touch:
@@ -261,7 +253,7 @@ def test_a_flip_to_nan_is_caught_by_verify_and_training(tmp_path, format):
 
 def incomplete_store(path: Path, format: str, n: int = 120) -> Path:
     """A store cut off after committing n rows: what resume_store would continue (and truncate)."""
-    writer = create_store(path, dim=DIM, format=format)
+    writer = create_store(path, dim=DIM, format=format, **LAYOUT)
     writer.append(*rows(n))
     writer.flush()
     return path
@@ -762,7 +754,7 @@ class FillingFile:
 def fill_disk(m: pytest.MonkeyPatch, format: str, where: str, disk: Disk) -> None:
     """Make the store's writes hit a full disk: its data writes (`where` "data") or its commits ("commit")."""
     if where == "commit":  # write_json_atomic writes a temp file and removes it on failure: meta.json stays old
-        real_commit = store_module.write_json_atomic
+        real_commit = writer_module.write_json_atomic
 
         def commit(path, obj):
             if disk.free <= 0:
@@ -770,7 +762,7 @@ def fill_disk(m: pytest.MonkeyPatch, format: str, where: str, disk: Disk) -> Non
             disk.free -= 1
             return real_commit(path, obj)
 
-        m.setattr(store_module, "write_json_atomic", commit)
+        m.setattr(writer_module, "write_json_atomic", commit)
     elif format == "zarr":  # zarr writes each file to a temp name and renames it: a failed write changes nothing
         real_put = zarr_local._put
 
@@ -792,7 +784,7 @@ def fill_disk(m: pytest.MonkeyPatch, format: str, where: str, disk: Disk) -> Non
             return FillingFile(raw, disk) if filling else raw
 
         m.setattr(pathlib.Path, "open", filling_open)  # the tar is opened as tmp.open("wb"), or as open(tmp, "wb"):
-        m.setattr(store_module, "open", lambda file, *a, **k: filling_open(Path(file), *a, **k), raising=False)
+        m.setattr(wds_format, "open", lambda file, *a, **k: filling_open(Path(file), *a, **k), raising=False)
     else:
         raise ValueError("HDF5 writes in C: see test_disk_full_during_an_h5_write_leaves_a_resumable_store")
 
@@ -814,7 +806,7 @@ def test_disk_full_while_writing_leaves_a_resumable_store(tmp_path, monkeypatch,
     # a store equal to a clean one-shot one, with no temp file left behind.
     data = rows(300)
     path = tmp_path / "s"
-    writer = create_store(path, dim=DIM, format=format)
+    writer = create_store(path, dim=DIM, format=format, **LAYOUT)
     writer.append(*(column[:120] for column in data))
     writer.flush()
     with monkeypatch.context() as m:
@@ -845,11 +837,9 @@ H5_DISK_FULL = """
 import resource, signal, sys
 from pathlib import Path
 import numpy as np
-from n2n.shards import store
-store._chunk_rows = lambda dim, dtype: 16
-store._unit_rows = lambda dim, dtype: 64
+from n2n.shards import create_store
 path, data = Path(sys.argv[1]), np.load(sys.argv[2])
-writer = store.create_store(path, dim=data["latents"].shape[1], format="h5")
+writer = create_store(path, dim=data["latents"].shape[1], format="h5", chunk_rows=16, unit_rows=64)
 writer.append(data["keys"][:120], data["sub"][:120], data["latents"][:120])
 writer.flush()
 # The kernel refuses to grow any file past the limit (EFBIG, as a full disk refuses with ENOSPC): HDF5's own
@@ -899,7 +889,9 @@ def extract_args(expert: Path, format: str) -> list:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize(("format", "free"), [("zarr", 6000), ("wds", 150_000)])
+# zarr: each commit (--commit-every 0: a batch of 8) rewrites the open chunks whole, about 1.8 MB at the default
+# layout (a 1 MB latent chunk, 0.5 MB of subs, 0.3 MB of keys): 4 MB holds two. wds: a short tar per commit.
+@pytest.mark.parametrize(("format", "free"), [("zarr", 4_000_000), ("wds", 150_000)])
 def test_disk_full_during_extraction_then_a_rerun_equals_a_clean_run(tmp_path, monkeypatch, tiny_ae, format, free):
     # The writer thread hits ENOSPC: extraction must stop with that error (not hang, not finish a store
     # that looks complete), and the same command rerun after space is freed must resume to a clean run's bits.

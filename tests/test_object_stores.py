@@ -12,11 +12,10 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_extract import same_store
 
 from n2n.extract.cli import main as extract_main
+from n2n.shards import StoreError, as_path, create_store, open_store, remove_tree, resume_store, verify_store
 from n2n.shards.cli import main as shards_main
-from n2n.shards.store import StoreError, as_path, create_store, open_store, remove_tree, resume_store, verify_store
 from n2n.train.cli import main as train_main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,7 +58,7 @@ def test_hdf5_at_a_url_is_refused(memory_root):
         create_store(memory_root / "h", dim=4, format="h5")
 
 
-def test_extract_pair_verify_and_train_in_memory(memory_root, tmp_path):
+def test_extract_pair_verify_and_train_in_memory(memory_root, tmp_path, same_store):
     """The whole path with every store and view at memory:// (only the run folder is local)."""
     from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
 
@@ -102,7 +101,7 @@ def s3_env():
     server.stop()
 
 
-def test_extraction_to_s3_killed_mid_way_resumes_to_the_clean_store(s3_env, tmp_path):
+def test_extraction_to_s3_killed_mid_way_resumes_to_the_clean_store(s3_env, tmp_path, same_store):
     args = [*EXTRACT, "--limit", 160, "--commit-every", 0]
     invoke(extract_main, *args, "--out", tmp_path / "clean")
     out = "s3://n2n-tests/crashed"
@@ -130,7 +129,7 @@ def test_extraction_to_s3_killed_mid_way_resumes_to_the_clean_store(s3_env, tmp_
     assert verify_store(f"{out}/shapes/minilm") == []
 
 
-def test_two_processes_extract_to_s3_as_one_does(s3_env, tmp_path):
+def test_two_processes_extract_to_s3_as_one_does(s3_env, tmp_path, same_store):
     """Parts at S3 URLs, their commit there, and the parts deleted: the store a one-process run writes."""
     args = [*EXTRACT, "--limit", 50]
     invoke(extract_main, *args, "--out", tmp_path / "one")

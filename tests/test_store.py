@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -15,9 +16,9 @@ import numpy as np
 import pytest
 import zarr
 
-from n2n.shards import store as store_module
-from n2n.shards.store import (
+from n2n.shards import (
     FORMATS,
+    Layout,
     StoreError,
     convert_store,
     create_store,
@@ -28,14 +29,13 @@ from n2n.shards.store import (
 
 DIM = 6
 KEYS = ["a", "a.b.c", "dir/file.jpg", "../up", "ünïcødé 日本", "", "x" * 70, "000123.jpg"]
+# Tiny chunks, writes and tars (create_store's sizes), so that a few hundred rows span many files (and tests stay fast).
+LAYOUT = {"chunk_rows": 16, "unit_rows": 64, "tar_rows": 50}
 
 
-@pytest.fixture(autouse=True)
-def small_units(monkeypatch):
-    """Tiny shards and tars, so a few hundred rows span many write units (and tests stay fast)."""
-    monkeypatch.setattr(store_module, "_chunk_rows", lambda dim, dtype: 16)
-    monkeypatch.setattr(store_module, "_unit_rows", lambda dim, dtype: 64)
-    monkeypatch.setattr(store_module, "WDS_SHARD_ROWS", 50)
+def new_store(path: Path, format: str = "zarr", dtype: str = "float16", **meta):
+    """A writer of an empty store of DIM-wide latents, cut into files as LAYOUT says."""
+    return create_store(path, dim=DIM, dtype=dtype, format=format, meta=meta or None, **LAYOUT)
 
 
 def rows(n: int, dtype: str = "float16", seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -47,7 +47,7 @@ def rows(n: int, dtype: str = "float16", seed: int = 0) -> tuple[np.ndarray, np.
 
 
 def write(path: Path, data, format: str, dtype: str = "float16", **meta) -> Path:
-    with create_store(path, dim=DIM, dtype=dtype, format=format, meta=meta or None) as writer:
+    with new_store(path, format, dtype, **meta) as writer:
         writer.append(*data)
     return path
 
@@ -100,7 +100,7 @@ def test_tensor_holds_the_latents(tmp_path):
 
 def test_empty_store_round_trips(tmp_path):
     for format in FORMATS:
-        create_store(tmp_path / format, dim=DIM, format=format).close()
+        new_store(tmp_path / format, format).close()
         store = open_store(tmp_path / format)
         assert len(store) == 0 and store.latents().shape == (0, DIM) and store.keys.shape == (0,)
 
@@ -108,9 +108,10 @@ def test_empty_store_round_trips(tmp_path):
 def test_meta_json_is_the_documented_record(tmp_path):
     write(tmp_path / "s", rows(5), "h5", dataset={"name": "coco"})
     meta = json.loads((tmp_path / "s" / "meta.json").read_text())
-    assert {k: meta[k] for k in ("format", "dim", "dtype", "count", "complete")} == {
-        "format": "h5", "dim": DIM, "dtype": "float16", "count": 5, "complete": True,
+    assert {k: meta[k] for k in ("format", "dim", "dtype", "count", "complete", "layout")} == {
+        "format": "h5", "dim": DIM, "dtype": "float16", "count": 5, "complete": True, "layout": LAYOUT,
     }  # fmt: skip
+    assert meta["format_dist"].startswith("n2n ")  # the distribution whose plug-in wrote it
     assert meta["dataset"] == {"name": "coco"} and meta["expert"] is None and meta["split"] is None
     assert not [p for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")]
 
@@ -120,7 +121,7 @@ def test_meta_json_is_the_documented_record(tmp_path):
 
 def write_in_pieces(path: Path, data, format: str, cuts: list[int], resume_at: int) -> None:
     """Append in uneven batches, flush and drop the writer mid-way (no close), resume, finish."""
-    writer = create_store(path, dim=DIM, format=format)
+    writer = new_store(path, format)
     bounds = [0, *cuts, len(data[0])]
     for start, stop in zip(bounds, bounds[1:], strict=False):
         if start == resume_at:
@@ -145,7 +146,7 @@ def test_pieces_with_resume_equal_one_shot(tmp_path, format):
 
 @pytest.mark.parametrize("format", FORMATS)
 def test_count_covers_buffered_rows_and_flush_commits_them(tmp_path, format):
-    writer = create_store(tmp_path / "s", dim=DIM, format=format)
+    writer = new_store(tmp_path / "s", format)
     writer.append(*rows(10))
     assert writer.count == 10
     assert len(open_store(tmp_path / "s", require_complete=False)) == 0  # buffered, not committed
@@ -159,13 +160,10 @@ def test_count_covers_buffered_rows_and_flush_commits_them(tmp_path, format):
 CRASHING_WRITER = """
 import os, sys
 import numpy as np
-from n2n.shards import store
-store._chunk_rows = lambda dim, dtype: 16
-store._unit_rows = lambda dim, dtype: 64
-store.WDS_SHARD_ROWS = 50
+from n2n.shards import create_store
 path, format = sys.argv[1], sys.argv[2]
 data = np.load(sys.argv[3])
-writer = store.create_store(path, dim=data["latents"].shape[1], format=format)
+writer = create_store(path, dim=data["latents"].shape[1], format=format, chunk_rows=16, unit_rows=64, tar_rows=50)
 writer.append(data["keys"][:90], data["sub"][:90], data["latents"][:90])
 writer.flush()
 writer.append(data["keys"][90:120], data["sub"][90:120], data["latents"][90:120])
@@ -210,7 +208,7 @@ def test_rows_written_but_not_committed_are_dropped_on_resume(tmp_path, format):
     """A crash between writing data and committing meta.json: the extra rows must not survive."""
     data, other = rows(150), rows(250, seed=1)
     path = tmp_path / "s"
-    writer = create_store(path, dim=DIM, format=format)
+    writer = new_store(path, format)
     writer.append(*(column[:100] for column in data))
     writer.flush()
     committed = (path / "meta.json").read_text()
@@ -230,7 +228,7 @@ def test_rows_written_but_not_committed_are_dropped_on_resume(tmp_path, format):
 
 @pytest.mark.parametrize("format", FORMATS)
 def test_exception_in_context_flushes_but_never_completes(tmp_path, format):
-    with pytest.raises(RuntimeError), create_store(tmp_path / "s", dim=DIM, format=format) as writer:
+    with pytest.raises(RuntimeError), new_store(tmp_path / "s", format) as writer:
         writer.append(*rows(30))
         raise RuntimeError("extraction failed")
     store = open_store(tmp_path / "s", require_complete=False)
@@ -238,7 +236,7 @@ def test_exception_in_context_flushes_but_never_completes(tmp_path, format):
 
 
 def test_close_marks_complete_and_ends_the_writer(tmp_path):
-    writer = create_store(tmp_path / "s", dim=DIM)
+    writer = new_store(tmp_path / "s")
     writer.append(*rows(5))
     assert not json.loads((tmp_path / "s" / "meta.json").read_text())["complete"]
     writer.close()
@@ -247,6 +245,74 @@ def test_close_marks_complete_and_ends_the_writer(tmp_path):
         writer.append(*rows(5))
     with pytest.raises(StoreError, match="already complete"):
         resume_store(tmp_path / "s")
+
+
+# ---------------------------------------------------------------- layout: the sizes of files and writes
+
+
+def files_of(store) -> list[int]:
+    """Rows per file (zarr chunk, tar, HDF5 chunk), as readers see them."""
+    return np.diff(store.bounds()).tolist()
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_the_layout_is_recorded_and_a_resumed_writer_keeps_it(tmp_path, format):
+    data = rows(200)
+    writer = new_store(tmp_path / "s", format)
+    writer.append(*(column[:30] for column in data))
+    writer.flush()
+    del writer
+    writer = resume_store(tmp_path / "s")
+    writer.append(*(column[30:] for column in data))
+    writer.close()
+    store = open_store(tmp_path / "s")
+    assert store.meta["layout"] == LAYOUT and store.layout == Layout(**LAYOUT)
+    assert_same_rows(store, data)
+    assert files_of(store) == ([30, 50, 50, 50, 20] if format == "wds" else [16] * 12 + [8])  # not tars of 16384
+
+
+def test_a_store_without_a_recorded_layout_reads_and_resumes_with_the_defaults(tmp_path):
+    """Stores of an n2n that did not record layout or format_dist: cut as today's defaults cut them."""
+    data = rows(3000, "float32")
+    for format in FORMATS:
+        path = tmp_path / format
+        writer = create_store(path, dim=DIM, dtype="float32", format=format)
+        writer.append(*(column[:1000] for column in data))
+        writer.flush()
+        meta = json.loads((path / "meta.json").read_text())
+        assert meta["layout"] == {"chunk_rows": 65536, "unit_rows": 65536, "tar_rows": 16384}
+        old = {k: v for k, v in meta.items() if k not in ("layout", "format_dist")}
+        (path / "meta.json").write_text(json.dumps(old))
+        writer = resume_store(path)
+        writer.append(*(column[1000:] for column in data))
+        writer.close()
+        store = open_store(path)
+        assert "layout" not in store.meta and store.layout.chunk_rows == 65536
+        assert_same_rows(store, data)
+        assert files_of(store) == ([1000, 2000] if format == "wds" else [3000]) and verify_store(path) == []
+
+
+@pytest.mark.parametrize(("name", "value"), [("chunk_rows", 0), ("unit_rows", -64), ("tar_rows", 2.5),
+                                             ("chunk_rows", True), ("tar_rows", "50")])
+def test_create_refuses_sizes_that_are_not_positive_integers(tmp_path, name, value):
+    with pytest.raises(StoreError, match=re.escape(f"cannot create {tmp_path / 's'}: {name}={value!r} is not a "
+                                                   "positive integer")):
+        create_store(tmp_path / "s", dim=DIM, **{name: value})
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("layout", [{"chunk_rows": 0, "unit_rows": 64, "tar_rows": 50}, {"chunk_rows": 16},
+                                    [16, 64, 50], None])
+def test_a_bad_recorded_layout_is_refused_naming_meta_json(tmp_path, layout):
+    path = write(tmp_path / "s", rows(20), "zarr")
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "layout": layout}))
+    message = re.escape(f"invalid {path / 'meta.json'}: layout")
+    for read in (open_store, resume_store):
+        with pytest.raises(StoreError, match=message):
+            read(path)
+    [problem] = verify_store(path)
+    assert re.match(message, problem)
 
 
 # ---------------------------------------------------------------- conversion
@@ -263,8 +329,20 @@ def test_convert_preserves_everything(tmp_path, src, dst):
     assert converted.meta["expert"] == {"spec": "minilm"} and converted.meta["split"] == "val"
 
 
+def test_convert_keeps_the_layout_but_for_the_sizes_given(tmp_path):
+    data = rows(170)
+    write(tmp_path / "a", data, "zarr")
+    same = open_store(convert_store(tmp_path / "a", tmp_path / "b", "wds"))
+    assert same.meta["layout"] == LAYOUT and files_of(same) == [50, 50, 50, 20]
+    other = open_store(convert_store(tmp_path / "b", tmp_path / "c", "wds", tar_rows=100))
+    assert other.layout.tar_rows == 100 and files_of(other) == [100, 70] and "wds_shards" in other.meta
+    assert_same_rows(other, data)
+    back = open_store(convert_store(tmp_path / "c", tmp_path / "d", "zarr", chunk_rows=32))
+    assert "wds_shards" not in back.meta and files_of(back) == [32] * 5 + [10]  # the tars' list stays with them
+
+
 def test_convert_refuses_an_incomplete_source(tmp_path):
-    writer = create_store(tmp_path / "a", dim=DIM)
+    writer = new_store(tmp_path / "a")
     writer.append(*rows(5))
     writer.flush()
     with pytest.raises(StoreError, match="incomplete"):
@@ -409,7 +487,7 @@ def test_create_refuses_bad_arguments(tmp_path, kwargs):
     ],
 )
 def test_append_validates_batches(tmp_path, batch):
-    writer = create_store(tmp_path / "s", dim=DIM)
+    writer = new_store(tmp_path / "s")
     with pytest.raises(StoreError, match=f"append to {tmp_path / 's'}"):
         writer.append(*batch)
     assert writer.count == 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from n2n.shards.store import StoreError, create_store, open_store
+from n2n.shards import StoreError, create_store, open_store
 from n2n.shards.view import create_view
 from n2n.train.checkpoint import CHECKPOINT, load_checkpoint, prefixed
 from n2n.train.cli import main as train_main
@@ -74,7 +74,7 @@ def test_an_epoch_draws_every_pair_once_in_shuffled_windows(view):
         assert len(set(match.tolist())) == len(drawn)  # none twice
         assert len(drawn) > len(every) - 64 * len(epochs[0])
     finally:
-        stream.close()
+        data.close()
 
 
 def test_stream_statistics_and_heldout_rows_equal_the_resident_ones(view):
@@ -87,7 +87,29 @@ def test_stream_statistics_and_heldout_rows_equal_the_resident_ones(view):
         assert torch.allclose(resident.held_source[:], streamed.held_source[:], atol=1e-5)
         assert streamed.train_pairs == resident.train_pairs and streamed.dims == resident.dims == (384, 4)
     finally:
-        streamed.stream.close()
+        streamed.close()
+
+
+def test_resident_and_streamed_pairs_serve_the_trainer_alike(view):
+    """Both are ``Pairs``: the same held-out NLL of one flow, batches of one shape, and close()."""
+    from n2n.cinn import ConditionalFlow, FlowConfig
+    from n2n.train.trainer import heldout_bpd
+
+    resident = load_pairs(view, 0.05).to(torch.device("cpu"))
+    streamed = stream_pairs(view, 0.05, (resident.source_norm, resident.target_norm), device=torch.device("cpu"),
+                            batch_size=64, seed=0, eval_rows=200)
+    torch.manual_seed(0)
+    flow = ConditionalFlow(4, 384, FlowConfig(n_flows=2, hidden_dim=16))
+    try:
+        for data in (resident, streamed):
+            x, c = data.batch(64, torch.Generator().manual_seed(0), noise=0.1)
+            assert x.shape == (64, 4) and c.shape == (64, 384)
+        flow(x, c)  # ActNorm init
+        assert heldout_bpd(flow, resident, 200) == pytest.approx(heldout_bpd(flow, streamed, 200), abs=1e-5)
+    finally:
+        resident.close()
+        streamed.close()
+    assert not streamed.stream.thread.is_alive()
 
 
 def n2n_train(*args):
@@ -130,7 +152,7 @@ def test_a_window_smaller_than_a_batch_is_passed_over(view):
     gives a window of no batch, and the stream goes on to the next epoch instead of drawing an empty one."""
     kwargs = {"device": torch.device("cpu"), "batch_size": 1024, "seed": 0, "eval_rows": 10, "window_pairs": 1024}
     probe = stream_pairs(view, 0.05, None, **kwargs)
-    probe.stream.close()
+    probe.close()
     plans = [probe.stream.plan(epoch) for epoch in range(20)]
     epoch = next(e for e, plan in enumerate(plans) if len(plan[-1]) < 1024)  # the small file last
     before = sum(len(w) // 1024 for plan in plans[:epoch] for w in plan)
@@ -140,7 +162,7 @@ def test_a_window_smaller_than_a_batch_is_passed_over(view):
             x, c = data.batch(1024, torch.Generator())
             assert x.shape == (1024, 4) and c.shape == (1024, 384)
     finally:
-        data.stream.close()
+        data.close()
 
 
 def test_a_view_that_would_not_fit_is_streamed(view, tmp_path, monkeypatch):

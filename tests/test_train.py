@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +15,22 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from n2n.shards.store import create_store
+import n2n
+from n2n.shards import as_path, create_store
 from n2n.shards.synthetic import modes, write_synthetic
-from n2n.shards.view import create_view
-from n2n.train.checkpoint import CHECKPOINT, load_checkpoint, load_run, prefixed
+from n2n.shards.view import create_view, open_view
+from n2n.train.api import dry_run
+from n2n.train.checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    load_checkpoint,
+    load_run,
+    prefixed,
+    read_meta,
+    run_view,
+    save_checkpoint,
+    view_record,
+)
 from n2n.train.cli import main
 from n2n.train.data import Standardizer, heldout_mask, load_pairs
 
@@ -100,7 +114,7 @@ def test_resume_after_kill_9(small_view, tmp_path):
     args = ["--shards", small_view, "--steps", 400, "--eval-every", 40, *SMALL]
     assert n2n_train(*args, "--out", tmp_path / "clean").exit_code == 0
     run = tmp_path / "crashed"
-    cmd = [sys.executable, "-c", "from train.cli import main; main()", *map(str, args), "--out", str(run)]
+    cmd = [sys.executable, "-c", "from n2n.train.cli import main; main()", *map(str, args), "--out", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not (run / CHECKPOINT).exists() and time.time() < deadline:
@@ -200,6 +214,8 @@ def test_dry_run_prints_the_net2net_size(tmp_path):
     assert result.exit_code == 0, result.output
     assert "254,762,152" in result.output  # the count test_cinn derives from the layer shapes
     assert not (tmp_path / "runs").exists()
+    size = dry_run(tmp_path / "bert_biggan", embedding_dim=268, batch_size=64)  # what the command prints
+    assert size["parameters"] == 254_762_152 and size["pairs"] == 4 and size["lr"] == pytest.approx(64 * 4.5e-6)
 
 
 def test_loss_blowing_up_stops_and_keeps_the_last_good_checkpoint(small_view, tmp_path, monkeypatch):
@@ -265,16 +281,24 @@ def test_resume_refusals(small_view, tmp_path):
     other = write_synthetic(tmp_path / "other", "gaussian", n=500, src_dim=5, dst_dim=4)
     wrong = n2n_train("--shards", other, "--out", run, "--steps", 10, "--resume", *SMALL)
     assert wrong.exit_code == 2 and "dims" in wrong.output
+    # How long it runs and how often it reports may change; the trajectory's settings may not.
+    api = {"n_flows": 2, "hidden_dim": 16, "batch_size": 64, "compile": False, "progress": False}
+    n2n.train(None, run, resume=True, steps=10, eval_every=5, log_every=5, eval_rows=100, **api)
+    assert read_meta(run / CHECKPOINT)["step"] == 10
+    with pytest.raises(n2n.N2NError, match=re.escape("drop --lr 0.1 (checkpoint: None), --seed 3 (checkpoint: 0)")):
+        n2n.train(None, run, resume=True, steps=20, seed=3, lr=0.1, **api)
+    with pytest.raises(n2n.N2NError, match="give one .--shards., or a run folder to --resume"):
+        n2n.train(None, resume=True)
 
 
 @pytest.mark.slow
 def test_compiled_loss_matches_eager_and_trains(small_view, tmp_path):
     """The default path on CUDA: torch.compile of the loss (here on CPU's inductor)."""
-    from n2n.cinn import ConditionalFlow
+    from n2n.cinn import ConditionalFlow, FlowConfig
     from n2n.train.trainer import make_loss
 
     torch.manual_seed(0)
-    flow = ConditionalFlow(4, 6, n_flows=2, hidden_dim=16)
+    flow = ConditionalFlow(4, 6, FlowConfig(n_flows=2, hidden_dim=16))
     x, c = torch.randn(64, 4), torch.randn(64, 6)
     flow(x, c)  # ActNorm init, eagerly
     eager = make_loss(flow, compile=False, console=None)(x, c)
@@ -284,3 +308,99 @@ def test_compiled_loss_matches_eager_and_trains(small_view, tmp_path):
                        *SMALL[:-1], "--compile")
     assert result.exit_code == 0, result.output
     assert "warning: torch.compile failed" not in result.output
+
+
+def test_the_api_trains_quietly_into_the_folder_it_returns(small_view, tmp_path, capsys):
+    run = n2n.train(open_view(small_view), tmp_path / "r", steps=5, eval_every=5, n_flows=2, hidden_dim=16,
+                    batch_size=64, compile=False, progress=False)
+    assert run == tmp_path / "r" and (run / CHECKPOINT).is_file()
+    assert capsys.readouterr().err == ""  # progress=False: no progress, no summary
+    meta = read_meta(run / CHECKPOINT)
+    assert meta["model"]["n_flows"] == 2 and meta["train"]["steps"] == 5 and meta["train"]["batch_size"] == 64
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("steps", 0), ("batch_size", 0), ("lr", 0.0), ("lr", -1), ("seed", -1), ("holdout", 1), ("holdout", -0.1),
+    ("target_noise", -0.1), ("eval_every", 0), ("log_every", 0), ("eval_rows", 0), ("steps", 2.5),
+    ("n_flows", 0), ("hidden_dim", 0), ("embedding_dim", 0), ("embedder_norm", "group"),
+])
+def test_the_api_refuses_an_option_out_of_range_before_any_work(option, value, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run folder, runs/<view name>, must not appear either
+    with pytest.raises(n2n.N2NError, match=re.escape(f"{option} (--{option.replace('_', '-')}) = {value!r}: must")):
+        n2n.train(tmp_path / "no-view", **{option: value})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_option_lists_the_accepted_ones(small_view, tmp_path):
+    with pytest.raises(n2n.N2NError, match="unknown option 'n_flow'; the options are: .*hidden_dim.*n_flows"):
+        n2n.train(small_view, tmp_path / "r", n_flow=2)
+    assert not (tmp_path / "r").exists()
+
+
+SMALL_API = {"n_flows": 2, "hidden_dim": 16, "batch_size": 64, "eval_every": 10, "compile": False, "progress": False}
+
+
+def test_a_project_folder_moved_after_training_resumes_evaluates_and_samples(tmp_path):
+    """The run names its view relative to itself (view.json its stores likewise), so shards/ and
+    runs/ moved together keep working: resume without naming the view, evaluate, sample."""
+    project = tmp_path / "project"
+    write_synthetic(project / "shards", "gaussian", n=1000, src_dim=6, dst_dim=4)
+    n2n.train(project / "shards/synth-gaussian", project / "runs/r", steps=10, **SMALL_API)
+    assert read_meta(project / "runs/r" / CHECKPOINT)["view"] == "../../shards/synth-gaussian"
+    moved = Path(shutil.move(project, tmp_path / "elsewhere"))
+    assert not project.exists()
+    view = open_view(moved / "shards/synth-gaussian")
+    assert view.source.path == moved / "shards/synth-gaussian/src" and len(view.join()) == 1000
+
+    run = moved / "runs/r"
+    result = n2n_train("--out", run, "--steps", 20, "--eval-every", 10, "--resume", "--no-compile")
+    assert result.exit_code == 0, result.output
+    meta = read_meta(run / CHECKPOINT)
+    assert meta["step"] == 20 and meta["view"] == "../../shards/synth-gaussian"
+    scores = n2n.evaluate(run)
+    assert scores["heldout_bpd"] == pytest.approx(meta["heldout_bpd"], abs=1e-4)
+    samples = load_run(run).sample(torch.zeros(3, 6), generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 4) and torch.isfinite(samples).all()
+
+
+def test_a_run_moved_without_its_view_names_both_paths_until_given_the_view(small_view, tmp_path):
+    n2n.train(small_view, tmp_path / "a/runs/r", steps=10, **SMALL_API)
+    run = Path(shutil.move(tmp_path / "a/runs", tmp_path / "b/c/runs")) / "r"
+    recorded = read_meta(run / CHECKPOINT)["view"]
+    named = re.escape(f"recorded as {recorded}, and there is no view at {os.path.normpath(run / recorded)}")
+    for call in (lambda: n2n.evaluate(run), lambda: n2n.train(None, run, resume=True, steps=20, **SMALL_API)):
+        with pytest.raises(CheckpointError, match=named):
+            call()
+    n2n.train(small_view, run, resume=True, steps=20, **SMALL_API)  # given, it goes on and records the new place
+    assert read_meta(run / CHECKPOINT)["view"] == os.path.relpath(small_view, run)
+    assert n2n.evaluate(run)["step"] == 20
+
+
+def test_a_view_at_a_url_is_recorded_and_resolved_as_given(tmp_path):
+    url = "memory://n2n-tests/shards/t2i"
+    assert view_record(as_path(url), tmp_path / "run") == url
+    assert str(run_view({"view": url}, tmp_path / "run")) == url
+
+
+def test_a_run_written_before_flow_config_loads_resumes_and_evaluates(small_view, tmp_path):
+    """Headers as n2n wrote them before: the flow without ``coupling``, the training settings with a
+    copy of the model's, the view as an absolute path. Such a run samples, evaluates, and resumes to
+    the weights of an uninterrupted run."""
+    full, old = tmp_path / "full", tmp_path / "old"
+    n2n.train(small_view, full, steps=20, **SMALL_API)
+    n2n.train(small_view, old, steps=10, **SMALL_API)
+    tensors, meta = load_checkpoint(old / CHECKPOINT)
+    model = {k: v for k, v in meta["model"].items() if k != "coupling"}
+    flow_settings = {"n_flows": 2, "hidden_dim": 16, "hidden_depth": 2, "embedding_dim": None, "embedder_depth": 2,
+                     "embedder_norm": "layer"}
+    header = {**meta, "model": model, "view": str(Path(small_view).resolve()),
+              "train": {**meta["train"], "log_every": 10, "model": flow_settings}}
+    save_checkpoint(old / CHECKPOINT, tensors, header)
+
+    assert load_run(old).sample(torch.zeros(2, 6)).shape == (2, 4)
+    assert n2n.evaluate(old)["heldout_bpd"] == pytest.approx(meta["heldout_bpd"], abs=1e-4)
+    n2n.train(None, old, resume=True, steps=20, **SMALL_API)
+    a, b = (prefixed(load_checkpoint(run / CHECKPOINT)[0], "model") for run in (full, old))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    meta = read_meta(old / CHECKPOINT)
+    assert meta["view"] == os.path.relpath(small_view, old) and meta["model"]["coupling"] == "affine"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from n2n.errors import N2NError
 from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
 from n2n.extract.datasets.shapes_judge import (
     ShapesJudge,
@@ -16,7 +17,7 @@ from n2n.extract.datasets.shapes_judge import (
     train_judge,
 )
 from n2n.extract.experts import load_expert
-from n2n.extract.train_ae import main
+from n2n.extract.train_ae import TrainAEConfig, main
 
 SMALL = ["--data", "shapes", "--limit", 256, "--steps", 30, "--batch-size", 16, "--latent-dim", 16,
          "--channels", "8,8,16,16", "--device", "cpu"]
@@ -91,17 +92,35 @@ def test_same_seed_same_weights(tmp_path, small_judge):
 @pytest.mark.parametrize(("args", "message"), [
     (["--data", "nope"], "unknown dataset 'nope'"),
     (["--data", "biggan"], "has no images"),
-    (["--latent-dim", 0], "--latent-dim must be >= 1"),
-    (["--steps", 0], "--steps must be >= 1"),
-    (["--kl-weight", -1], "--kl-weight must be >= 0"),
     (["--image-size", 40], "must be a multiple of 16"),
-    (["--channels", "8,0"], "--channels"),
+    (["--channels", "8,0"], "--channels must be one or more widths >= 1"),
+    (["--channels", "8,x"], "--channels '8,x': write widths as comma-separated integers"),
+    (["--data-option", "seed"], "--data-option 'seed': write it as KEY=VALUE"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, args, message):
     result = n2n_train_ae(*args, "--out", tmp_path / "ae")
     assert result.exit_code == 2
-    assert message in result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "ae").exists()
+
+
+BAD_NUMBERS = [("--limit", 0), ("--limit", -5), ("--image-size", 0), ("--latent-dim", 0), ("--steps", 0),
+               ("--batch-size", 0), ("--lr", 0), ("--lr", -1), ("--lr", "nan"), ("--foreground-weight", -1),
+               ("--kl-weight", -1), ("--kl-weight", "inf"), ("--seed", -1)]
+
+
+@pytest.mark.parametrize(("option", "value"), BAD_NUMBERS)
+def test_out_of_range_is_one_line_naming_the_option_and_nothing_written(tmp_path, option, value):
+    """Checked when the config is made: before the dataset is opened, the judge trained or --out made."""
+    result = n2n_train_ae("--out", tmp_path / "ae", "--judge", tmp_path / "judge", option, value)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and option in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_config_checks_the_api_too():
+    with pytest.raises(N2NError, match=r"^batch_size \(--batch-size\) = 0: must be an integer >= 1$"):
+        TrainAEConfig(batch_size=0)
 
 
 def test_out_holding_something_else_is_refused_without_overwrite(tmp_path):

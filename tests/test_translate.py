@@ -10,14 +10,22 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import n2n
 from n2n.extract.cli import main as n2n_extract
 from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
+from n2n.extract.datasets.shapes_scoring import (
+    ShapesScorer,
+    consistent,
+    normalized_entropy,
+    text_to_image_scores,
+    uniform_entropy,
+)
 from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
 from n2n.shards.view import create_view
 from n2n.train.cli import main as n2n_train
 from n2n.translate.cli import main as n2n_translate
 from n2n.translate.evaluate import main as n2n_eval
-from n2n.translate.evaluate import text_to_image_scores, uniform_entropy
+from n2n.translate.evaluate import print_report, scorer_of
 
 
 def invoke(command, *args) -> "click.testing.Result":  # noqa: F821
@@ -98,8 +106,6 @@ def test_bad_input(runs, tmp_path, problem):
 
 
 def test_normalized_entropy_and_caption_consistency():
-    from n2n.translate.evaluate import consistent, normalized_entropy
-
     assert normalized_entropy(["a"] * 10, 9) == 0
     assert abs(normalized_entropy([str(i) for i in range(9)] * 3, 9) - 1) < 1e-9
     assert 0 < normalized_entropy(["a", "a", "b"], 2) < 1
@@ -196,3 +202,63 @@ def test_an_expert_that_cannot_be_loaded_is_named_with_the_flag_to_fix_it(runs, 
     result = invoke(n2n_translate, "--run", runs["minilm_ae"], "--text", "a red circle", "--out", tmp_path / "g.png")
     assert result.exit_code == 2 and result.output.startswith("error: target expert ae:")
     assert "--target-weights" in result.output and not (tmp_path / "g.png").exists()
+
+
+# ---------------------------------------------------------------- n2n-eval: the dataset's scorer, the arguments
+
+
+def test_scorer_of_asks_the_dataset_both_stores_name():
+    header = lambda source, target: {"source": {"dataset": source}, "target": {"dataset": target}}  # noqa: E731
+    assert isinstance(scorer_of(header({"name": "shapes"}, {"name": "shapes"})), ShapesScorer)
+    for source, target in [({"name": "coco"},) * 2, ({"name": "shapes"}, {"name": "coco"}), (None, None),
+                           ({"name": "not-installed"},) * 2]:
+        assert scorer_of(header(source, target)) is None
+
+
+def test_eval_of_a_dataset_without_a_scorer_reports_the_generic_metrics(runs, tmp_path):
+    """The text -> image run with its stores' dataset renamed to coco, which keeps ItemDataset's default hook."""
+    from n2n.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+
+    tensors, meta = load_checkpoint(runs["minilm_ae"] / CHECKPOINT)
+    for side in ("source", "target"):
+        meta[side]["dataset"]["name"] = "coco"
+    run = runs["minilm_ae"].with_name("minilm_ae-coco")  # beside it: its view record still resolves
+    run.mkdir(exist_ok=True)
+    save_checkpoint(run / CHECKPOINT, tensors, meta)
+    result = invoke(n2n_eval, "--run", run, "--out", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert set(report) == {"run", "view", "step", "heldout_bpd"} and np.isfinite(report["heldout_bpd"])
+    assert "held-out NLL" in result.output and "accuracy" not in result.output
+
+
+def test_print_report_of_a_saved_report_prints_the_dataset_rows(runs, capsys):
+    """What `make demo` does with eval.json: the rows come from the scorer of the run the report names."""
+    report = json.loads(json.dumps(n2n.evaluate(runs["ae_minilm"], samples=2, baseline_steps=5, progress=False)))
+    capsys.readouterr()
+    print_report(report)
+    assert "nearest caption fits the image" in capsys.readouterr().out
+    print_report({**report, "run": str(runs["ae_minilm"]) + "-gone"})
+    out = capsys.readouterr().out
+    assert "held-out NLL" in out and "nearest caption" not in out and "only the NLL" in out
+
+
+BAD_EVAL = [("samples", 0), ("samples", 5000), ("samples", 1.5), ("temperature", -1.0), ("temperature", float("nan")),
+            ("temperature", float("inf")), ("max_rows", 0), ("seed", -1), ("baseline_steps", 0)]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_EVAL)
+def test_evaluate_checks_every_number_before_loading_anything(name, value, tmp_path):
+    """The run does not exist: a range error (not 'no checkpoint') shows that nothing was loaded first."""
+    with pytest.raises(n2n.N2NError, match=rf"^{name} \(--{name.replace('_', '-')}\) = .*: must be"):
+        n2n.evaluate(tmp_path / "no-run", **{name: value})
+
+
+@pytest.mark.parametrize(("option", "value"), [("--samples", 0), ("--samples", 5000), ("--temperature", -0.5),
+                                               ("--temperature", "nan"), ("--max-rows", 0), ("--seed", -1),
+                                               ("--baseline-steps", 0)])
+def test_eval_out_of_range_is_one_line_exit_2_and_nothing_written(runs, option, value, tmp_path):
+    result = invoke(n2n_eval, "--run", runs["minilm_ae"], "--out", tmp_path / "eval.json", option, value)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and option in lines[0]
+    assert list(tmp_path.iterdir()) == [] and not (runs["minilm_ae"] / "eval.json").exists()

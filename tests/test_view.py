@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from n2n.shards import StoreError, create_store
 from n2n.shards import view as view_module
-from n2n.shards.store import StoreError, create_store
 from n2n.shards.view import View, ViewError, create_view, open_view
 
 

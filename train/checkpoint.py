@@ -3,7 +3,8 @@
 Tensors: ``model.*`` (the flow's state dict), ``optim.<param>.<name>`` (optimizer moments),
 ``norm.{source,target}.{mean,std}`` (standardisation statistics), ``rng.*`` (generator states).
 JSON (the safetensors ``__metadata__`` entry "n2n"): model config, training settings, step, the
-view and both stores' identities, optimizer hyper-parameters. One file means weights and state can
+view (relative to the run folder: ``view_record`` / ``run_view``) and both stores' identities,
+optimizer hyper-parameters. One file means weights and state can
 never disagree, and one ``os.replace`` makes a new checkpoint visible atomically: a crash at any
 moment leaves the previous checkpoint or the new one, never half of either. Read it with
 ``safetensors.safe_open(path, "pt").metadata()["n2n"]``; nothing is unpickled.
@@ -23,6 +24,8 @@ from safetensors.torch import save_file
 
 from n2n.cinn import ConditionalFlow
 from n2n.errors import N2NError
+from n2n.shards import as_path, is_remote
+from n2n.shards.view import VIEW_NAME
 from n2n.train.data import Standardizer
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -99,6 +102,33 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+def view_record(view: Path | str, run: Path | str) -> str:
+    """How a checkpoint names its view: relative to the run folder where both are on a local disk, so
+    that a project folder holding shards/ and runs/ keeps working wherever it is moved or copied; the
+    URL as given where the view lives behind fsspec. Paths are taken as written (not through
+    symlinks), as the user sees the folder's layout."""
+    if is_remote(view):
+        return str(view)
+    return os.path.relpath(os.path.abspath(view), os.path.abspath(run))
+
+
+def run_view(meta: dict, run: Path | str) -> Path:
+    """The view a run was trained on (``run``: its folder or checkpoint file): the header's record
+    resolved against the run folder, a URL as it is, or an absolute path as runs before relative
+    records wrote it. Every reader of ``meta["view"]`` resolves it here."""
+    recorded, run = meta["view"], Path(run)
+    if "://" in recorded:
+        return as_path(recorded)
+    folder = run.parent if run.is_file() else run
+    path = Path(os.path.normpath(folder / recorded))  # an absolute record stays itself
+    if not (path / VIEW_NAME).is_file():
+        raise CheckpointError(
+            f"{run} was trained on the view recorded as {recorded}, and there is no view at {path}: put the "
+            "shards folder back where it was beside the run folder, or give the view (--shards)"
+        )
+    return path
+
+
 def saved_norms(tensors: dict[str, torch.Tensor]) -> tuple[Standardizer, Standardizer]:
     """The (source, target) standardisation a checkpoint's weights were trained with."""
     mean_std = lambda side: (tensors[f"norm.{side}.mean"], tensors[f"norm.{side}.std"])  # noqa: E731
@@ -132,10 +162,10 @@ def load_run(run: Path | str, device: str | torch.device = "cpu") -> TrainedFlow
     run = Path(run)
     tensors, meta = load_checkpoint(run / CHECKPOINT if run.is_dir() else run)
     try:
-        flow = ConditionalFlow(**meta["model"])
+        flow = ConditionalFlow.from_dict(meta["model"])
         flow.load_state_dict(prefixed(tensors, "model"))
         norms = saved_norms(tensors)
-    except (TypeError, KeyError, RuntimeError) as e:  # a header or tensors of another model
+    except (TypeError, KeyError, RuntimeError, N2NError) as e:  # a header or tensors of another model
         raise CheckpointError(f"{run} does not hold a whole n2n model ({type(e).__name__}: {e}); "
                               "use an earlier copy or retrain") from e
     return TrainedFlow(flow.to(device).eval(), *norms, meta)

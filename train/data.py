@@ -3,6 +3,8 @@
 The whole point of stage 2 is that training touches nothing but these arrays: both stores'
 latents are loaded once in their stored dtype and moved to the device with the join's row
 indices, and every batch is an index gather there, converted and standardised as it is drawn.
+``Pairs`` is what the trainer asks of them; ``PairedLatents`` (here) and ``train.stream``'s
+``StreamedPairs``, for views larger than the device, each answer it.
 """
 
 from __future__ import annotations
@@ -11,17 +13,14 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from n2n.parallel import ONE_PROCESS, Ranks
-from n2n.shards.store import Store, StoreError
+from n2n.shards import Store, StoreError
 from n2n.shards.view import Join, View, hash_keys, open_view
-
-if TYPE_CHECKING:
-    from n2n.train.stream import PairStream
 
 
 @dataclass
@@ -112,50 +111,80 @@ def rank_batch(target: Rows, source: Rows, idx: torch.Tensor, generator: torch.G
     return x, source[idx[part]]
 
 
-ARRAYS = ("source", "target", "held_source", "held_target")
+class Pairs(Protocol):
+    """A view's pairs as the trainer uses them: held on the device (``PairedLatents``) or streamed
+    from the stores (``train.stream.StreamedPairs``). The trainer never asks which."""
 
-
-@dataclass
-class PairedLatents:
-    """(source, target) training rows of one view, split into train and held-out parts."""
-
-    view: View | None
-    source: Rows | None  # None where the training pairs are streamed
-    target: Rows | None
-    held_source: Rows
-    held_target: Rows
+    view: View
     source_norm: Standardizer
     target_norm: Standardizer
-    truth: dict | None  # truth.json of a synthetic view: the analytic NLL
+    held_source: Rows  # the held-out pairs, for evaluation
+    held_target: Rows
+    truth: dict | None
+
+    @property
+    def dims(self) -> tuple[int, int]: ...
+
+    @property
+    def train_pairs(self) -> int: ...
+
+    def batch(self, size: int, generator: torch.Generator, noise: float = 0.0,
+              ranks: Ranks = ONE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random (target, source) training batch; under torchrun, this rank's slice of the global
+        batch (every rank draws the same indices and noise)."""
+
+    def close(self) -> None:
+        """Release what reading the pairs holds (a stream's reader thread)."""
+
+
+@dataclass(kw_only=True)
+class ViewSplit:
+    """What both kinds of ``Pairs`` share: the view, its standardisation and its held-out pairs."""
+
+    view: View | None
+    source_norm: Standardizer
+    target_norm: Standardizer
+    held_source: Rows
+    held_target: Rows
+    truth: dict | None = None  # truth.json of a synthetic view: the analytic NLL
     held_key: np.ndarray | None = None  # key of each held-out pair (for evaluation against ground truth)
     held_rows: tuple[np.ndarray, np.ndarray] | None = None  # (source row, target row) of each held-out pair
-    stream: PairStream | None = None  # the training pairs, read from the stores as training goes (--stream)
 
     @property
     def dims(self) -> tuple[int, int]:
         """(source, target) latent sizes."""
         return len(self.source_norm.mean), len(self.target_norm.mean)
 
+
+ARRAYS = ("source", "target", "held_source", "held_target")
+
+
+@dataclass(kw_only=True)
+class PairedLatents(ViewSplit):
+    """A view's pairs held whole on one device: a batch is one index gather there (``Pairs``)."""
+
+    source: Rows
+    target: Rows
+
     @property
     def train_pairs(self) -> int:
-        return len(self.stream if self.stream is not None else self.target)
+        return len(self.target)
 
     def batch(self, size: int, generator: torch.Generator, noise: float = 0.0,
               ranks: Ranks = ONE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random (target, source) batch, with replacement, as one index gather on the device; under
-        torchrun, this rank's slice of the global batch (every rank draws the same indices and noise).
-        A streamed view draws its next batch from the stream instead."""
-        if self.stream is not None:
-            return self.stream.batch(size, generator, noise, ranks)
+        """With replacement: ``torch.randint`` on the device, then the gather (see ``Pairs.batch``)."""
         idx = torch.randint(len(self.target), (size,), device=self.target.device, generator=generator)
         return rank_batch(self.target, self.source, idx, generator, noise, ranks)
+
+    def close(self) -> None:
+        """Nothing to release: the arrays go with the object."""
 
     def to(self, device: torch.device) -> PairedLatents:
         """Move the arrays to the device (n2n-train streams a view that would not fit: fits_in_memory)."""
         sides = {"source": self.source.latents, "target": self.target.latents}
         moved = {side: x.to(device) for side, x in sides.items()}
         rows = {k: getattr(self, k).to(device, moved[k.removeprefix("held_")]) for k in ARRAYS}
-        return PairedLatents(self.view, **rows, source_norm=self.source_norm, target_norm=self.target_norm,
+        return PairedLatents(view=self.view, **rows, source_norm=self.source_norm, target_norm=self.target_norm,
                              truth=self.truth, held_key=self.held_key, held_rows=self.held_rows)
 
 

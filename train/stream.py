@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from n2n.parallel import ONE_PROCESS, Ranks
-from n2n.shards.store import Store, StoreError
+from n2n.shards import Store, StoreError
 from n2n.shards.view import View
 from n2n.train.data import (
     BLOCK_ROWS,
-    PairedLatents,
     Rows,
     Standardizer,
+    ViewSplit,
     check_finite,
     rank_batch,
     read_truth,
@@ -191,12 +191,32 @@ class PairStream:
         self.thread.join(timeout=5)
 
 
+@dataclass(kw_only=True)
+class StreamedPairs(ViewSplit):
+    """A view's pairs with the training ones read from the stores as training goes (``Pairs``); the
+    held-out ones used for evaluation sit on the device."""
+
+    stream: PairStream
+
+    @property
+    def train_pairs(self) -> int:
+        return len(self.stream)
+
+    def batch(self, size: int, generator: torch.Generator, noise: float = 0.0,
+              ranks: Ranks = ONE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stream's next batch (see ``Pairs.batch`` and ``PairStream.batch``)."""
+        return self.stream.batch(size, generator, noise, ranks)
+
+    def close(self) -> None:
+        self.stream.close()
+
+
 def stream_pairs(view_path: Path | str, holdout: float, norms: tuple[Standardizer, Standardizer] | None, *,
                  device: torch.device, batch_size: int, seed: int, eval_rows: int, start_batch: int = 0,
-                 window_pairs: int = WINDOW_PAIRS) -> PairedLatents:
+                 window_pairs: int = WINDOW_PAIRS) -> StreamedPairs:
     """A view's pairs for training without loading its latents: statistics from one pass over the
     stores (which also refuses NaN), the first ``eval_rows`` held-out pairs on the device, and the
-    training pairs streamed (``PairedLatents.batch`` draws from the stream)."""
+    training pairs streamed."""
     view, join, held = split_pairs(view_path, holdout)
     train_rows = join.source_index[~held], join.target_index[~held]
     if norms is None:
@@ -208,6 +228,6 @@ def stream_pairs(view_path: Path | str, holdout: float, norms: tuple[Standardize
                                      ("target", view.target, join.target_index, norms[1])):
         held_rows[f"held_{side}"] = read_rows(store, index[held_pairs], norm, device)
     stream = PairStream(view, *train_rows, norms, device, batch_size, seed, window_pairs, start_batch)
-    return PairedLatents(view, None, None, **held_rows, source_norm=norms[0], target_norm=norms[1],
-                         truth=read_truth(view), held_key=join.key[held_pairs],
+    return StreamedPairs(view=view, **held_rows, source_norm=norms[0], target_norm=norms[1], truth=read_truth(view),
+                         held_key=join.key[held_pairs],
                          held_rows=(join.source_index[held_pairs], join.target_index[held_pairs]), stream=stream)

@@ -3,6 +3,8 @@
 Read top to bottom: settings, the loss, held-out evaluation, checkpoint contents, the loop.
 The joined arrays live on the device; a batch is ``torch.randint`` + an index gather, so a step
 costs the cINN's forward and backward and nothing else (no DataLoader, no per-sample Python).
+A view too large for the device is streamed from its stores instead (train.stream); both are
+``Pairs`` to the loop.
 
 Under torchrun the run is data-parallel (DDP): every rank holds the view on its own device and
 draws the same global batch indices from the same generator, then keeps its own slice of them.
@@ -13,12 +15,12 @@ So the global batch, the noise and the trajectory are those of one process with 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,58 +29,57 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
 
-from n2n.cinn import ConditionalFlow, bits_per_dim, nll
+from n2n.cinn import ConditionalFlow, FlowConfig, bits_per_dim, nll
 from n2n.errors import N2NError
-from n2n.parallel import Ranks, pick_device
-from n2n.shards.store import is_remote
+from n2n.options import check_fields, setting
+from n2n.parallel import Ranks
 from n2n.shards.view import open_view
 from n2n.train.checkpoint import (
     CHECKPOINT,
-    CheckpointError,
     load_checkpoint,
     optimizer_tensors,
     prefixed,
     restore_optimizer,
     save_checkpoint,
     saved_norms,
+    view_record,
 )
-from n2n.train.data import PairedLatents, Standardizer, load_pairs
+from n2n.train.data import Pairs, Standardizer, load_pairs
 from n2n.train.stream import stream_pairs
 
 NET2NET_BASE_LR = 4.5e-6  # net2net scales its learning rate by the batch size
 
 
-@dataclass
-class ModelConfig:
-    """The flow's size; dim and cond_dim come from the view."""
-
-    n_flows: int = 24
-    hidden_dim: int = 1024
-    hidden_depth: int = 2
-    embedding_dim: int | None = None
-    embedder_depth: int = 2
-    embedder_norm: str = "layer"
-
-
-@dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 10_000
-    batch_size: int = 256
-    lr: float | None = None  # None: NET2NET_BASE_LR * batch_size
-    seed: int = 0
-    holdout: float = 0.05
-    eval_every: int = 500  # also the checkpoint interval
-    log_every: int = 50
-    eval_rows: int = 16_384  # held-out rows used per evaluation (the first ones, always the same)
-    # Gaussian noise (in standardised units) added to training targets. A target that is a point mass
-    # given its condition (a renderer's one image per caption) has no density for a flow to fit;
-    # noise dequantises it, as uniform noise does for pixels in image flows. Held-out NLL stays clean.
-    target_noise: float = 0.0
-    model: ModelConfig = field(default_factory=ModelConfig)
+    """How a run trains (the flow's shape is ``FlowConfig``); each field is an n2n-train option."""
+
+    steps: int = setting(10_000, "Total optimizer steps (on --resume: the new total).", min=1)
+    batch_size: int = setting(256, "Pairs per step; under torchrun the global batch, split over the processes.",
+                              min=1)
+    lr: float | None = setting(None, "Adam learning rate.  [default: 4.5e-6 x batch size, as net2net]", above=0)
+    seed: int = setting(0, "Seed of the initial weights, the batches and the target noise.", min=0)
+    holdout: float = setting(0.05, "Fraction of keys held out (by key hash) for evaluation.", min=0, below=1)
+    eval_every: int = setting(500, "Steps between held-out evaluations and checkpoints.", min=1)
+    log_every: int = setting(50, "Steps between training-loss lines in metrics.jsonl (never more than --eval-every).",
+                             min=1)
+    eval_rows: int = setting(16_384, "Held-out pairs per evaluation (the first ones, always the same).", min=1)
+    # A target that is a point mass given its condition (a renderer's one image per caption) has no
+    # density for a flow to fit; noise dequantises it, as uniform noise does for pixels in image flows.
+    target_noise: float = setting(
+        0.0, "Gaussian noise (standardised units) on training targets: dequantises targets that are point masses "
+             "given their source (e.g. 0.05 for a renderer's latents). Held-out NLL stays clean.", min=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else NET2NET_BASE_LR * self.batch_size
+
+
+# Settings a resumed run may change: how long it runs and what it reports, not its trajectory.
+ON_RESUME = ("steps", "eval_every", "log_every", "eval_rows")
 
 
 class TrainError(N2NError):
@@ -86,12 +87,10 @@ class TrainError(N2NError):
 
 
 class DivergedError(TrainError):
-    """The loss or the weights became NaN/inf; the last good checkpoint is kept."""
+    """The loss or the weights became NaN/inf; the last good checkpoint is kept. Exit status 1: the
+    input was fine, the run was not."""
 
-
-def build_flow(data: PairedLatents, model: ModelConfig) -> ConditionalFlow:
-    cond_dim, dim = data.dims
-    return ConditionalFlow(dim=dim, cond_dim=cond_dim, **asdict(model))
+    exit_code = 1
 
 
 def make_optimizer(flow: ConditionalFlow, lr: float) -> torch.optim.Optimizer:
@@ -141,7 +140,7 @@ def make_step(loss_fn: Callable, optimizer: torch.optim.Optimizer) -> Callable:
 
 
 @torch.no_grad()
-def heldout_bpd(flow: ConditionalFlow, data: PairedLatents, rows: int, chunk: int = 4096) -> float | None:
+def heldout_bpd(flow: ConditionalFlow, data: Pairs, rows: int, chunk: int = 4096) -> float | None:
     """Held-out NLL in bits/dim of the target latent in its stored units (the standardisation's
     log-determinant added back), so that it is comparable across runs and with an analytic NLL."""
     x, c = data.held_target[:rows], data.held_source[:rows]
@@ -156,8 +155,9 @@ def heldout_bpd(flow: ConditionalFlow, data: PairedLatents, rows: int, chunk: in
 
 def checkpoint_state(
     flow: ConditionalFlow, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-    data: PairedLatents, cfg: TrainConfig, step: int, heldout: float | None,
+    data: Pairs, cfg: TrainConfig, step: int, heldout: float | None, out: Path,
 ) -> tuple[dict[str, torch.Tensor], dict]:
+    """A checkpoint's tensors and header (train.checkpoint describes both)."""
     tensors = {f"model.{k}": v for k, v in flow.state_dict().items()}
     optim, optim_meta = optimizer_tensors(optimizer)
     tensors |= optim
@@ -167,9 +167,9 @@ def checkpoint_state(
     meta = {
         "n2n_checkpoint": 1,
         "step": step,
-        "model": flow.config,
-        "train": asdict(cfg),
-        "view": str(data.view.path if is_remote(data.view.path) else Path(data.view.path).resolve()),
+        "model": flow.to_dict(),
+        "train": dataclasses.asdict(cfg),
+        "view": view_record(data.view.path, out),
         "source": data.view.source.identity(),
         "target": data.view.target.identity(),
         "optimizer": optim_meta,
@@ -178,10 +178,12 @@ def checkpoint_state(
     return tensors, meta
 
 
-def train_config_from(meta: dict, steps: int) -> TrainConfig:
-    """The settings a checkpoint was trained with; only the step budget may change on resume."""
-    settings = dict(meta["train"], steps=steps)
-    return TrainConfig(**{**settings, "model": ModelConfig(**settings["model"])})
+def saved_settings(meta: dict) -> tuple[TrainConfig, FlowConfig]:
+    """The settings a checkpoint was trained with. Headers of earlier versions kept a copy of the
+    flow's settings in ``train`` and lacked later fields (at their defaults here)."""
+    train = {f.name: meta["train"][f.name] for f in dataclasses.fields(TrainConfig) if f.name in meta["train"]}
+    flow = {k: v for k, v in meta["model"].items() if k not in ("dim", "cond_dim")}
+    return TrainConfig(**train), FlowConfig(**flow)
 
 
 def check_fits(meta: dict, view: Path | str, checkpoint: Path) -> None:
@@ -195,15 +197,15 @@ def check_fits(meta: dict, view: Path | str, checkpoint: Path) -> None:
         )
 
 
-def restore(tensors: dict[str, torch.Tensor], meta: dict, cfg: TrainConfig, device: torch.device):
-    """Rebuild flow, optimizer and batch generator from a checkpoint's tensors and header."""
-    flow = ConditionalFlow(**meta["model"]).to(device)
+def restore(flow: ConditionalFlow, tensors: dict[str, torch.Tensor], meta: dict, cfg: TrainConfig,
+            device: torch.device) -> tuple[torch.optim.Optimizer, torch.Generator]:
+    """Load a checkpoint's weights into ``flow`` (on ``device``) and rebuild its optimizer and batch generator."""
     flow.load_state_dict(prefixed(tensors, "model"))
     optimizer = make_optimizer(flow, cfg.learning_rate)
     restore_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer"])
     generator = torch.Generator(device)
     generator.set_state(tensors["rng.batch"])
-    return flow, optimizer, generator, meta["step"]
+    return optimizer, generator
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -212,36 +214,6 @@ def truncate_metrics(path: Path, step: int) -> None:
     if path.exists():
         lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
         path.write_text("".join(ln + "\n" for ln in lines))
-
-
-def train(
-    view: Path | str,
-    out: Path | str,
-    cfg: TrainConfig,
-    *,
-    device: str = "auto",
-    compile: bool | None = None,
-    resume: bool = False,
-    stream: bool | None = None,
-    console: Console | None = None,
-) -> dict:
-    """Train (or resume) a run in ``out`` on ``view``; return the final summary.
-
-    ``stream=None`` streams the training pairs from the stores only where the view would not fit
-    on the device (train.stream); True always, False never.
-    ``compile=None`` compiles on CUDA only (see n2n-train --help for the CPU measurement).
-    Under torchrun, every rank trains its slice of each global batch (see the module's docstring).
-    """
-    ranks = Ranks.from_env()
-    dev = pick_device(device, ranks.local, TrainError)
-    joined = ranks.init("nccl" if dev.type == "cuda" else "gloo")
-    try:
-        console = console if console and ranks.main else Console(stderr=True, quiet=not ranks.main)  # one voice
-        with contextlib.ExitStack() as cleanup:
-            return _train(view, Path(out), cfg, dev, compile, resume, stream, console, ranks, cleanup)
-    finally:
-        if joined:
-            dist.destroy_process_group()
 
 
 def fits_in_memory(view: Path | str, device: torch.device) -> bool:
@@ -256,7 +228,7 @@ def fits_in_memory(view: Path | str, device: torch.device) -> bool:
 
 
 def open_data(view: Path | str, cfg: TrainConfig, norms: tuple[Standardizer, Standardizer] | None,
-              dev: torch.device, stream: bool | None, start_batch: int, console: Console) -> PairedLatents:
+              dev: torch.device, stream: bool | None, start_batch: int, console: Console) -> Pairs:
     """The view on the device, or streamed from its stores (asked for, or where it would not fit)."""
     if stream is None and not fits_in_memory(view, dev):
         console.print(f"{view}: the view's latents would not fit in {dev}'s free memory: streaming them")
@@ -267,38 +239,44 @@ def open_data(view: Path | str, cfg: TrainConfig, norms: tuple[Standardizer, Sta
                         eval_rows=cfg.eval_rows, start_batch=start_batch)
 
 
-def _train(view: Path | str, out: Path, cfg: TrainConfig, dev: torch.device, compile: bool | None, resume: bool,
-           stream: bool | None, console: Console, ranks: Ranks, cleanup: contextlib.ExitStack) -> dict:
-    ckpt_path, metrics_path = out / CHECKPOINT, out / "metrics.jsonl"
-    if ckpt_path.exists() and not resume:
-        raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    if resume and not ckpt_path.exists():
-        raise CheckpointError(f"--resume: no checkpoint in {out}; drop --resume to start this run")
+def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, *, resume: bool, dev: torch.device,
+        compile: bool | None, stream: bool | None, progress: bool, console: Console, ranks: Ranks) -> dict:
+    """Train a new run in ``out``, or go on with its checkpoint (whose settings ``cfg`` and
+    ``flow_config`` must be: n2n.train.api sees to it); return the final summary. Under torchrun
+    every rank calls it."""
     if cfg.batch_size % ranks.world:
         raise TrainError(f"--batch-size {cfg.batch_size} (the global batch) does not split over {ranks.world} "
                          "processes: make it a multiple of the process count")
+    tensors, meta = load_checkpoint(out / CHECKPOINT) if resume else ({}, {"step": 0, "heldout_bpd": None})
+    step = meta["step"]
+    # A resumed run: bit for bit the trained-with statistics; a stream goes on after the batches drawn (init + steps).
+    data = open_data(view, cfg, saved_norms(tensors) if resume else None, dev, stream, step + 1 if resume else 0,
+                     console)
+    try:
+        torch.manual_seed(cfg.seed)  # the initial weights (a resumed run loads its own)
+        cond_dim, dim = data.dims
+        flow = ConditionalFlow(dim, cond_dim, flow_config).to(dev)
+        if resume:
+            optimizer, generator = restore(flow, tensors, meta, cfg, dev)
+            if ranks.main:
+                truncate_metrics(out / "metrics.jsonl", step)
+        else:
+            optimizer = make_optimizer(flow, cfg.learning_rate)
+            generator = torch.Generator(dev).manual_seed(cfg.seed)
+            with torch.no_grad():  # ActNorm's data-dependent init, eagerly, before any compiled graph, on a batch
+                flow(*data.batch(cfg.batch_size, generator, cfg.target_noise))  # like the ones it will train on
+        return _loop(flow, optimizer, generator, data, cfg, step, meta["heldout_bpd"], out, dev, compile, progress,
+                     console, ranks)
+    finally:
+        data.close()
 
-    if resume:
-        tensors, meta = load_checkpoint(ckpt_path)
-        cfg = train_config_from(meta, cfg.steps)
-        check_fits(meta, view, ckpt_path)
-        flow, optimizer, generator, step = restore(tensors, meta, cfg, dev)
-        # bit for bit the trained-with statistics; a stream goes on after the batches drawn (init + steps)
-        data = open_data(view, cfg, saved_norms(tensors), dev, stream, step + 1, console)
-        heldout = meta["heldout_bpd"]
-        if ranks.main:
-            truncate_metrics(metrics_path, step)
-    else:
-        data = open_data(view, cfg, None, dev, stream, 0, console)
-        torch.manual_seed(cfg.seed)
-        flow = build_flow(data, cfg.model).to(dev)
-        optimizer = make_optimizer(flow, cfg.learning_rate)
-        generator = torch.Generator(dev).manual_seed(cfg.seed)
-        step, heldout = 0, None
-        with torch.no_grad():  # ActNorm's data-dependent init, eagerly, before any compiled graph, on a batch
-            flow(*data.batch(cfg.batch_size, generator, cfg.target_noise))  # like the ones it will train on
-    if data.stream is not None:
-        cleanup.callback(data.stream.close)
+
+def _loop(flow: ConditionalFlow, optimizer: torch.optim.Optimizer, generator: torch.Generator, data: Pairs,
+          cfg: TrainConfig, step: int, heldout: float | None, out: Path, dev: torch.device, compile: bool | None,
+          progress: bool, console: Console, ranks: Ranks) -> dict:
+    """Steps from ``step`` to ``cfg.steps``: a log line every ``log_every`` steps, an evaluation and a
+    checkpoint every ``eval_every``."""
+    ckpt_path, metrics_path = out / CHECKPOINT, out / "metrics.jsonl"
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
     # Every rank built the same weights (same seed, same init batch); DDP averages the gradients.
@@ -308,28 +286,30 @@ def _train(view: Path | str, out: Path, cfg: TrainConfig, dev: torch.device, com
 
     dim = data.dims[1]
     shard = f", {ranks.world} processes of {cfg.batch_size // ranks.world}" if ranks.world > 1 else ""
-    console.print(
-        f"[bold]n2n-train[/] {data.view.path}: {data.dims[0]} -> {dim} dims, {data.train_pairs} train / "
-        f"{len(data.held_target)} held-out pairs, {sum(p.numel() for p in flow.parameters()):,} parameters, "
-        f"device {dev}, batch {cfg.batch_size}{shard}, lr {cfg.learning_rate:.3g}"
-    )
+    if progress:
+        console.print(
+            f"[bold]n2n-train[/] {data.view.path}: {data.dims[0]} -> {dim} dims, {data.train_pairs} train / "
+            f"{len(data.held_target)} held-out pairs, {sum(p.numel() for p in flow.parameters()):,} parameters, "
+            f"device {dev}, batch {cfg.batch_size}{shard}, lr {cfg.learning_rate:.3g}"
+        )
     to_bpd = lambda nats: bits_per_dim(nats + data.target_norm.log_abs_det, dim)  # noqa: E731
     loss_sum, train_bpd = torch.zeros((), device=dev), None
     t0 = last_time = time.perf_counter()
     last_step = step
-    progress = Progress(
+    log_every = min(cfg.log_every, cfg.eval_every)
+    bar = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(), console=console, disable=not ranks.main,
+        TimeRemainingColumn(), console=console, disable=not (progress and ranks.main),
     )
     metrics_file = open(metrics_path, "a") if ranks.main else contextlib.nullcontext()  # noqa: SIM115
-    with progress, metrics_file as metrics:
-        task = progress.add_task("train", total=cfg.steps, completed=step, info="")
+    with bar, metrics_file as metrics:
+        task = bar.add_task("train", total=cfg.steps, completed=step, info="")
         try:
             while step < cfg.steps:
                 loss_sum += step_fn(*data.batch(cfg.batch_size, generator, cfg.target_noise, ranks))
                 step += 1
                 evaluate = step % cfg.eval_every == 0 or step == cfg.steps
-                if step % cfg.log_every and not evaluate:
+                if step % log_every and not evaluate:
                     continue
                 # One host sync per log interval: the mean loss, checked before anything is saved.
                 if ranks.world > 1:  # the global batch's loss, so every rank takes the same decision
@@ -349,12 +329,13 @@ def _train(view: Path | str, out: Path, cfg: TrainConfig, dev: torch.device, com
                 record = {"step": step, "train_bpd": train_bpd, "steps_per_s": rate}
                 if evaluate and ranks.main:  # the others wait for it in the next step's all-reduce
                     heldout = record["heldout_bpd"] = heldout_bpd(flow, data, cfg.eval_rows)
-                    save_checkpoint(ckpt_path, *checkpoint_state(flow, optimizer, generator, data, cfg, step, heldout))
+                    save_checkpoint(ckpt_path,
+                                    *checkpoint_state(flow, optimizer, generator, data, cfg, step, heldout, out))
                 if ranks.main:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                 held = f"  held-out {heldout:.4f}" if heldout is not None else ""
-                progress.update(task, completed=step, info=f"{train_bpd:.4f} bits/dim{held}  {rate:.1f} steps/s")
+                bar.update(task, completed=step, info=f"{train_bpd:.4f} bits/dim{held}  {rate:.1f} steps/s")
         except KeyboardInterrupt:
             raise TrainError(
                 f"interrupted at step {step}; the last checkpoint is in {ckpt_path}: --resume continues it"

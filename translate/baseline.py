@@ -13,9 +13,11 @@ from torch import nn
 from n2n.train.data import PairedLatents
 
 
+@torch.enable_grad()
 def train_mlp(data: PairedLatents, steps: int = 2000, batch_size: int = 256, hidden: int = 512,
               lr: float = 1e-3, seed: int = 0) -> nn.Module:
-    """Fit source -> target (both standardised) by MSE; deterministic from the seed."""
+    """Fit source -> target (both standardised) by MSE; deterministic from the seed. Gradients are on
+    even when called under ``no_grad`` (n2n.evaluate trains it on a predictor's first call)."""
     torch.manual_seed(seed)
     source_dim, target_dim = data.source.shape[1], data.target.shape[1]
     mlp = nn.Sequential(nn.Linear(source_dim, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(),

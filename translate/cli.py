@@ -3,44 +3,31 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import click
 import numpy as np
-import transformers
-from PIL import Image, UnidentifiedImageError
-from rich.console import Console
+from PIL import Image
 
-from n2n.extract.experts import ExpertError
-from n2n.shards.store import write_json_atomic
-from n2n.train.checkpoint import CheckpointError
+from n2n.cli import CONTEXT, console, reports_errors
+from n2n.options import check_value
+from n2n.shards import write_json_atomic
 from n2n.translate.grid import image_grid
-from n2n.translate.pipeline import TranslateError, load_pipeline
-
-console = Console(stderr=True)
+from n2n.translate.pipeline import TranslateError, Translator
 
 
-def read_inputs(texts: tuple[str, ...], text_file: Path | None,
-                images: tuple[Path, ...]) -> tuple[list[dict], list[str]]:
-    """Items for the source expert and a label per item (the text, or the image's file name)."""
+def read_inputs(texts: tuple[str, ...], text_file: Path | None, images: tuple[Path, ...]) -> tuple[list, list[str]]:
+    """The inputs to translate (captions, then image files) and a label for each."""
     if text_file is not None:
         lines = [line.strip() for line in text_file.read_text(encoding="utf-8").splitlines()]
-        texts = (*texts, *(line for line in lines if line))
         if not any(lines):
             raise TranslateError(f"--text-file {text_file} holds no text; write one caption per line")
+        texts = (*texts, *(line for line in lines if line))
     if any(not t.strip() for t in texts):
         raise TranslateError("an empty --text; give the caption to translate, e.g. --text 'a red circle'")
-    items = [{"text": [t]} for t in texts]
-    for path in images:
-        try:
-            items.append({"image": Image.open(path).convert("RGB")})
-        except (OSError, UnidentifiedImageError) as e:
-            raise TranslateError(f"--input {path} is not a readable image ({e})") from e
-    labels = list(texts) + [p.name for p in images]
-    if not items:
+    if not texts and not images:
         raise TranslateError("nothing to translate: give --text, --text-file or --input IMAGE")
-    return items, labels
+    return [*texts, *images], [*texts, *(p.name for p in images)]
 
 
 def write_atomic_image(image: Image.Image, out: Path) -> None:
@@ -56,7 +43,7 @@ def write_atomic_npy(array: np.ndarray, out: Path) -> None:
     os.replace(tmp, out)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings=CONTEXT)
 @click.option("--run", "run", required=True, type=click.Path(path_type=Path), help="Run folder of n2n-train.")
 @click.option("--text", "texts", multiple=True, help="A caption to translate (repeatable).")
 @click.option("--text-file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
@@ -72,6 +59,7 @@ def write_atomic_npy(array: np.ndarray, out: Path) -> None:
               help="Local weights of the source expert, when they are not where its store says.")
 @click.option("--target-weights", type=click.Path(path_type=Path), default=None,
               help="Local weights of the target expert, when they are not where its store says.")
+@reports_errors
 def main(run: Path, texts: tuple[str, ...], text_file: Path | None, images: tuple[Path, ...], n: int,
          temperature: float, seed: int, out: Path, source_weights: Path | None, target_weights: Path | None) -> None:
     """Translate inputs with a trained run: encode with the source expert, sample the cINN n times,
@@ -79,25 +67,23 @@ def main(run: Path, texts: tuple[str, ...], text_file: Path | None, images: tupl
 
     Example: n2n-translate --run runs/minilm_ae --text "a small red circle in the top left" -n 8 --out grid.png
     """
+    check_value("n", n, integer=True, min=1)
+    check_value("temperature", temperature, min=0)
+    check_value("seed", seed, integer=True, min=0)
+    if out.suffix not in (".png", ".npy"):
+        raise TranslateError(f"--out {out}: write a .png grid or a .npy of latents")
+    import transformers  # here: it takes a second to import, and a bad option needs none of it
+
     transformers.logging.disable_progress_bar()
-    try:
-        pipeline = load_pipeline(run, source_weights, target_weights, console)
-        if images and pipeline.source.modality != "image":
-            raise TranslateError(f"--input images, but the run's source expert {pipeline.source.spec} reads "
-                                 f"{pipeline.source.modality}; use --text")
-        if (texts or text_file) and pipeline.source.modality != "text":
-            raise TranslateError(f"--text, but the run's source expert {pipeline.source.spec} reads "
-                                 f"{pipeline.source.modality}; use --input IMAGE")
-        items, labels = read_inputs(texts, text_file, images)
-        latents = pipeline.sample(pipeline.encode(items), n, temperature, seed)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".npy":
-            write_atomic_npy(latents.numpy(), out)
-            write_json_atomic(out.with_suffix(".json"), {"inputs": labels, "n": n, "temperature": temperature,
-                                                         "seed": seed, "run": str(run)})
-        else:
-            write_atomic_image(image_grid(pipeline.decode(latents), labels), out)
-    except (TranslateError, CheckpointError, ExpertError) as e:
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    console.print(f"wrote {out} ({len(items)} inputs x {n} samples)")
+    inputs, labels = read_inputs(texts, text_file, images)
+    translator = Translator.load(run, source_weights=source_weights, target_weights=target_weights,
+                                 console=console())
+    latents = translator.sample(inputs, n, temperature, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        write_atomic_npy(latents.numpy(), out)
+        write_json_atomic(out.with_suffix(".json"), {"inputs": labels, "n": n, "temperature": temperature,
+                                                     "seed": seed, "run": str(run)})
+    else:
+        write_atomic_image(image_grid(translator.decode(latents), labels), out)
+    console().print(f"wrote {out} ({len(inputs)} inputs x {n} samples)")

@@ -6,79 +6,152 @@ wrote it, so a run folder alone is enough to rebuild the whole pipeline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 
 from n2n.errors import N2NError
 from n2n.extract.experts import Expert, ExpertError, load_expert
-from n2n.train.checkpoint import TrainedFlow, load_run
+from n2n.options import check_value
+from n2n.shards.view import view_stores
+from n2n.train.checkpoint import TrainedFlow, load_run, run_view
 
 
 class TranslateError(N2NError):
     """Bad input for a run (wrong modality, empty text); the message names it and the fix."""
 
 
-def expert_of(identity: dict, side: str, weights: Path | None, console: Console | None = None) -> Expert:
-    """Load the expert that wrote one side's store; ``weights`` overrides where its weights come from."""
+def expert_of(identity: dict, side: str, weights: Path | None, console: Console | None = None,
+              store: Path | None = None) -> Expert:
+    """Load the expert that wrote one side's store; ``weights`` overrides where its weights come from.
+
+    Without it, the weights are looked for where extraction found them, then (a moved or copied
+    project folder) where they lie relative to the store's current folder ``store``.
+    """
     info = identity.get("expert") or {}
     spec = info.get("spec")
     if not spec:
         raise TranslateError(f"the {side} store {identity.get('path')} names no expert (a synthetic store?); "
                              "nothing to encode or decode with")
-    source = weights or (Path(info["weights"]) if info.get("weights") and Path(info["weights"]).exists() else None)
+    candidates = [Path(info["weights"])] if info.get("weights") else []
+    if store is not None and info.get("weights_from_store"):
+        candidates.append(Path(os.path.normpath(Path(store) / info["weights_from_store"])))
+    source = weights or next((c for c in candidates if c.exists()), None)
     try:
-        expert = load_expert(spec, source)
+        expert = load_expert(spec, source, plugin=info.get("plugin"))
     except ExpertError as e:
-        raise ExpertError(f"{side} expert {spec}: {e} (give its weights with --{side}-weights PATH)") from e
+        hint = "" if "install" in str(e) or "register" in str(e) else f" (give its weights with --{side}-weights PATH)"
+        raise ExpertError(f"{side} expert {spec}: {e}{hint}") from e
     if info.get("digest") and expert.identity()["digest"] != info["digest"] and console is not None:
         console.print(f"[yellow]warning: the {side} expert's weights differ from those its store was extracted "
                       f"with ({spec}); translations may be off")
     return expert
 
 
-@dataclass
-class Pipeline:
-    flow: TrainedFlow
-    source: Expert
-    target: Expert
-    source_layer: str
-    run: Path
+class Translator:
+    """A trained run, ready to use: inputs -> source expert -> cINN samples -> target expert.
+
+    ``Translator.load(run)`` rebuilds both experts from the identities their stores recorded in the
+    run (spec, weights, digest), so the run folder alone is enough. Inputs are what the source
+    expert reads: captions (``str``) for a text expert, images (PIL images or image files) for an
+    image expert. Samples are reproducible from ``seed``.
+    """
+
+    def __init__(self, flow: TrainedFlow, source: Expert, target: Expert, source_layer: str, run: Path) -> None:
+        self.flow, self.source, self.target, self.source_layer, self.run = flow, source, target, source_layer, run
+
+    @classmethod
+    def load(cls, run: str | os.PathLike, *, source_weights: str | os.PathLike | None = None,
+             target_weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+             console: Console | None = None) -> Translator:
+        """The run's flow and both experts on ``device``; ``*_weights`` replace where an expert's
+        weights come from (a local copy, when they are not where its store says)."""
+        flow = load_run(run, device)
+        meta = flow.meta
+        stores = run_stores(meta, Path(run))
+        source = expert_of(meta["source"], "source", _path(source_weights), console, stores[0]).to(device)
+        target = expert_of(meta["target"], "target", _path(target_weights), console, stores[1]).to(device)
+        layer = (meta["source"].get("expert") or {}).get("layer") or source.layers[0]
+        return cls(flow, source, target, layer, Path(run))
+
+    def items(self, inputs: Sequence[object]) -> list[dict]:
+        """Dataset-like items for the source expert; an input of the wrong kind is a TranslateError."""
+        if isinstance(inputs, str | Image.Image | os.PathLike):
+            inputs = [inputs]
+        if not len(inputs):
+            raise TranslateError("nothing to translate: give one or more inputs")
+        modality = self.source.modality
+        items = []
+        for value in inputs:
+            if modality == "text" and isinstance(value, str) and value.strip():
+                items.append({"text": [value.strip()]})
+            elif modality == "image" and isinstance(value, Image.Image):
+                items.append({"image": value.convert("RGB")})
+            elif modality == "image" and isinstance(value, str | os.PathLike):
+                items.append({"image": read_image(Path(value))})
+            else:
+                wanted = "a non-empty caption (str)" if modality == "text" else "an image (PIL image or file path)"
+                raise TranslateError(f"input {str(value)[:60]!r}: the run's source expert {self.source.spec} reads "
+                                     f"{modality}; give {wanted}")
+        return items
 
     @torch.no_grad()
-    def encode(self, items: list[dict]) -> torch.Tensor:
-        """Source latents [len(items), cond_dim], one per item (its first caption / its image)."""
-        rows = [self.source.rows(item)[0] for item in items]
+    def encode(self, inputs: Sequence[object]) -> torch.Tensor:
+        """Source latents [len(inputs), cond_dim], one per input (a caption / an image)."""
+        rows = [self.source.rows(item)[0] for item in self.items(inputs)]
         batch = {k: v.to(self.source.device) for k, v in self.source.collate(rows).items()}
-        return self.source.encode(batch, [self.source_layer])[self.source_layer].float().cpu()
+        return self.source.encode(batch, [self.source_layer])[self.source_layer].float()
 
     @torch.no_grad()
-    def sample(self, source: torch.Tensor, n: int, temperature: float = 1.0, seed: int = 0) -> torch.Tensor:
-        """n target latents per source row: [len(source), n, dim]; reproducible from the seed."""
-        generator = torch.Generator().manual_seed(seed)
-        repeated = source.repeat_interleave(n, dim=0)
-        latents = self.flow.sample(repeated, temperature, generator)
-        return latents.view(len(source), n, -1)
+    def sample(self, inputs: Sequence[object] | torch.Tensor, n: int = 8, temperature: float = 1.0,
+               seed: int = 0) -> torch.Tensor:
+        """n target latents per input: [len(inputs), n, dim] on the CPU. ``inputs`` may also be source
+        latents [B, cond_dim] already encoded. z ~ N(0, T^2 I) through the inverse flow."""
+        check_value("n", n, integer=True, min=1)
+        check_value("temperature", temperature, min=0)
+        check_value("seed", seed, integer=True, min=0)
+        source = inputs if isinstance(inputs, torch.Tensor) else self.encode(inputs)
+        device = next(self.flow.flow.parameters()).device
+        generator = torch.Generator(device).manual_seed(seed)
+        latents = self.flow.sample(source.to(device).repeat_interleave(n, dim=0), temperature, generator)
+        return latents.view(len(source), n, -1).cpu()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [..., 3, H, W] in [0, 1] from target latents [..., dim]."""
         if not self.target.can_decode:
-            raise TranslateError(f"the target expert {self.target.spec} has no decoder; write latents with "
-                                 "--out latents.npy instead of an image")
+            raise TranslateError(f"the target expert {self.target.spec} has no decoder; write latents "
+                                 "(Translator.sample, or n2n-translate --out latents.npy) instead of images")
         flat = latents.reshape(-1, latents.shape[-1]).to(self.target.device)
         images = self.target.decode(flat).float().cpu()
         return images.view(*latents.shape[:-1], *images.shape[1:])
 
+    def translate(self, inputs: Sequence[object], n: int = 8, temperature: float = 1.0, seed: int = 0) -> torch.Tensor:
+        """Images [len(inputs), n, 3, H, W] in [0, 1]: ``n`` samples per input, decoded."""
+        return self.decode(self.sample(inputs, n, temperature, seed))
 
-def load_pipeline(run: Path, source_weights: Path | None = None, target_weights: Path | None = None,
-                  console: Console | None = None) -> Pipeline:
-    """Rebuild translator and both experts from a run folder (CPU)."""
-    translator = load_run(run)
-    meta = translator.meta
-    source = expert_of(meta["source"], "source", source_weights, console)
-    target = expert_of(meta["target"], "target", target_weights, console)
-    layer = (meta["source"].get("expert") or {}).get("layer") or source.layers[0]
-    return Pipeline(translator, source, target, layer, Path(run))
+
+def run_stores(meta: dict, run: Path) -> tuple[Path | None, Path | None]:
+    """Where the run's two stores are now (a moved project folder), or Nones where its view is gone:
+    translating needs the experts' weights, not the stores."""
+    try:
+        return view_stores(run_view(meta, run))
+    except N2NError:
+        return None, None
+
+
+def _path(value: str | os.PathLike | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def read_image(path: Path) -> Image.Image:
+    """An image file as RGB; an unreadable one is a TranslateError naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise TranslateError(f"input {path} is not a readable image ({e})") from e

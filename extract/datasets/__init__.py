@@ -1,16 +1,20 @@
 """Datasets: named sources of items (a unique string key plus an image, captions and/or a label).
 
-Every adapter is a map-style ``ItemDataset``: the extraction loop indexes items in order, cuts
-batches at fixed item boundaries (so a resumed run repeats exactly) and decodes in DataLoader
-workers, so a dataset must be picklable, hold no open file across a fork, and give the same item
-for the same (options, index) every time. Adapters are imported only when opened, so asking for
+A dataset name is found through ``n2n.plugins`` (kind "dataset", entry-point group
+``n2n.datasets``); n2n's own (biggan, coco, folder, shapes, wds) are entry points of n2n's
+pyproject.toml like anyone's. A module is imported only when its dataset is opened, so asking for
 ``shapes`` never imports the BigGAN generator.
+
+What a plug-in implements: a subclass of ``ItemDataset`` (its docstring is the contract), declared
+as ``[project.entry-points."n2n.datasets"] mydata = "mypkg.data:MyDataset"`` (or, in a running
+process, ``n2n.register_dataset("mydata", MyDataset)``). ``open_dataset`` builds it as
+``cls(root, split, **options)``; the options are the user's ``--data-option KEY=VALUE`` pairs,
+so the constructor checks each one (``check_option``) before it reads or writes anything.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
 import io
 from abc import ABC, abstractmethod
@@ -20,18 +24,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from n2n import plugins
 from n2n.errors import N2NError
+from n2n.options import check_value
 
 MODALITIES = ("image", "text", "label")
-
-# name -> (module, class); the module is imported by open_dataset only.
-_REGISTRY = {
-    "biggan": ("n2n.extract.datasets.biggan", "BigGANDataset"),
-    "coco": ("n2n.extract.datasets.coco", "CocoDataset"),
-    "folder": ("n2n.extract.datasets.folder", "FolderDataset"),
-    "shapes": ("n2n.extract.datasets.shapes", "ShapesDataset"),
-    "wds": ("n2n.extract.datasets.wds", "WdsDataset"),
-}
 
 
 class DatasetError(N2NError):
@@ -52,10 +49,30 @@ class ItemError(Exception):
 
 
 class ItemDataset(torch.utils.data.Dataset, ABC):
-    """A map-style dataset of keyed items; subclasses set ``name`` and ``modalities``."""
+    """A map-style dataset of keyed items: the contract of every dataset, built-in or plug-in.
+
+    Extraction indexes items in order, cuts batches at fixed item boundaries (so a resumed run
+    repeats exactly) and decodes items in DataLoader worker processes. So a subclass
+
+    - sets ``name`` (what stores record) and ``modalities``: which of "image", "text", "label" (or
+      a modality of its own, like biggan's) its items carry; an instance may narrow it;
+    - takes ``(root, split, **options)``, calls ``super().__init__(root, split)`` and checks every
+      option (``check_option``) before it reads or writes anything: a problem the user can fix is a
+      ``DatasetError`` with a one-line message;
+    - implements ``__len__``, ``key(index)`` (a unique string, without decoding anything) and
+      ``__getitem__(index)``: {"key": key(index), and one entry per modality in ``self.modalities``}
+      with "image" a PIL RGB image, "text" a list of captions, "label" an int. An unusable item
+      raises ``ItemError``: the loop records it by key and goes on;
+    - is deterministic: the same options and index give the same item in every process and run
+      (seed random streams from strings or numbers, never from ``hash()`` or global state);
+    - is picklable and holds no open file across a fork (open files lazily, per process);
+    - may override ``attributes(index)`` (the ground truth of synthetic data) and extend
+      ``describe()`` with whatever else distinguishes its data (a seed, a year).
+    """
 
     name: str = ""
     modalities: tuple[str, ...] = ()
+    plugin: str | None = None  # the distribution that provides it ("n2n 0.1.0"), set by open_dataset
 
     def __init__(self, root: str | Path | None, split: str) -> None:
         self.root = Path(root) if root is not None else None
@@ -77,10 +94,17 @@ class ItemDataset(torch.utils.data.Dataset, ABC):
         self.check_index(index)
         return None
 
+    @classmethod
+    def translation_scorer(cls) -> object | None:
+        """What ``n2n.evaluate`` measures on a run over this dataset beyond the held-out NLL: a
+        ``n2n.translate.evaluate.TranslationScorer``, handed the held-out pairs and the cINN and MLP
+        baseline to compare (shapes: a judge reads decoded samples). None, the default: the NLL alone."""
+        return None
+
     def describe(self) -> dict:
         """What a store's meta records about its dataset, so stores of different data never pair."""
         return {"name": self.name, "root": None if self.root is None else str(self.root), "split": self.split,
-                "count": len(self)}
+                "count": len(self), "plugin": self.plugin}
 
     def with_modalities(self, modalities: Iterable[str]) -> ItemDataset:
         """A copy that decodes only ``modalities``: a text expert over COCO need not decode every JPEG,
@@ -124,23 +148,43 @@ def check_captions(key: str, captions: Iterable[str]) -> list[str]:
     return texts
 
 
+def check_option(dataset: str, name: str, value: object, **rule: object) -> None:
+    """``n2n.options.check_value`` for one option of ``dataset``: a DatasetError naming the option and its
+    allowed range (``rule``: integer, min, max, above, below, choices, optional, as check_value takes)."""
+    try:
+        check_value(name, value, **rule)
+    except N2NError as err:
+        allowed = str(err).rpartition(": ")[2]  # check_value's message ends with the rule, e.g. "must be >= 1"
+        raise DatasetError(f"dataset {dataset}: option {name} = {value!r} {allowed} "
+                           f"(--data-option {name}=VALUE)") from err
+
+
 def known_datasets() -> list[str]:
-    """The names ``open_dataset`` accepts, sorted."""
-    return sorted(_REGISTRY)
+    """The names ``open_dataset`` accepts (installed plug-ins and n2n's own), sorted."""
+    return plugins.names("dataset")
 
 
 def open_dataset(name: str, root: str | Path | None = None, split: str = "train", **options) -> ItemDataset:
-    """The dataset ``name`` over ``root``; unknown names and options raise DatasetError naming the known ones."""
-    if name not in _REGISTRY:
+    """The dataset ``name`` over ``root``; an unknown name or option, or a plug-in that fails to import or
+    is not an ``ItemDataset`` subclass, raises DatasetError (naming the known ones, or the plug-in)."""
+    try:
+        found = plugins.find("dataset", name)
+        cls = found.load() if found else None
+    except plugins.PluginError as err:  # an import failure or a name claimed twice
+        raise DatasetError(str(err)) from err
+    if found is None:
         raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(known_datasets())}")
-    module, cls_name = _REGISTRY[name]
-    cls = getattr(importlib.import_module(module), cls_name)
+    if not (isinstance(cls, type) and issubclass(cls, ItemDataset)):
+        what = getattr(cls, "__qualname__", type(cls).__name__)
+        raise DatasetError(f"dataset {name!r}: the {found.where} is {what}, not a subclass of n2n.ItemDataset")
     try:
         inspect.signature(cls).bind(root, split, **options)
     except TypeError as err:
         accepted = [p for p in inspect.signature(cls).parameters if p not in ("root", "split")]
         raise DatasetError(f"dataset {name}: {err}; its options are {', '.join(accepted) or 'none'}") from err
-    return cls(root, split, **options)
+    dataset = cls(root, split, **options)
+    dataset.plugin = found.dist
+    return dataset
 
 
 __all__ = [
@@ -149,6 +193,7 @@ __all__ = [
     "ItemDataset",
     "ItemError",
     "check_captions",
+    "check_option",
     "decode_image",
     "known_datasets",
     "open_dataset",

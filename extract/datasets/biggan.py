@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from n2n.extract.datasets import DatasetError, ItemDataset
+from n2n.extract.datasets import DatasetError, ItemDataset, check_option
 
 Z_DIM = 128
 Z_BOUND = 2.5  # net2net samples z from a normal truncated at |z| <= 2.5
@@ -40,16 +40,20 @@ def caption(class_index: int, template: int) -> str:
     return TEMPLATES[template].format(a="an" if name[0].lower() in "aeiou" else "a", name=name)
 
 
-def parse_classes(classes: str | Sequence[int] | None) -> list[int]:
-    """The ImageNet classes to draw from: all 1000 by default, else a list or "1,207,980"."""
+def parse_classes(classes: str | int | Sequence[int] | None) -> list[int]:
+    """The ImageNet classes to draw from: all 1000 by default, else one, a list or "1,207,980"."""
     if classes is None:
         return list(range(1000))
+    rule = f"dataset biggan: option classes = {classes!r} must be ImageNet class indices in 0..999 " \
+           "(--data-option classes=1,207,980)"
+    if isinstance(classes, int):  # one class: the command line reads "classes=207" as a number
+        classes = [classes]
     try:
         chosen = [int(c) for c in (classes.split(",") if isinstance(classes, str) else classes)]
-    except ValueError as e:
-        raise DatasetError(f"biggan classes must be ImageNet class indices like 1,207,980, not {classes!r}") from e
+    except (TypeError, ValueError) as e:
+        raise DatasetError(rule) from e
     if not chosen or not all(0 <= c < 1000 for c in chosen):
-        raise DatasetError(f"biggan classes must be ImageNet class indices in 0..999, not {classes!r}")
+        raise DatasetError(rule)
     return chosen
 
 
@@ -59,20 +63,18 @@ class BigGANDataset(ItemDataset):
     name = "biggan"
 
     def __init__(self, root: str | Path | None = None, split: str = "train", seed: int = 0, count: int = 10000,
-                 classes: str | Sequence[int] | None = None, truncation: float = 0.4, model: str = "biggan-deep-128",
-                 weights: str | Path | None = None, render: bool = False) -> None:
+                 classes: str | int | Sequence[int] | None = None, truncation: float = 0.4,
+                 model: str = "biggan-deep-128", weights: str | Path | None = None, render: bool = False) -> None:
         from n2n.extract.experts.biggan import MODELS
 
         super().__init__(None, split)  # nothing is read from disk: a root given out of habit is not recorded
         if not split:
             raise DatasetError("biggan needs a split name (it seeds the items), e.g. train or val")
-        if seed < 0 or count < 1:
-            raise DatasetError(f"biggan needs seed >= 0 and count >= 1, not seed={seed}, count={count}")
+        check_option(self.name, "seed", seed, integer=True, min=0)
+        check_option(self.name, "count", count, integer=True, min=1)
+        check_option(self.name, "truncation", truncation, above=0, max=1)
+        check_option(self.name, "model", model, choices=MODELS)
         self.classes = parse_classes(classes)
-        if not 0 < truncation <= 1:
-            raise DatasetError(f"biggan truncation must be in (0, 1], not {truncation}")
-        if model not in MODELS:
-            raise DatasetError(f"biggan model must be one of {', '.join(MODELS)}, not {model!r}")
         self.seed, self.count = int(seed), int(count)
         self.truncation, self.model, self.weights = float(truncation), model, weights
         self.modalities = ("biggan", "label", "text", *(("image",) if render else ()))

@@ -12,7 +12,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from n2n.extract.datasets import DatasetError, ItemDataset, check_captions, decode_image
+from n2n.extract.datasets import DatasetError, ItemDataset, check_captions, check_option, decode_image
 
 YEARS = (2017, 2014)
 SPLITS = ("train", "val")
@@ -34,6 +34,7 @@ class CocoDataset(ItemDataset):
         super().__init__(root, split)
         if split not in SPLITS:
             raise DatasetError(f"coco has captioned splits {', '.join(SPLITS)}, not {split!r}")
+        check_option(self.name, "year", year, choices=YEARS, optional=True)
         if self.root is None or not self.root.is_dir():
             raise DatasetError(f"no COCO folder at {self.root or '(no --data-root given)'}: "
                                f"{layout(self.root, split, year or 2017)}")

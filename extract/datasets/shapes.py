@@ -14,10 +14,14 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
-from n2n.extract.datasets import DatasetError, ItemDataset
+from n2n.extract.datasets import DatasetError, ItemDataset, check_option
+
+if TYPE_CHECKING:
+    from n2n.extract.datasets.shapes_scoring import ShapesScorer
 
 COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white")
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -36,6 +40,7 @@ BACKGROUND = (20, 20, 24)
 # Shape extent (circumscribed diameter) as a share of the image side; a cell is 1/3 of it.
 EXTENT = {"small": 0.22, "large": 0.33}
 MIN_SIZE = 32  # below this a small star or cross is a few pixels and no longer recognisable
+MAX_SIZE = 1024  # beyond this an item is megabytes of flat colour that no expert looks at in full
 
 # Synonyms per value; no phrase of one value is a word of another value's phrases or of a template.
 COLOR_WORDS = {
@@ -148,14 +153,11 @@ class ShapesDataset(ItemDataset):
         super().__init__(None, split)
         if split not in DEFAULT_COUNT:
             raise DatasetError(f"shapes has splits {', '.join(DEFAULT_COUNT)}, not {split!r}")
-        # int(): options may arrive as strings from a command line.
+        check_option(self.name, "seed", seed, integer=True, min=0)
+        check_option(self.name, "size", size, integer=True, min=MIN_SIZE, max=MAX_SIZE)
+        check_option(self.name, "count", count, integer=True, min=1, optional=True)
         self.seed, self.size = int(seed), int(size)
         self.count = DEFAULT_COUNT[split] if count is None else int(count)
-        if self.size < MIN_SIZE:
-            raise DatasetError(f"shapes size {size} is too small: use size >= {MIN_SIZE} so small shapes stay "
-                               "recognisable")
-        if self.count < 1:
-            raise DatasetError(f"shapes count must be >= 1, not {count}")
 
     def __len__(self) -> int:
         return self.count
@@ -194,6 +196,14 @@ class ShapesDataset(ItemDataset):
         if "label" in self.modalities:
             item["label"] = SHAPES.index(attrs["shape"])
         return item
+
+    @classmethod
+    def translation_scorer(cls) -> ShapesScorer:
+        """The ground truth makes translations measurable: a judge reads the attributes of decoded samples,
+        and retrieved captions are checked against the image (``shapes_scoring``, imported only here)."""
+        from n2n.extract.datasets.shapes_scoring import ShapesScorer
+
+        return ShapesScorer()
 
     def describe(self) -> dict:
         return {**super().describe(), "seed": self.seed, "size": self.size, "captions_per_item": CAPTIONS_PER_ITEM}

@@ -1,17 +1,28 @@
 """Experts: frozen networks addressed by a spec string ``name[:model][@layer]``.
 
-One module per family; a family is imported only when a spec names it, so listing experts or
-reporting a bad spec never pays for importing transformers, timm or the BigGAN package. Every
-expert splits its work the same way: ``rows`` and ``collate`` run in DataLoader workers (decoding,
-transforms, tokenisation), ``encode`` runs the frozen network on the device, and generators add
-``decode``. ``identity`` is what a store records so that latents of different weights or
-preprocessing never pair.
+The ``name`` is a family, found through ``n2n.plugins`` (kind "expert", entry-point group
+``n2n.experts``). n2n's own families (ae, bert, biggan, minilm, timm) are entry points of n2n's
+pyproject.toml like anyone's, so there is one path, and a family is imported only when a spec names
+it: listing experts or reporting a bad spec never pays for importing transformers, timm or BigGAN.
+
+What a plug-in implements:
+
+- a subclass of ``Expert`` (its docstring is the contract), and
+- ``load(model: str | None, layer: str | None, weights: str | None) -> Expert``, declared as
+  ``[project.entry-points."n2n.experts"] myenc = "mypkg.experts:load"`` (or, in a running process,
+  ``n2n.register_expert("myenc", load)``). ``model`` is the spec's text after ':', ``layer`` after
+  '@', ``weights`` the ``--weights`` path; each is None when not given. Raise ``ExpertError`` for
+  anything the user can fix (a missing folder, an unknown model): its message is shown as it is.
+
+``load_expert`` checks the contract where a family is used: a loader that fails to import or
+returns something other than an ``Expert`` is an ``ExpertError`` naming the distribution and the
+entry point. Every expert it returns knows the distribution that provided it (``plugin``); stores
+record it in ``identity()``, so a run rebuilt where that distribution is missing says what to install.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import re
 import shutil
@@ -23,43 +34,62 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from n2n import plugins
 from n2n.errors import N2NError
 
-# family -> module; each module has ``load(model, layer, weights) -> Expert``.
-_FAMILIES = {
-    "ae": "n2n.extract.experts.ae",
-    "bert": "n2n.extract.experts.bert",
-    "biggan": "n2n.extract.experts.biggan",
-    "minilm": "n2n.extract.experts.minilm",
-    "timm": "n2n.extract.experts.timm_expert",
-}
 # The model part is lazy so that a path keeps any '@' that is not followed by a bare layer name at the end.
 _SPEC = re.compile(r"(?P<name>[A-Za-z0-9_-]+)(?::(?P<model>.+?))?(?:@(?P<layer>[A-Za-z0-9_-]+))?")
 
 
 class ExpertError(N2NError):
-    """A spec, layer or weights problem the user can fix; the one-line message says how."""
+    """A spec, layer, weights or plug-in problem the user can fix; the one-line message says how."""
 
 
 def known_experts() -> list[str]:
-    """The family names a spec may start with, sorted."""
-    return sorted(_FAMILIES)
+    """The family names a spec may start with (installed plug-ins and n2n's own), sorted."""
+    return plugins.names("expert")
 
 
-def load_expert(spec: str, weights: str | Path | None = None) -> Expert:
+def load_expert(spec: str, weights: str | Path | None = None, plugin: str | None = None) -> Expert:
     """The frozen expert named by ``spec`` ("name[:model][@layer]"), in eval mode on the CPU.
 
     ``weights`` (the CLI's ``--weights PATH``) is a local folder or file that replaces the model's
     usual source; without it weights come from the hub (or its local cache when offline).
+    ``plugin`` is the distribution a store recorded for the family ("mypkg 0.1"): where the family
+    is not installed, the error then names what to install instead of listing the known families.
     """
     match = _SPEC.fullmatch(spec.strip())
-    if match is None or match["name"] not in _FAMILIES:
-        raise ExpertError(f"unknown expert {spec!r}; known experts: {', '.join(known_experts())} "
-                          "(spec: name[:model][@layer])")
+    try:
+        found = plugins.find("expert", match["name"]) if match else None
+        load = found.load() if found else None
+    except plugins.PluginError as err:  # an import failure or a name claimed twice
+        raise ExpertError(str(err)) from err
+    if found is None:
+        raise ExpertError(_unknown(spec, match["name"] if match else None, plugin))
     if weights is not None and not Path(weights).exists():
         raise ExpertError(f"--weights {weights}: no such file or folder")
-    family = importlib.import_module(_FAMILIES[match["name"]])
-    return family.load(match["model"], match["layer"], None if weights is None else str(weights))
+    if not callable(load):
+        raise ExpertError(f"expert {match['name']!r}: the {found.where} is not callable ({type(load).__name__}); "
+                          "it must be a function load(model, layer, weights) -> n2n.Expert")
+    expert = load(match["model"], match["layer"], None if weights is None else str(weights))
+    if not isinstance(expert, Expert):
+        raise ExpertError(f"expert {match['name']!r}: the {found.where} returned a {type(expert).__name__}, "
+                          "not an n2n.Expert")
+    expert.plugin = found.dist
+    return expert
+
+
+def _unknown(spec: str, name: str | None, plugin: str | None) -> str:
+    """Why ``spec`` names no installed family, and what to do: install the recorded distribution, or
+    pick a known family."""
+    if name and plugin == plugins.IN_PROCESS:
+        return (f"expert family {name!r} of {spec!r} was registered in the process that wrote its store; "
+                f"call n2n.register_expert({name!r}, load) first")
+    if name and plugin:
+        return (f"expert family {name!r} of {spec!r} is not installed; its store was written with it from "
+                f"{plugin}: install that distribution (pip install {plugin.split()[0]})")
+    return (f"unknown expert {spec!r}; known experts: {', '.join(known_experts())} "
+            "(spec: name[:model][@layer])")
 
 
 def hub_offline() -> bool:
@@ -107,12 +137,36 @@ def weights_digest(module: torch.nn.Module) -> str:
 class Expert(ABC):
     """A frozen network that turns dataset items into latents, and (generators) latents into images.
 
-    Subclasses set ``modality`` and ``can_decode`` and implement ``rows``, ``collate``, ``_encode``
-    and ``preprocess``. ``layers[0]`` is the layer the spec chose (or the family's default).
+    The contract of an expert, built-in or plug-in. Extraction calls ``rows`` and ``collate`` in
+    DataLoader worker processes (so they must be picklable and touch no device) and ``encode`` in
+    the main process on the device; a store must not depend on the batch size or the worker count,
+    so a row's latent must not depend on the other rows of its batch (pool under the padding mask,
+    use GroupNorm rather than BatchNorm). A subclass
+
+    - sets ``modality``: the item field it reads ("image", "text", or a dataset's own, like "biggan");
+      extraction refuses a dataset that lacks it. ``can_decode = True`` for a generator;
+    - calls ``__init__`` with ``base_spec`` (its spec without the layer, e.g. "bert:prajjwal1/bert-tiny"),
+      ``name`` (the store folder), ``weights`` (where the weights came from, recorded), ``network``
+      (a ``torch.nn.Module`` holding every weight: it is frozen, moved by ``to`` and digested by
+      ``identity``), ``layers`` (all it can give, the default first), ``dims`` ({layer: dim}) and
+      ``layer`` (the spec's, or None);
+    - implements ``rows(item)``: the inputs of one item, one per latent row (a list of captions
+      gives one row each; the row's position is the store's ``sub``);
+    - implements ``collate(rows)``: rows of several items as a dict of CPU tensors;
+    - implements ``forward(batch, layers)``: {layer: [rows, dims[layer]]} for each requested layer,
+      from one pass of the network over ``batch`` (already moved to the device). ``encode`` calls it
+      under inference mode after checking the layers, and casts to float32;
+    - implements ``preprocess()``: the JSON-able settings that shape the network's inputs (image
+      size, tokenizer, normalisation), recorded in every store so that latents made from
+      differently prepared inputs never pair;
+    - generators implement ``decode(latent)``: images [B, 3, H, W] in [0, 1].
+
+    ``identity`` is not overridden: it adds the weights' digest and the providing distribution.
     """
 
     modality: str
     can_decode: bool = False
+    plugin: str | None = None  # the distribution that provided the family ("n2n 0.1.0"), set by load_expert
 
     def __init__(self, base_spec: str, name: str, weights: str, network: torch.nn.Module,
                  layers: Sequence[str], dims: dict[str, int], layer: str | None = None) -> None:
@@ -144,7 +198,7 @@ class Expert(ABC):
         """Rows of several items batched into tensors (CPU, in a loader worker)."""
 
     @abstractmethod
-    def _encode(self, batch: dict[str, torch.Tensor], layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], layers: Sequence[str]) -> dict[str, torch.Tensor]:
         """The network's latents for each of ``layers`` (already checked), called under inference mode."""
 
     @abstractmethod
@@ -159,7 +213,7 @@ class Expert(ABC):
             raise ExpertError(f"expert {self.spec} has no layer {', '.join(unknown)}; "
                               f"its layers: {', '.join(self.layers)}")
         with torch.inference_mode():
-            out = self._encode(batch, layers)
+            out = self.forward(batch, layers)
         return {layer: out[layer].float() for layer in layers}
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -167,9 +221,10 @@ class Expert(ABC):
         raise ExpertError(f"expert {self.spec} cannot decode: it has no generator (decode with biggan or ae)")
 
     def identity(self) -> dict:
-        """What makes two stores' latents comparable: spec, weights source and digest, preprocessing."""
+        """What makes two stores' latents comparable (spec, weights source and digest, preprocessing),
+        and the distribution that provides the family, so a store says what to install to rebuild it."""
         return {"spec": self.spec, "weights": self.weights, "digest": weights_digest(self.network),
-                "preprocess": self.preprocess()}
+                "preprocess": self.preprocess(), "plugin": self.plugin}
 
 
 __all__ = ["Expert", "ExpertError", "known_experts", "load_expert"]

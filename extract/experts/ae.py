@@ -142,7 +142,7 @@ class AutoencoderExpert(Expert):
     def collate(self, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"image": torch.stack(rows)}
 
-    def _encode(self, batch: dict[str, torch.Tensor], layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], layers: Sequence[str]) -> dict[str, torch.Tensor]:
         return {"latent": self.network.encode(batch["image"])}
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ class TextExpert(Expert):
         return dict(self.tokenizer(rows, padding="longest", truncation=True, max_length=self.max_length,
                                    return_tensors="pt"))
 
-    def _encode(self, batch: dict[str, torch.Tensor], layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], layers: Sequence[str]) -> dict[str, torch.Tensor]:
         out = self.network(**batch, output_hidden_states=any(layer.startswith("layer") for layer in layers))
         mask = batch["attention_mask"]
         latents = {}

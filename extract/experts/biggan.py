@@ -91,7 +91,7 @@ class BigGANExpert(Expert):
     def collate(self, rows: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
         return {"z": torch.stack([z for z, _ in rows]), "class": torch.tensor([c for _, c in rows], dtype=torch.long)}
 
-    def _encode(self, batch: dict[str, torch.Tensor], layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], layers: Sequence[str]) -> dict[str, torch.Tensor]:
         one_hot = F.one_hot(batch["class"], self.num_classes).to(self.network.embeddings.weight.dtype)
         return {"latent": torch.cat([batch["z"].float(), self.network.embeddings(one_hot).float()], dim=1)}
 

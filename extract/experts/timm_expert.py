@@ -75,7 +75,7 @@ class TimmExpert(Expert):
     def collate(self, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"image": torch.stack(rows)}
 
-    def _encode(self, batch: dict[str, torch.Tensor], layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], layers: Sequence[str]) -> dict[str, torch.Tensor]:
         x = batch["image"]
         stages = sorted({int(layer.removeprefix("stage")) for layer in layers if layer != "pool"})
         if stages:

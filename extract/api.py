@@ -1,0 +1,29 @@
+"""``n2n.extract``: one frozen expert over one dataset, once, into a latent store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from n2n.extract.run import ExtractConfig, run_extraction
+from n2n.options import split_options
+from n2n.shards import Store, open_store
+
+
+def extract(expert: str, data: str, *, progress: bool = True, console: Console | None = None,
+            **options: Any) -> Store:
+    """Run ``expert`` (a spec ``name[:model][@layer]``) over dataset ``data`` and return its store.
+
+    ``options`` are ``ExtractConfig``'s fields, named as n2n-extract's options: ``data_root``,
+    ``split``, ``out`` (root of the stores, default ``shards``), ``format``, ``batch_size``,
+    ``num_workers``, ``device``, ``dtype``, ``limit``, ``layers``, ``weights``, ``on_error``,
+    ``overwrite``, ``commit_every``, ``data_options`` (a dict). Every one is checked before anything
+    runs. A rerun resumes an interrupted store and returns a complete one as it is. With ``layers``,
+    one store per layer is written beside the first, which is the one returned.
+    Under torchrun every rank extracts its share and all ranks return the committed store.
+    """
+    (settings,) = split_options(options, ExtractConfig)
+    cfg = ExtractConfig(expert=expert, data=data, **settings)
+    summary = run_extraction(cfg, console or Console(stderr=True, quiet=not progress))
+    return open_store(summary["stores"][0])

@@ -1,0 +1,137 @@
+"""``n2n.train(view, ...)``: fit a cINN on a view, or go on with a run; n2n-train is a thin wrapper.
+
+Everything a run is given is settled here, before any work starts: the options (``TrainConfig``
+and ``FlowConfig`` fields, each checked against its range), which view and which run folder, and on
+``resume`` that the options agree with the checkpoint's. Then ``trainer.fit`` trains, on every rank
+under torchrun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.table import Table
+
+from n2n.cinn import ConditionalFlow, FlowConfig
+from n2n.options import flag, split_options
+from n2n.parallel import Ranks, pick_device
+from n2n.shards import as_path
+from n2n.shards.view import View, open_view
+from n2n.train.checkpoint import CHECKPOINT, CheckpointError, read_meta, run_view
+from n2n.train.trainer import ON_RESUME, TrainConfig, TrainError, check_fits, fit, saved_settings
+
+
+def settings(**options: Any) -> tuple[TrainConfig, FlowConfig]:
+    """Keyword options as the run's two configs, each checked: an unknown name or a value out of its
+    range is an N2NError naming the option (n2n-train checks its options here before anything runs)."""
+    train, flow = split_options(options, TrainConfig, FlowConfig)
+    return TrainConfig(**train), FlowConfig(**flow)
+
+
+def train(view: View | str | os.PathLike | None, out: str | os.PathLike | None = None, *, resume: bool = False,
+          device: str = "auto", compile: bool | None = None, stream: bool | None = None, progress: bool = True,
+          console: Console | None = None, **options: Any) -> Path:
+    """Train a cINN p(target latent | source latent) on ``view`` (a View, its folder or its URL) into
+    the run folder ``out`` (default ``runs/<view name>``) and return that folder.
+
+    ``options`` are n2n-train's options: ``TrainConfig``'s fields (``steps``, ``batch_size``, ``lr``,
+    ``holdout``, ``target_noise``, ...) and ``FlowConfig``'s (``n_flows``, ``hidden_dim``, ...).
+    ``resume`` goes on with the checkpoint in ``out`` up to ``steps``, with the settings it was
+    trained with (giving another value for one of them is an error; ``view`` defaults to the run's
+    own), and ends with the weights an uninterrupted run would have. ``stream=None`` streams the
+    training pairs from the stores only where the view would not fit on the device; ``compile=None``
+    compiles the loss on CUDA only (n2n-train --help has the CPU measurement). ``progress=False``
+    prints no progress and no summary, only warnings. Under torchrun every rank trains its slice of
+    each global batch. Errors are ``N2NError``s; ``DivergedError`` when the loss turns NaN/inf.
+    """
+    cfg, flow_config = settings(**options)
+    view_path = None if view is None else view.path if isinstance(view, View) else as_path(view)
+    if view_path is None and not (resume and out is not None):
+        raise TrainError("no view to train on: give one (--shards), or a run folder to --resume (--out)")
+    out = Path(out) if out is not None else Path("runs") / view_path.name
+    checkpoint = out / CHECKPOINT
+    ranks = Ranks.from_env()
+    console = console if console and ranks.main else Console(stderr=True, quiet=not ranks.main)  # one voice
+    if resume:
+        if not checkpoint.exists():
+            raise CheckpointError(f"--resume: no checkpoint in {out}; drop --resume to start this run")
+        meta = read_meta(checkpoint)
+        cfg, flow_config = resumed_settings(meta, cfg, flow_config, set(options), checkpoint)
+        if view_path is None:
+            view_path = run_view(meta, out)
+        else:
+            check_fits(meta, view_path, checkpoint)
+        if meta["step"] >= cfg.steps:  # a rerun of a finished run (make demo): nothing to load
+            if progress:
+                console.print(f"{out} is already at step {meta['step']}: nothing to train (a larger --steps goes on)")
+            return out
+    elif checkpoint.exists():
+        raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+
+    dev = device_of(device, ranks)
+    joined = ranks.init("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        summary = fit(view_path, out, cfg, flow_config, resume=resume, dev=dev, compile=compile, stream=stream,
+                      progress=progress, console=console, ranks=ranks)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+    if progress and ranks.main:
+        print_summary(summary, console)
+    return out
+
+
+def resumed_settings(meta: dict, cfg: TrainConfig, flow_config: FlowConfig, given: set[str],
+                     checkpoint: Path) -> tuple[TrainConfig, FlowConfig]:
+    """The settings ``checkpoint`` was trained with, less those of ``ON_RESUME`` that were given.
+    Any other option given with a value other than the checkpoint's is refused, each named."""
+    saved_train, saved_flow = saved_settings(meta)
+    ours = dataclasses.asdict(cfg) | dataclasses.asdict(flow_config)  # checked and normalised
+    saved = dataclasses.asdict(saved_train) | dataclasses.asdict(saved_flow)
+    clash = [f"{flag(name)} {ours[name]} (checkpoint: {saved[name]})"
+             for name in sorted(given) if name not in ON_RESUME and ours[name] != saved[name]]
+    if clash:
+        raise TrainError(f"--resume of {checkpoint.parent} keeps the settings it was trained with; "
+                         f"drop {', '.join(clash)}")
+    return dataclasses.replace(saved_train, **{name: ours[name] for name in ON_RESUME if name in given}), saved_flow
+
+
+def device_of(name: str, ranks: Ranks) -> torch.device:
+    """``pick_device`` with a misspelt name as a TrainError, not torch's traceback."""
+    try:
+        return pick_device(name, ranks.local, TrainError)
+    except RuntimeError as e:
+        raise TrainError(f"--device {name!r}: not a device ({e}); use auto, cpu, cuda or cuda:N") from None
+
+
+def dry_run(view: View | str | os.PathLike | None, **options: Any) -> dict[str, Any]:
+    """What ``train(view, **options)`` would build, without training (n2n-train --dry-run): the
+    flow's settings and parameter count, the batch size, the learning rate and the number of pairs."""
+    cfg, flow_config = settings(**options)
+    if view is None:
+        raise TrainError("--dry-run sizes a run on a view: give one (--shards)")
+    v = view if isinstance(view, View) else open_view(view)
+    flow = ConditionalFlow(v.target.dim, v.source.dim, flow_config)
+    return {**flow.to_dict(), "batch_size": cfg.batch_size, "lr": cfg.learning_rate,
+            "parameters": sum(p.numel() for p in flow.parameters()), "pairs": len(v.join())}
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    """The end of a run as a table: steps, time, NLLs, the analytic NLL of a synthetic view."""
+    table = Table(title=f"n2n-train: {summary['run']}", show_header=False)
+    table.add_row("steps", str(summary["step"]))
+    table.add_row("time", f"{summary['seconds']:.1f} s")
+    table.add_row("train NLL", f"{summary['train_bpd']:.4f} bits/dim")
+    if summary["heldout_bpd"] is not None:
+        table.add_row("held-out NLL", f"{summary['heldout_bpd']:.4f} bits/dim")
+    if "truth_bpd" in summary:
+        table.add_row("analytic NLL", f"{summary['truth_bpd']:.4f} bits/dim")
+        table.add_row("gap", f"{summary['gap_nats_per_dim']:+.4f} nats/dim")
+    table.add_row("checkpoint", summary["checkpoint"])
+    console.print(table)
