@@ -28,6 +28,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from click.testing import CliRunner, Result  # noqa: E402
 
+# ---------------------------------------------------------------- local random-weight experts
+
 
 def save_tiny_bert(folder, seed: int):
     """A random 2-layer BERT (hidden 32) with MiniLM's WordPiece tokenizer files beside it."""

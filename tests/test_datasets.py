@@ -10,7 +10,6 @@ import pickle
 import re
 import subprocess
 import sys
-import tarfile
 from collections import Counter
 from importlib.metadata import version
 from pathlib import Path
@@ -45,14 +44,6 @@ N2N = f"n2n {version('n2n')}"  # the distribution that provides the built-in dat
 # ---------------------------------------------------------------- helpers
 
 
-def png(attrs: dict | None = None, size: int = 32) -> bytes:
-    """PNG bytes of a shapes picture: real, distinct, lossless images to write into test datasets."""
-    attrs = attrs or {"color": "red", "shape": "circle", "size": "large", "position": "center"}
-    buffer = io.BytesIO()
-    render(attrs, size).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def pixels(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.int64)
 
@@ -62,19 +53,6 @@ def same_item(a: dict, b: dict) -> bool:
     if a.keys() != b.keys():
         return False
     return all(np.array_equal(pixels(a[k]), pixels(b[k])) if k == "image" else a[k] == b[k] for k in a)
-
-
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            add_member(tar, name, data)
-    return path
 
 
 SYNONYMS = {"color": COLOR_WORDS, "shape": SHAPE_WORDS, "size": SIZE_WORDS, "position": POSITION_WORDS}
@@ -264,24 +242,7 @@ def test_every_numeric_dataset_option_has_a_row_in_the_table():
 # ---------------------------------------------------------------- coco
 
 
-def write_coco(root: Path, year: int = 2017, split: str = "train") -> Path:
-    """Three images (ids 42, 7, 19 listed out of order), captions with annotation ids out of order."""
-    (root / "annotations").mkdir(parents=True)
-    (root / f"{split}{year}").mkdir()
-    images = [(42, "red"), (7, "green"), (19, "blue")]
-    for image_id, color in images:
-        attrs = {"color": color, "shape": "square", "size": "large", "position": "center"}
-        (root / f"{split}{year}" / f"{image_id:012d}.png").write_bytes(png(attrs))
-    captions = [(5, 42, "second caption of 42"), (3, 42, "first caption of 42"), (9, 7, " caption of 7\n"),
-                (1, 19, "caption of 19")]
-    (root / "annotations" / f"captions_{split}{year}.json").write_text(json.dumps({
-        "images": [{"id": i, "file_name": f"{i:012d}.png", "width": 32, "height": 32} for i, _ in images],
-        "annotations": [{"id": a, "image_id": i, "caption": c} for a, i, c in captions],
-    }))
-    return root
-
-
-def test_coco_items_keys_and_captions_in_annotation_order(tmp_path):
+def test_coco_items_keys_and_captions_in_annotation_order(tmp_path, write_coco):
     ds = open_dataset("coco", write_coco(tmp_path / "coco"))
     assert ds.modalities == ("image", "text") and len(ds) == 3
     assert [ds.key(i) for i in range(3)] == ["7", "19", "42"]
@@ -295,7 +256,7 @@ def test_coco_items_keys_and_captions_in_annotation_order(tmp_path):
                              "year": 2017, "plugin": N2N}
 
 
-def test_coco_falls_back_to_2014_only_when_no_year_is_asked(tmp_path):
+def test_coco_falls_back_to_2014_only_when_no_year_is_asked(tmp_path, write_coco):
     root = write_coco(tmp_path / "coco", year=2014, split="val")
     assert open_dataset("coco", root, split="val").year == 2014
     with pytest.raises(DatasetError, match="captions_val2017.json"):
@@ -313,7 +274,7 @@ def test_coco_missing_root_or_json_names_the_layout(tmp_path):
         open_dataset("coco")
 
 
-def test_coco_corrupt_image_and_empty_caption_are_item_errors(tmp_path):
+def test_coco_corrupt_image_and_empty_caption_are_item_errors(tmp_path, png, write_coco):
     root = write_coco(tmp_path / "coco")
     (root / "train2017" / f"{7:012d}.png").write_bytes(b"not a png at all")
     (root / "train2017" / f"{19:012d}.png").write_bytes(png()[:60])  # truncated
@@ -335,20 +296,26 @@ def test_coco_corrupt_image_and_empty_caption_are_item_errors(tmp_path):
 # ---------------------------------------------------------------- folder
 
 
-def write_folder(root: Path) -> Path:
-    # n00 is empty: it still takes label 0, as a partial copy of ImageNet must keep the usual labels.
-    for cls, names in (("n02", ["b.png", "a.JPG"]), ("n01", ["img_001.png", "notes.txt"]), ("n00", [])):
-        (root / cls).mkdir(parents=True)
-        for n in names:
-            color = {"n01": "red", "n02": "green"}[cls]
-            attrs = {"color": color, "shape": "circle", "size": "large", "position": "center"}
-            (root / cls / n).write_bytes(png(attrs) if not n.endswith(".txt") else b"not an image")
-            if n.endswith(".JPG"):  # a real JPEG under an upper-case extension
-                render(attrs, 32).save(root / cls / n, format="JPEG")
-    return root
+@pytest.fixture
+def write_folder(png):
+    """``write_folder(root)``: an ImageNet-layout folder, two classes of pictures and an empty one."""
+
+    def write(root: Path) -> Path:
+        # n00 is empty: it still takes label 0, as a partial copy of ImageNet must keep the usual labels.
+        for cls, names in (("n02", ["b.png", "a.JPG"]), ("n01", ["img_001.png", "notes.txt"]), ("n00", [])):
+            (root / cls).mkdir(parents=True)
+            for n in names:
+                color = {"n01": "red", "n02": "green"}[cls]
+                attrs = {"color": color, "shape": "circle", "size": "large", "position": "center"}
+                (root / cls / n).write_bytes(png(attrs) if not n.endswith(".txt") else b"not an image")
+                if n.endswith(".JPG"):  # a real JPEG under an upper-case extension
+                    render(attrs, 32).save(root / cls / n, format="JPEG")
+        return root
+
+    return write
 
 
-def test_folder_labels_in_sorted_class_order_and_keys_without_extension(tmp_path):
+def test_folder_labels_in_sorted_class_order_and_keys_without_extension(tmp_path, write_folder):
     ds = open_dataset("folder", write_folder(tmp_path / "imgs"))
     assert ds.modalities == ("image", "label") and ds.classes == ["n00", "n01", "n02"]
     assert [ds.key(i) for i in range(len(ds))] == ["n01/img_001", "n02/a", "n02/b"]
@@ -357,7 +324,7 @@ def test_folder_labels_in_sorted_class_order_and_keys_without_extension(tmp_path
     assert same_item(ds[2], open_dataset("folder", tmp_path / "imgs")[2])
 
 
-def test_folder_uses_the_split_folder_and_refuses_a_missing_split(tmp_path):
+def test_folder_uses_the_split_folder_and_refuses_a_missing_split(tmp_path, write_folder):
     write_folder(tmp_path / "root" / "val")
     ds = open_dataset("folder", tmp_path / "root", split="val")
     assert ds.key(0) == "n01/img_001" and ds.base == tmp_path / "root" / "val"
@@ -374,7 +341,7 @@ def test_folder_missing_or_empty_names_the_layout(tmp_path):
         open_dataset("folder", tmp_path)
 
 
-def test_folder_corrupt_image_is_an_item_error(tmp_path):
+def test_folder_corrupt_image_is_an_item_error(tmp_path, write_folder):
     root = write_folder(tmp_path / "imgs")
     (root / "n02" / "b.png").write_bytes(b"\x89PNG garbage")
     with pytest.raises(ItemError) as err:
@@ -385,23 +352,30 @@ def test_folder_corrupt_image_is_an_item_error(tmp_path):
 # ---------------------------------------------------------------- wds
 
 
-def write_wds(folder: Path) -> str:
-    """Two caption shards: one by webdataset's TarWriter, one by tarfile; returns their brace pattern.
+@pytest.fixture
+def write_wds(png, write_tar):
+    """``write_wds(folder)``: two caption shards: one by webdataset's TarWriter, one by tarfile; returns their
+    brace pattern.
 
     File names with dots are encoded as webdataset needs: the dots live in a directory ("2024.v1/")
     or are replaced ("photo_001" for photo.001); a json caption list; a metadata member to skip.
     """
-    folder.mkdir()
-    with webdataset.TarWriter(str(folder / "shard-000.tar")) as writer:
-        writer.write({"__key__": "2024.v1/photo_001", "jpg": png({"color": "red", "shape": "star", "size": "large",
-                                                                   "position": "center"}), "txt": "a red star"})
-        writer.write({"__key__": "2024.v1/photo_002", "png": png(), "json": json.dumps({"caption": "a red circle"})})
-    write_tar(folder / "shard-001.tar", [
-        ("__index__", b"metadata"),
-        ("s3.webp", _webp()), ("s3.json", json.dumps({"captions": ["one", "two"], "width": 32}).encode()),
-        ("s4.png", png()), ("s4.txt", b"a circle"),
-    ])
-    return str(folder / "shard-{000..001}.tar")
+
+    def write(folder: Path) -> str:
+        folder.mkdir()
+        with webdataset.TarWriter(str(folder / "shard-000.tar")) as writer:
+            writer.write({"__key__": "2024.v1/photo_001", "jpg": png({"color": "red", "shape": "star", "size": "large",
+                                                                       "position": "center"}), "txt": "a red star"})
+            writer.write({"__key__": "2024.v1/photo_002", "png": png(),
+                          "json": json.dumps({"caption": "a red circle"})})
+        write_tar(folder / "shard-001.tar", [
+            ("__index__", b"metadata"),
+            ("s3.webp", _webp()), ("s3.json", json.dumps({"captions": ["one", "two"], "width": 32}).encode()),
+            ("s4.png", png()), ("s4.txt", b"a circle"),
+        ])
+        return str(folder / "shard-{000..001}.tar")
+
+    return write
 
 
 def _webp() -> bytes:
@@ -411,7 +385,7 @@ def _webp() -> bytes:
     return buffer.getvalue()
 
 
-def test_wds_keys_and_order_match_webdataset_itself(tmp_path):
+def test_wds_keys_and_order_match_webdataset_itself(tmp_path, write_wds):
     pattern = write_wds(tmp_path / "wds")
     ds = open_dataset("wds", pattern)
     theirs = [s["__key__"] for s in webdataset.WebDataset(pattern, shardshuffle=False)]
@@ -425,7 +399,7 @@ def test_wds_keys_and_order_match_webdataset_itself(tmp_path):
     assert open_dataset("wds", tmp_path / "wds").describe()["shards"] == 2  # a folder of tars works too
 
 
-def test_wds_grouping_of_dotted_names_and_duplicate_keys(tmp_path):
+def test_wds_grouping_of_dotted_names_and_duplicate_keys(tmp_path, png, write_tar):
     # An unencoded dotted name is grouped as webdataset groups it: key "photo", field "001.jpg" (an image).
     tar = write_tar(tmp_path / "dots.tar", [("photo.001.jpg", png()), ("photo.txt", b"a photo")])
     ds = open_dataset("wds", tar)
@@ -436,7 +410,7 @@ def test_wds_grouping_of_dotted_names_and_duplicate_keys(tmp_path):
         open_dataset("wds", tmp_path / "split.tar")
 
 
-def test_wds_labels_and_metadata_json_is_not_text(tmp_path):
+def test_wds_labels_and_metadata_json_is_not_text(tmp_path, png, write_tar):
     tar = write_tar(tmp_path / "cls.tar", [("x1.jpg", png()), ("x1.cls", b"3\n"), ("x1.json", b'{"width": 32}'),
                                            ("x2.jpg", png()), ("x2.cls", b"seven")])
     ds = open_dataset("wds", tar)
@@ -445,7 +419,7 @@ def test_wds_labels_and_metadata_json_is_not_text(tmp_path):
         ds[1]
 
 
-def test_wds_bad_items_are_item_errors(tmp_path):
+def test_wds_bad_items_are_item_errors(tmp_path, png, write_tar):
     tar = write_tar(tmp_path / "bad.tar", [("k1.jpg", b"\xff\xd8 not a jpeg"), ("k1.txt", b"fine"),
                                            ("k2.png", png()), ("k2.txt", b"  \n"),
                                            ("k3.txt", b"no image here")])
@@ -456,7 +430,7 @@ def test_wds_bad_items_are_item_errors(tmp_path):
         assert (err.value.key, reason in err.value.reason) == (key, True)
 
 
-def test_wds_refuses_unsafe_truncated_and_missing_shards(tmp_path):
+def test_wds_refuses_unsafe_truncated_and_missing_shards(tmp_path, png, write_tar):
     for name in ("../evil.txt", "/abs/evil.txt"):
         tar = write_tar(tmp_path / "unsafe.tar", [("ok.png", png()), (name, b"x")])
         with pytest.raises(DatasetError, match="outside the archive"):
@@ -476,7 +450,7 @@ def test_wds_refuses_unsafe_truncated_and_missing_shards(tmp_path):
 # ---------------------------------------------------------------- workers
 
 
-def test_datasets_pickle_and_read_the_same_in_loader_workers(tmp_path):
+def test_datasets_pickle_and_read_the_same_in_loader_workers(tmp_path, write_coco, write_folder, write_wds):
     datasets = [
         open_dataset("shapes", count=8),
         open_dataset("coco", write_coco(tmp_path / "coco")),

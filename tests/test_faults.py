@@ -55,11 +55,8 @@ import pytest
 import torch
 import zarr.storage._local as zarr_local
 from click.testing import CliRunner
+from conftest import DIM, LAYOUT, SMALL
 from safetensors.torch import save_file
-from test_datasets import add_member, png
-from test_extract import n2n_extract, same_store
-from test_store import DIM, LAYOUT, assert_same_rows, rows, write
-from test_train import SMALL, n2n_train
 
 from n2n.extract.cli import main as extract_main
 from n2n.extract.datasets import DatasetError, ItemError, open_dataset
@@ -173,7 +170,7 @@ TRUNCATIONS = [
 
 
 @pytest.mark.parametrize(("format", "name", "how"), TRUNCATIONS, ids=[f"{f}-{n}-{h}" for f, n, h in TRUNCATIONS])
-def test_truncated_data_file_is_refused_naming_it(tmp_path, format, name, how):
+def test_truncated_data_file_is_refused_naming_it(tmp_path, format, name, how, rows, write):
     # A cut file (an interrupted copy or sync of a store) must never read as fewer, zero or fill-value rows.
     path = write(tmp_path / "s", rows(150), format)
     file = path / name
@@ -211,7 +208,7 @@ def corruptions(path: Path, format: str) -> list[tuple[Path, int, int]]:
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_same_size_corruption_the_format_can_see_is_refused_naming_the_file(tmp_path, format):
+def test_same_size_corruption_the_format_can_see_is_refused_naming_the_file(tmp_path, format, rows, write):
     # Flipped bytes in the middle of a file (bad RAM, a bad sector): where the format holds structure, refuse.
     clean = write(tmp_path / "clean", rows(150), format)
     for i, (file, start, length) in enumerate(corruptions(clean, format)):
@@ -229,7 +226,7 @@ def test_same_size_corruption_the_format_can_see_is_refused_naming_the_file(tmp_
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_a_flip_to_nan_is_caught_by_verify_and_training(tmp_path, format):
+def test_a_flip_to_nan_is_caught_by_verify_and_training(tmp_path, format, rows, write):
     # The limit of the test above: raw latents carry no checksum, so flipped bits read as other numbers.
     # What is detectable is a flip that makes a value NaN (here 0xFFFF, a float16 NaN), in every format.
     data = rows(150)
@@ -251,12 +248,18 @@ def test_a_flip_to_nan_is_caught_by_verify_and_training(tmp_path, format):
 # ---------------------------------------------------------------- 2. meta.json
 
 
-def incomplete_store(path: Path, format: str, n: int = 120) -> Path:
-    """A store cut off after committing n rows: what resume_store would continue (and truncate)."""
-    writer = create_store(path, dim=DIM, format=format, **LAYOUT)
-    writer.append(*rows(n))
-    writer.flush()
-    return path
+@pytest.fixture
+def incomplete_store(rows):
+    """``incomplete_store(path, format, n=120)``: a store cut off after committing n rows: what
+    resume_store would continue (and truncate)."""
+
+    def write(path: Path, format: str, n: int = 120) -> Path:
+        writer = create_store(path, dim=DIM, format=format, **LAYOUT)
+        writer.append(*rows(n))
+        writer.flush()
+        return path
+
+    return write
 
 
 META_TEXTS = {
@@ -300,7 +303,7 @@ def bad_meta(path: Path, case: str) -> bytes:
 
 @pytest.mark.parametrize("format", FORMATS)
 @pytest.mark.parametrize("case", BAD_META)
-def test_bad_meta_json_is_refused_naming_it_and_nothing_is_cut(tmp_path, format, case):
+def test_bad_meta_json_is_refused_naming_it_and_nothing_is_cut(tmp_path, format, case, incomplete_store):
     # meta.json is what every reader trusts (count, dtype, dim): anything but a valid n2n record is refused.
     # resume_store is the dangerous reader: accepting a bad count would truncate the data to it.
     path = incomplete_store(tmp_path / "s", format)
@@ -324,7 +327,7 @@ def test_meta_json_that_is_a_folder_is_refused(tmp_path):
         open_store(path)
 
 
-def test_deeply_nested_meta_json_is_refused_naming_it(tmp_path):
+def test_deeply_nested_meta_json_is_refused_naming_it(tmp_path, incomplete_store):
     path = incomplete_store(tmp_path / "s", "zarr")
     (path / "meta.json").write_text("[" * 10_000)
     with pytest.raises(StoreError, match=re.escape(str(path / "meta.json"))):
@@ -339,7 +342,7 @@ def rewrite_meta(path: Path, **changes) -> dict:
 
 @pytest.mark.parametrize("format", FORMATS)
 @pytest.mark.parametrize("extra", [1, 50, 1000])
-def test_count_beyond_the_stored_rows_is_refused_at_open(tmp_path, format, extra):
+def test_count_beyond_the_stored_rows_is_refused_at_open(tmp_path, format, extra, rows, write):
     # meta.json promising rows the files lack (a store copied while being written): refused before any read.
     path = write(tmp_path / "s", rows(150), format)
     rewrite_meta(path, count=150 + extra)
@@ -354,7 +357,7 @@ def test_count_beyond_the_stored_rows_is_refused_at_open(tmp_path, format, extra
     "format",
     ["zarr", "wds", "h5"],
 )  # fmt: skip
-def test_an_absurd_count_is_refused_at_once(tmp_path, format):
+def test_an_absurd_count_is_refused_at_once(tmp_path, format, rows, write):
     path = write(tmp_path / "s", rows(150), format)
     rewrite_meta(path, count=2**62)
     with deadline(1.0), pytest.raises(StoreError, match="damaged"):
@@ -362,7 +365,8 @@ def test_an_absurd_count_is_refused_at_once(tmp_path, format):
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_count_below_the_stored_rows_reads_a_consistent_prefix_or_is_refused(tmp_path, format):
+def test_count_below_the_stored_rows_reads_a_consistent_prefix_or_is_refused(tmp_path, format, rows, write,
+                                                                             assert_same_rows):
     # A complete store whose meta.json commits fewer rows than its files hold (an older meta.json put back).
     # Sane: zarr and h5 read exactly the committed rows, every column alike, never a mix of lengths;
     # wds refuses, since its shard list no longer adds up to the count. (verify_store does not flag
@@ -380,7 +384,7 @@ def test_count_below_the_stored_rows_reads_a_consistent_prefix_or_is_refused(tmp
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_unknown_meta_keys_are_kept_and_change_nothing(tmp_path, format):
+def test_unknown_meta_keys_are_kept_and_change_nothing(tmp_path, format, rows, write, assert_same_rows):
     # Unknown keys are allowed by design (create_store(meta=...) records expert, dataset, extraction, ...):
     # refusing them would refuse every extracted store. What must hold: no unknown key changes what is read,
     # even one that looks like a store field.
@@ -404,14 +408,14 @@ WDS_SHARD_LISTS = {
 
 
 @pytest.mark.parametrize("case", WDS_SHARD_LISTS)
-def test_a_bad_wds_shard_list_is_refused_at_open_naming_meta_json(tmp_path, case):
+def test_a_bad_wds_shard_list_is_refused_at_open_naming_meta_json(tmp_path, case, rows, write):
     path = write(tmp_path / "s", rows(150), "wds")
     rewrite_meta(path, wds_shards=WDS_SHARD_LISTS[case])
     with pytest.raises(StoreError, match=re.escape(str(path / "meta.json"))):
         open_store(path)
 
 
-def test_wds_shard_rows_that_are_floats_are_refused(tmp_path):
+def test_wds_shard_rows_that_are_floats_are_refused(tmp_path, rows, write):
     path = write(tmp_path / "s", rows(150), "wds")
     rewrite_meta(path, wds_shards=[{"file": f"shard-00000{i}.tar", "rows": 50.0} for i in range(3)])
     errors = refusals(path)
@@ -419,7 +423,7 @@ def test_wds_shard_rows_that_are_floats_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["relative", "absolute"])
-def test_wds_shard_files_outside_the_store_are_refused(tmp_path, where):
+def test_wds_shard_files_outside_the_store_are_refused(tmp_path, where, rows, write):
     path = write(tmp_path / "s", rows(150), "wds")
     outside = tmp_path / "outside.tar"
     shutil.move(path / "shard-000000.tar", outside)
@@ -436,7 +440,7 @@ def test_wds_shard_files_outside_the_store_are_refused(tmp_path, where):
     [("key", np.arange(150)), ("sub", np.array([f"s{i}" for i in range(150)])), ("sub", np.linspace(0, 1, 150))],
     ids=["key-int", "sub-str", "sub-float"],
 )
-def test_key_and_sub_columns_of_a_foreign_type_are_refused(tmp_path, format, column, values):
+def test_key_and_sub_columns_of_a_foreign_type_are_refused(tmp_path, format, column, values, rows, write):
     import h5py
     import zarr
 
@@ -492,7 +496,7 @@ def outside_members(tmp_path: Path) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("kind", list(outside_members(Path("/x/y"))))
-def test_store_reader_refuses_tar_members_outside_the_layout(tmp_path, kind):
+def test_store_reader_refuses_tar_members_outside_the_layout(tmp_path, kind, rows, write, add_member):
     # A shard is read in memory and never extracted; members are matched against the exact layout
     # NNNNNNNNNNNN.{key.txt,sub.cls,latent.npy}, so no path, link or pax override reaches a file.
     name, special = outside_members(tmp_path)[kind]
@@ -521,7 +525,7 @@ def test_store_reader_refuses_tar_members_outside_the_layout(tmp_path, kind):
 
 
 @pytest.mark.parametrize("name", ["a/../../{u}.txt", "./../{u}.txt", "dir/./../../{u}.txt"])
-def test_wds_dataset_refuses_member_paths_that_climb_out(tmp_path, name):
+def test_wds_dataset_refuses_member_paths_that_climb_out(tmp_path, name, add_member, png):
     # test_datasets covers '../x' and '/abs/x'; these climb out from inside a path.
     member = name.format(u="faults-climb")
     tar_file = tmp_path / "data.tar"
@@ -535,7 +539,7 @@ def test_wds_dataset_refuses_member_paths_that_climb_out(tmp_path, name):
     assert set(tmp_path.parent.iterdir()) == outside
 
 
-def test_wds_dataset_never_follows_link_members(tmp_path):
+def test_wds_dataset_never_follows_link_members(tmp_path, add_member, png):
     # Links are skipped, never resolved: a symlink to an image outside, or a hardlink to another member,
     # must not make its sample read that image (if they were followed, both samples would decode fine).
     secret = tmp_path / "secret.png"
@@ -570,7 +574,8 @@ NONFINITE = [(format, side, "NaN") for format in FORMATS for side in SIDES] + [
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 @pytest.mark.parametrize(("format", "side", "bad"), NONFINITE, ids=["-".join(case) for case in NONFINITE])
-def test_nonfinite_latent_is_refused_before_training_naming_the_row(tmp_path, monkeypatch, format, side, bad):
+def test_nonfinite_latent_is_refused_before_training_naming_the_row(tmp_path, monkeypatch, format, side, bad, rows,
+                                                                    write):
     # A broken expert (or 1e5 written into a float16 store, which stores inf) must stop training before
     # it starts, naming the store and the row, whichever way the view is read: in memory (load_pairs),
     # streamed (stream_pairs: its statistics pass), or streamed on resume (norms given: no statistics
@@ -602,7 +607,7 @@ def test_nonfinite_latent_is_refused_before_training_naming_the_row(tmp_path, mo
             data.stream.close()
 
 
-def test_finite_latents_whose_sum_overflows_are_not_an_index_error(tmp_path):
+def test_finite_latents_whose_sum_overflows_are_not_an_index_error(tmp_path, write):
     latents = np.zeros((4, DIM), np.float32)
     latents[:2, 0] = 3e38
     path = write(tmp_path / "s", (np.array(["a", "b", "c", "d"]), np.zeros(4, np.int64), latents), "zarr", "float32")
@@ -612,7 +617,7 @@ def test_finite_latents_whose_sum_overflows_are_not_an_index_error(tmp_path):
 # ---------------------------------------------------------------- 5. pickle payloads
 
 
-def test_a_pickled_npy_member_is_refused_without_unpickling(tmp_path):
+def test_a_pickled_npy_member_is_refused_without_unpickling(tmp_path, rows, write):
     # A .npy can hold a pickled object array; the store reader loads members with allow_pickle=False.
     marker = tmp_path / "unpickled"
     payload = io.BytesIO()
@@ -638,7 +643,7 @@ def test_a_pickled_npy_member_is_refused_without_unpickling(tmp_path):
 
 
 @pytest.mark.parametrize("column", ["key", "sub", "latent"])
-def test_a_zarr_v2_array_with_a_pickle_codec_is_refused_without_unpickling(tmp_path, monkeypatch, column):
+def test_a_zarr_v2_array_with_a_pickle_codec_is_refused_without_unpickling(tmp_path, monkeypatch, column, rows, write):
     # zarr opens v2 arrays too, and zarr v2 had a pickle object codec: a store whose column was swapped
     # for one must not run it. numcodecs >= 0.16 refuses to decode pickles unless allowed (as a user may
     # have allowed it for other data): allowed here, so that what is tested is that the store never gets
@@ -682,7 +687,7 @@ PICKLES = {  # how a pickle lands where a checkpoint should be, and how to unpic
 
 
 @pytest.mark.parametrize("kind", PICKLES)
-def test_a_pickle_checkpoint_is_refused_without_unpickling(tmp_path, tiny_view, kind):
+def test_a_pickle_checkpoint_is_refused_without_unpickling(tmp_path, tiny_view, kind, n2n_train):
     # A run folder may hold an old torch.save checkpoint (or a hostile one): checkpoints are safetensors
     # only, and every reader (load_checkpoint, read_meta, load_run, n2n-train --resume) refuses others.
     marker = tmp_path / "unpickled"
@@ -706,7 +711,7 @@ def test_a_pickle_checkpoint_is_refused_without_unpickling(tmp_path, tiny_view, 
 
 
 @pytest.mark.parametrize("header", ["{}", "[]"])
-def test_a_safetensors_file_without_an_n2n_header_is_refused_naming_it(tmp_path, tiny_view, header):
+def test_a_safetensors_file_without_an_n2n_header_is_refused_naming_it(tmp_path, tiny_view, header, n2n_train):
     run = tmp_path / "run"
     run.mkdir()
     save_file({"x": torch.zeros(2)}, run / CHECKPOINT, metadata={"n2n": header})
@@ -800,7 +805,8 @@ DISK_FULL = [
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # tarfile's __del__ on a full disk
 @pytest.mark.parametrize(("format", "where", "then", "free"), DISK_FULL,
                          ids=[f"{f}-{w}-{t}" for f, w, t, _ in DISK_FULL])
-def test_disk_full_while_writing_leaves_a_resumable_store(tmp_path, monkeypatch, format, where, then, free):
+def test_disk_full_while_writing_leaves_a_resumable_store(tmp_path, monkeypatch, format, where, then, free, rows,
+                                                          assert_same_rows):
     # ENOSPC must surface as itself (not masked), leave the committed rows readable and the store
     # incomplete; after space is freed, resume_store (a rerun) or the same writer (a retry) must finish
     # a store equal to a clean one-shot one, with no temp file left behind.
@@ -859,7 +865,7 @@ except OSError as err:
                                        "of space crashes the process with SIGSEGV in h5py's File.close, and the file "
                                        "cannot be resumed (resume_store now says so as a StoreError): zarr and wds "
                                        "stores resume, HDF5 is for import and export")
-def test_disk_full_during_an_h5_write_leaves_a_resumable_store(tmp_path):
+def test_disk_full_during_an_h5_write_leaves_a_resumable_store(tmp_path, rows, assert_same_rows):
     data = rows(300)
     np.savez(tmp_path / "data.npz", keys=data[0], sub=data[1], latents=data[2])
     path = tmp_path / "s"
@@ -892,7 +898,8 @@ def extract_args(expert: Path, format: str) -> list:
 # zarr: each commit (--commit-every 0: a batch of 8) rewrites the open chunks whole, about 1.8 MB at the default
 # layout (a 1 MB latent chunk, 0.5 MB of subs, 0.3 MB of keys): 4 MB holds two. wds: a short tar per commit.
 @pytest.mark.parametrize(("format", "free"), [("zarr", 4_000_000), ("wds", 150_000)])
-def test_disk_full_during_extraction_then_a_rerun_equals_a_clean_run(tmp_path, monkeypatch, tiny_ae, format, free):
+def test_disk_full_during_extraction_then_a_rerun_equals_a_clean_run(tmp_path, monkeypatch, tiny_ae, format, free,
+                                                                     n2n_extract, same_store):
     # The writer thread hits ENOSPC: extraction must stop with that error (not hang, not finish a store
     # that looks complete), and the same command rerun after space is freed must resume to a clean run's bits.
     args = extract_args(tiny_ae, format)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_store import DIM, LAYOUT, assert_same_rows, rows
+from conftest import DIM, LAYOUT
 
 from n2n import plugins
 from n2n.plugins import IN_PROCESS, PluginError
@@ -106,7 +106,7 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 # ---------------------------------------------------------------- a plug-in format, end to end
 
 
-def test_a_registered_format_writes_reads_verifies_and_resumes(tmp_path, npy):
+def test_a_registered_format_writes_reads_verifies_and_resumes(tmp_path, npy, rows, assert_same_rows):
     data = rows(300)
     writer = create_store(tmp_path / "s", dim=DIM, format="npy", meta={"split": "train"}, **LAYOUT)
     writer.append(*(column[:100] for column in data))
@@ -127,7 +127,7 @@ def test_a_registered_format_writes_reads_verifies_and_resumes(tmp_path, npy):
     assert store.origin() == {"expert": None, "dataset": None, "split": "train"}  # npy_files is the format's
 
 
-def test_a_registered_format_converts_to_and_from_zarr(tmp_path, npy):
+def test_a_registered_format_converts_to_and_from_zarr(tmp_path, npy, rows, assert_same_rows):
     data = rows(150, "float32")
     with create_store(tmp_path / "npy", dim=DIM, dtype="float32", format="npy", meta={"expert": "e"}) as writer:
         writer.append(*data)
@@ -140,7 +140,7 @@ def test_a_registered_format_converts_to_and_from_zarr(tmp_path, npy):
     assert np.diff(back.bounds()).tolist() == [40, 40, 40, 30] and verify_store(back.path) == []
 
 
-def test_n2n_shards_converts_to_a_registered_format_and_lists_it(tmp_path, npy):
+def test_n2n_shards_converts_to_a_registered_format_and_lists_it(tmp_path, npy, rows, assert_same_rows):
     with create_store(tmp_path / "shards" / "a", dim=DIM, format="h5") as writer:
         writer.append(*rows(20))
     result = CliRunner().invoke(shards_main, ["convert", str(tmp_path / "shards" / "a"), "--format", "npy"])
@@ -168,7 +168,7 @@ def test_an_unknown_format_is_refused_listing_the_installed_ones(tmp_path):
     assert "n2n.formats entry point 'parquet'" in str(err.value) and not (tmp_path / "s").exists()
 
 
-def test_a_store_whose_format_is_not_installed_says_what_to_install(tmp_path, npy):
+def test_a_store_whose_format_is_not_installed_says_what_to_install(tmp_path, npy, rows):
     path = tmp_path / "s"
     with create_store(path, dim=DIM, format="npy") as writer:
         writer.append(*rows(5))

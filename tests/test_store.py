@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import zarr
+from conftest import DIM, LAYOUT
 
 from n2n.shards import (
     FORMATS,
@@ -27,45 +28,12 @@ from n2n.shards import (
     verify_store,
 )
 
-DIM = 6
-KEYS = ["a", "a.b.c", "dir/file.jpg", "../up", "ünïcødé 日本", "", "x" * 70, "000123.jpg"]
-# Tiny chunks, writes and tars (create_store's sizes), so that a few hundred rows span many files (and tests stay fast).
-LAYOUT = {"chunk_rows": 16, "unit_rows": 64, "tar_rows": 50}
-
-
-def new_store(path: Path, format: str = "zarr", dtype: str = "float16", **meta):
-    """A writer of an empty store of DIM-wide latents, cut into files as LAYOUT says."""
-    return create_store(path, dim=DIM, dtype=dtype, format=format, meta=meta or None, **LAYOUT)
-
-
-def rows(n: int, dtype: str = "float16", seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """n rows with awkward keys (dots, slashes, unicode, empty), subs 0..2 and random latents."""
-    rng = np.random.default_rng(seed)
-    keys = np.array([KEYS[i] if i < len(KEYS) else f"{KEYS[i % len(KEYS)]}#{i}" for i in range(n)])
-    sub = (np.arange(n) % 3).astype(np.int64)
-    return keys, sub, rng.standard_normal((n, DIM)).astype(dtype)
-
-
-def write(path: Path, data, format: str, dtype: str = "float16", **meta) -> Path:
-    with new_store(path, format, dtype, **meta) as writer:
-        writer.append(*data)
-    return path
-
-
-def assert_same_rows(store, data) -> None:
-    keys, sub, latents = data
-    assert store.keys.dtype.kind == "U" and store.keys.tolist() == list(keys)
-    assert store.sub.dtype == np.int64 and np.array_equal(store.sub, sub)
-    stored = store.latents()
-    assert stored.dtype == latents.dtype and stored.tobytes() == latents.tobytes()
-
-
 # ---------------------------------------------------------------- round trips
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("format", FORMATS)
-def test_round_trip_keeps_keys_subs_and_latent_bits(tmp_path, format, dtype):
+def test_round_trip_keeps_keys_subs_and_latent_bits(tmp_path, format, dtype, rows, write, assert_same_rows):
     data = rows(300, dtype)
     expert = {"spec": "bert@layer3", "digest": "abc"}
     write(tmp_path / "s", data, format, dtype, expert=expert, split="train", note="extra")
@@ -84,13 +52,13 @@ def test_round_trip_keeps_keys_subs_and_latent_bits(tmp_path, format, dtype):
     assert np.concatenate([b[2] for b in blocks]).tobytes() == data[2].tobytes()
 
 
-def test_keys_and_subs_are_read_only(tmp_path):
+def test_keys_and_subs_are_read_only(tmp_path, rows, write):
     store = open_store(write(tmp_path / "s", rows(10), "zarr"))
     with pytest.raises(ValueError):
         store.sub[0] = 5
 
 
-def test_tensor_holds_the_latents(tmp_path):
+def test_tensor_holds_the_latents(tmp_path, rows, write):
     torch = pytest.importorskip("torch")
     data = rows(40, "float16")
     tensor = open_store(write(tmp_path / "s", data, "zarr")).tensor(dtype=torch.float32)
@@ -98,14 +66,14 @@ def test_tensor_holds_the_latents(tmp_path):
     assert np.array_equal(tensor.numpy(), data[2].astype(np.float32))
 
 
-def test_empty_store_round_trips(tmp_path):
+def test_empty_store_round_trips(tmp_path, new_store):
     for format in FORMATS:
         new_store(tmp_path / format, format).close()
         store = open_store(tmp_path / format)
         assert len(store) == 0 and store.latents().shape == (0, DIM) and store.keys.shape == (0,)
 
 
-def test_meta_json_is_the_documented_record(tmp_path):
+def test_meta_json_is_the_documented_record(tmp_path, rows, write):
     write(tmp_path / "s", rows(5), "h5", dataset={"name": "coco"})
     meta = json.loads((tmp_path / "s" / "meta.json").read_text())
     assert {k: meta[k] for k in ("format", "dim", "dtype", "count", "complete", "layout")} == {
@@ -119,22 +87,28 @@ def test_meta_json_is_the_documented_record(tmp_path):
 # ---------------------------------------------------------------- resumable writing
 
 
-def write_in_pieces(path: Path, data, format: str, cuts: list[int], resume_at: int) -> None:
-    """Append in uneven batches, flush and drop the writer mid-way (no close), resume, finish."""
-    writer = new_store(path, format)
-    bounds = [0, *cuts, len(data[0])]
-    for start, stop in zip(bounds, bounds[1:], strict=False):
-        if start == resume_at:
-            writer.flush()
-            del writer
-            writer = resume_store(path)
-            assert writer.count == resume_at
-        writer.append(*(column[start:stop] for column in data))
-    writer.close()
+@pytest.fixture
+def write_in_pieces(new_store):
+    """``write_in_pieces(path, data, format, cuts, resume_at)``: append in uneven batches, flush and drop
+    the writer mid-way (no close), resume, finish."""
+
+    def write(path: Path, data, format: str, cuts: list[int], resume_at: int) -> None:
+        writer = new_store(path, format)
+        bounds = [0, *cuts, len(data[0])]
+        for start, stop in zip(bounds, bounds[1:], strict=False):
+            if start == resume_at:
+                writer.flush()
+                del writer
+                writer = resume_store(path)
+                assert writer.count == resume_at
+            writer.append(*(column[start:stop] for column in data))
+        writer.close()
+
+    return write
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_pieces_with_resume_equal_one_shot(tmp_path, format):
+def test_pieces_with_resume_equal_one_shot(tmp_path, format, rows, write, write_in_pieces):
     data = rows(333)
     write(tmp_path / "one", data, format)
     write_in_pieces(tmp_path / "pieces", data, format, cuts=[1, 7, 70, 130, 200, 201], resume_at=130)
@@ -145,7 +119,7 @@ def test_pieces_with_resume_equal_one_shot(tmp_path, format):
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_count_covers_buffered_rows_and_flush_commits_them(tmp_path, format):
+def test_count_covers_buffered_rows_and_flush_commits_them(tmp_path, format, new_store, rows):
     writer = new_store(tmp_path / "s", format)
     writer.append(*rows(10))
     assert writer.count == 10
@@ -172,7 +146,7 @@ os._exit(1)  # dies with 30 rows buffered, without close
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_writer_killed_after_flush_leaves_a_resumable_store(tmp_path, format):
+def test_writer_killed_after_flush_leaves_a_resumable_store(tmp_path, format, rows, assert_same_rows):
     data = rows(200)
     np.savez(tmp_path / "data.npz", keys=data[0], sub=data[1], latents=data[2])
     path = tmp_path / "s"
@@ -204,7 +178,7 @@ def rows_on_disk(path: Path, format: str) -> int:
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_rows_written_but_not_committed_are_dropped_on_resume(tmp_path, format):
+def test_rows_written_but_not_committed_are_dropped_on_resume(tmp_path, format, new_store, rows, assert_same_rows):
     """A crash between writing data and committing meta.json: the extra rows must not survive."""
     data, other = rows(150), rows(250, seed=1)
     path = tmp_path / "s"
@@ -227,7 +201,7 @@ def test_rows_written_but_not_committed_are_dropped_on_resume(tmp_path, format):
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_exception_in_context_flushes_but_never_completes(tmp_path, format):
+def test_exception_in_context_flushes_but_never_completes(tmp_path, format, new_store, rows):
     with pytest.raises(RuntimeError), new_store(tmp_path / "s", format) as writer:
         writer.append(*rows(30))
         raise RuntimeError("extraction failed")
@@ -235,7 +209,7 @@ def test_exception_in_context_flushes_but_never_completes(tmp_path, format):
     assert len(store) == 30 and not store.complete
 
 
-def test_close_marks_complete_and_ends_the_writer(tmp_path):
+def test_close_marks_complete_and_ends_the_writer(tmp_path, new_store, rows):
     writer = new_store(tmp_path / "s")
     writer.append(*rows(5))
     assert not json.loads((tmp_path / "s" / "meta.json").read_text())["complete"]
@@ -256,7 +230,7 @@ def files_of(store) -> list[int]:
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_the_layout_is_recorded_and_a_resumed_writer_keeps_it(tmp_path, format):
+def test_the_layout_is_recorded_and_a_resumed_writer_keeps_it(tmp_path, format, new_store, rows, assert_same_rows):
     data = rows(200)
     writer = new_store(tmp_path / "s", format)
     writer.append(*(column[:30] for column in data))
@@ -271,7 +245,7 @@ def test_the_layout_is_recorded_and_a_resumed_writer_keeps_it(tmp_path, format):
     assert files_of(store) == ([30, 50, 50, 50, 20] if format == "wds" else [16] * 12 + [8])  # not tars of 16384
 
 
-def test_a_store_without_a_recorded_layout_reads_and_resumes_with_the_defaults(tmp_path):
+def test_a_store_without_a_recorded_layout_reads_and_resumes_with_the_defaults(tmp_path, rows, assert_same_rows):
     """Stores of an n2n that did not record layout or format_dist: cut as today's defaults cut them."""
     data = rows(3000, "float32")
     for format in FORMATS:
@@ -303,7 +277,7 @@ def test_create_refuses_sizes_that_are_not_positive_integers(tmp_path, name, val
 
 @pytest.mark.parametrize("layout", [{"chunk_rows": 0, "unit_rows": 64, "tar_rows": 50}, {"chunk_rows": 16},
                                     [16, 64, 50], None])
-def test_a_bad_recorded_layout_is_refused_naming_meta_json(tmp_path, layout):
+def test_a_bad_recorded_layout_is_refused_naming_meta_json(tmp_path, layout, rows, write):
     path = write(tmp_path / "s", rows(20), "zarr")
     meta = json.loads((path / "meta.json").read_text())
     (path / "meta.json").write_text(json.dumps({**meta, "layout": layout}))
@@ -319,7 +293,7 @@ def test_a_bad_recorded_layout_is_refused_naming_meta_json(tmp_path, layout):
 
 
 @pytest.mark.parametrize(("src", "dst"), list(permutations(FORMATS, 2)))
-def test_convert_preserves_everything(tmp_path, src, dst):
+def test_convert_preserves_everything(tmp_path, src, dst, rows, write, assert_same_rows):
     data = rows(170, "float32")
     write(tmp_path / "a", data, src, "float32", expert={"spec": "minilm"}, split="val")
     out = convert_store(tmp_path / "a", tmp_path / "b", dst)
@@ -329,7 +303,7 @@ def test_convert_preserves_everything(tmp_path, src, dst):
     assert converted.meta["expert"] == {"spec": "minilm"} and converted.meta["split"] == "val"
 
 
-def test_convert_keeps_the_layout_but_for_the_sizes_given(tmp_path):
+def test_convert_keeps_the_layout_but_for_the_sizes_given(tmp_path, rows, write, assert_same_rows):
     data = rows(170)
     write(tmp_path / "a", data, "zarr")
     same = open_store(convert_store(tmp_path / "a", tmp_path / "b", "wds"))
@@ -341,7 +315,7 @@ def test_convert_keeps_the_layout_but_for_the_sizes_given(tmp_path):
     assert "wds_shards" not in back.meta and files_of(back) == [32] * 5 + [10]  # the tars' list stays with them
 
 
-def test_convert_refuses_an_incomplete_source(tmp_path):
+def test_convert_refuses_an_incomplete_source(tmp_path, new_store, rows):
     writer = new_store(tmp_path / "a")
     writer.append(*rows(5))
     writer.flush()
@@ -353,13 +327,13 @@ def test_convert_refuses_an_incomplete_source(tmp_path):
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_verify_passes_a_good_store(tmp_path, format):
+def test_verify_passes_a_good_store(tmp_path, format, rows, write):
     assert verify_store(write(tmp_path / "s", rows(150), format)) == []
 
 
 @pytest.mark.parametrize("format", FORMATS)
 @pytest.mark.parametrize("bad", ["NaN", "inf"])
-def test_verify_finds_nonfinite_latents(tmp_path, format, bad):
+def test_verify_finds_nonfinite_latents(tmp_path, format, bad, rows, write):
     keys, sub, latents = rows(150)
     latents[[7, 140], 2] = np.nan if bad == "NaN" else -np.inf
     problems = verify_store(write(tmp_path / "s", (keys, sub, latents), format))
@@ -367,7 +341,7 @@ def test_verify_finds_nonfinite_latents(tmp_path, format, bad):
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_verify_finds_duplicate_key_sub(tmp_path, format):
+def test_verify_finds_duplicate_key_sub(tmp_path, format, rows, write):
     keys, sub, latents = rows(150)
     keys[100], sub[100] = keys[3], sub[3]
     problems = verify_store(write(tmp_path / "s", (keys, sub, latents), format))
@@ -375,7 +349,7 @@ def test_verify_finds_duplicate_key_sub(tmp_path, format):
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_verify_finds_count_beyond_the_data(tmp_path, format):
+def test_verify_finds_count_beyond_the_data(tmp_path, format, rows, write):
     path = write(tmp_path / "s", rows(150), format)
     meta = json.loads((path / "meta.json").read_text())
     (path / "meta.json").write_text(json.dumps({**meta, "count": 151}))
@@ -394,7 +368,7 @@ def shard_file(path: Path, format: str) -> Path:
 
 
 @pytest.mark.parametrize("format", FORMATS)
-def test_verify_finds_a_truncated_shard(tmp_path, format):
+def test_verify_finds_a_truncated_shard(tmp_path, format, rows, write):
     path = write(tmp_path / "s", rows(150), format)
     file = shard_file(path, format)
     with open(file, "r+b") as f:
@@ -404,7 +378,7 @@ def test_verify_finds_a_truncated_shard(tmp_path, format):
 
 
 @pytest.mark.parametrize("name", ["sub", "latent"])
-def test_a_lost_zarr_shard_is_not_read_as_zeros(tmp_path, name):
+def test_a_lost_zarr_shard_is_not_read_as_zeros(tmp_path, name, rows, write):
     keys, sub, latents = rows(150)
     path = write(tmp_path / "s", (keys, np.zeros_like(sub), latents), "zarr")  # sub shards all zero
     {"sub": path / "sub" / "c" / "1", "latent": path / "latent" / "c" / "1" / "0"}[name].unlink()
@@ -413,7 +387,7 @@ def test_a_lost_zarr_shard_is_not_read_as_zeros(tmp_path, name):
     assert verify_store(path) and "damaged" in verify_store(path)[0]
 
 
-def test_wds_refuses_members_outside_the_layout(tmp_path):
+def test_wds_refuses_members_outside_the_layout(tmp_path, rows, write):
     path = write(tmp_path / "s", rows(40), "wds")
     with tarfile.open(path / "shard-000000.tar", "w") as tar:
         tar.add(path / "meta.json", arcname="../000000000000.key.txt")
@@ -451,7 +425,7 @@ def test_bad_meta_json(tmp_path, meta_text, message):
 
 @pytest.mark.parametrize("format", FORMATS)
 @pytest.mark.parametrize(("field", "value"), [("dim", DIM + 1), ("dtype", "float32")])
-def test_meta_disagreeing_with_the_arrays(tmp_path, format, field, value):
+def test_meta_disagreeing_with_the_arrays(tmp_path, format, field, value, rows, write):
     path = write(tmp_path / "s", rows(20), format)
     meta = json.loads((path / "meta.json").read_text())
     (path / "meta.json").write_text(json.dumps({**meta, field: value}))
@@ -459,7 +433,7 @@ def test_meta_disagreeing_with_the_arrays(tmp_path, format, field, value):
         open_store(path).latents()
 
 
-def test_create_refuses_an_existing_store(tmp_path):
+def test_create_refuses_an_existing_store(tmp_path, rows, write):
     path = write(tmp_path / "s", rows(5), "zarr")
     with pytest.raises(StoreError, match=f"{path} already exists and is not empty: resume it"):
         create_store(path, dim=DIM)
@@ -486,14 +460,14 @@ def test_create_refuses_bad_arguments(tmp_path, kwargs):
         (["a", "b"], [0, 0], np.zeros((2, DIM), dtype=np.int32)),  # latents not floats
     ],
 )
-def test_append_validates_batches(tmp_path, batch):
+def test_append_validates_batches(tmp_path, batch, new_store):
     writer = new_store(tmp_path / "s")
     with pytest.raises(StoreError, match=f"append to {tmp_path / 's'}"):
         writer.append(*batch)
     assert writer.count == 0
 
 
-def test_a_store_with_a_sharded_latent_array_still_reads(tmp_path):
+def test_a_store_with_a_sharded_latent_array_still_reads(tmp_path, rows, write, assert_same_rows):
     """Stores of n2n before plain chunks kept `latent` in zarr's sharding codec: they stay readable."""
     data = rows(150)
     path = write(tmp_path / "s", data, "zarr")
@@ -505,7 +479,7 @@ def test_a_store_with_a_sharded_latent_array_still_reads(tmp_path):
     assert_same_rows(store, data)
 
 
-def test_zarr_latents_are_plain_chunks_and_a_cut_one_is_refused_at_open(tmp_path):
+def test_zarr_latents_are_plain_chunks_and_a_cut_one_is_refused_at_open(tmp_path, rows, write):
     path = write(tmp_path / "s", rows(150), "zarr")
     assert zarr.open_array(path / "latent", mode="r").shards is None
     file = path / "latent" / "c" / "9" / "0"  # the last chunk: rows 144..149 of 16-row chunks

@@ -6,12 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from n2n.shards import StoreError, create_store, open_store
 from n2n.shards.view import create_view
 from n2n.train.checkpoint import CHECKPOINT, load_checkpoint, prefixed
-from n2n.train.cli import main as train_main
 from n2n.train.data import load_pairs
 from n2n.train.stream import stream_pairs
 
@@ -112,14 +110,10 @@ def test_resident_and_streamed_pairs_serve_the_trainer_alike(view):
     assert not streamed.stream.thread.is_alive()
 
 
-def n2n_train(*args):
-    return CliRunner().invoke(train_main, [str(a) for a in args], catch_exceptions=False)
-
-
 SMALL = ["--n-flows", "2", "--hidden-dim", "16", "--batch-size", "256", "--no-compile", "--eval-every", "20"]
 
 
-def test_a_streamed_run_resumes_exactly(view, tmp_path):
+def test_a_streamed_run_resumes_exactly(view, tmp_path, n2n_train):
     """Resume mid-epoch, mid-window: the stream skips the batches drawn before, so the weights equal
     those of an uninterrupted streamed run (8000+ pairs in windows of 3 files: several windows)."""
     full, part = tmp_path / "full", tmp_path / "part"
@@ -133,7 +127,7 @@ def test_a_streamed_run_resumes_exactly(view, tmp_path):
     assert bpd[-1] < bpd[0]  # it learns
 
 
-def test_nan_in_a_streamed_store_is_refused_naming_the_row(tmp_path):
+def test_nan_in_a_streamed_store_is_refused_naming_the_row(tmp_path, n2n_train):
     keys = np.array([f"k{i}" for i in range(300)])
     latents = np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32)
     latents[123, 2] = np.nan
@@ -165,7 +159,7 @@ def test_a_window_smaller_than_a_batch_is_passed_over(view):
         data.close()
 
 
-def test_a_view_that_would_not_fit_is_streamed(view, tmp_path, monkeypatch):
+def test_a_view_that_would_not_fit_is_streamed(view, tmp_path, monkeypatch, n2n_train):
     import n2n.train.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "fits_in_memory", lambda view, device: False)

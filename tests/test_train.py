@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import SMALL
 
 import n2n
 from n2n.shards import as_path, create_store
@@ -31,14 +31,7 @@ from n2n.train.checkpoint import (
     save_checkpoint,
     view_record,
 )
-from n2n.train.cli import main
 from n2n.train.data import Standardizer, heldout_mask, load_pairs
-
-SMALL = ["--n-flows", "2", "--hidden-dim", "16", "--batch-size", "64", "--no-compile"]
-
-
-def n2n_train(*args: str) -> "click.testing.Result":  # noqa: F821
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def write_store(path: Path, keys, latents, sub=None, complete=True, **meta):
@@ -53,7 +46,7 @@ def small_view(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("shards"), "gaussian", n=3000, src_dim=6, dst_dim=4)
 
 
-def test_gaussian_law_reaches_analytic_nll(tmp_path):
+def test_gaussian_law_reaches_analytic_nll(tmp_path, n2n_train):
     """The trainer's acceptance test: within 0.05 nats/dim of the true conditional NLL, on CPU."""
     view = write_synthetic(tmp_path / "shards", "gaussian")
     start = time.perf_counter()
@@ -69,7 +62,7 @@ def test_gaussian_law_reaches_analytic_nll(tmp_path):
     assert "gap" in result.output
 
 
-def test_bimodal_law_samples_both_modes(tmp_path):
+def test_bimodal_law_samples_both_modes(tmp_path, n2n_train):
     view = write_synthetic(tmp_path / "shards", "bimodal")
     result = n2n_train("--shards", view, "--out", tmp_path / "run", "--steps", 2000, "--n-flows", 4,
                        "--hidden-dim", 64, "--no-compile")
@@ -90,7 +83,7 @@ def test_bimodal_law_samples_both_modes(tmp_path):
     assert np.median(np.minimum(to_pos, to_neg)) < 1.2
 
 
-def test_resume_ends_with_the_weights_of_an_uninterrupted_run(small_view, tmp_path):
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(small_view, tmp_path, n2n_train):
     full, part = tmp_path / "full", tmp_path / "part"
     assert n2n_train("--shards", small_view, "--out", full, "--steps", 60, "--eval-every", 20, *SMALL).exit_code == 0
     assert n2n_train("--shards", small_view, "--out", part, "--steps", 20, "--eval-every", 20, *SMALL).exit_code == 0
@@ -109,7 +102,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(small_view, tmp_pa
     assert (part / CHECKPOINT).read_bytes() == before
 
 
-def test_resume_after_kill_9(small_view, tmp_path):
+def test_resume_after_kill_9(small_view, tmp_path, n2n_train):
     """A real crash: kill -9 the trainer after its first checkpoint, resume, compare with a clean run."""
     args = ["--shards", small_view, "--steps", 400, "--eval-every", 40, *SMALL]
     assert n2n_train(*args, "--out", tmp_path / "clean").exit_code == 0
@@ -133,7 +126,7 @@ def test_resume_after_kill_9(small_view, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 400  # no step logged twice after the crash
 
 
-def test_standardisation_statistics_and_split_are_saved(small_view, tmp_path):
+def test_standardisation_statistics_and_split_are_saved(small_view, tmp_path, n2n_train):
     assert n2n_train("--shards", small_view, "--out", tmp_path / "r", "--steps", 5, "--eval-every", 5,
                      *SMALL).exit_code == 0
     tensors, meta = load_checkpoint(tmp_path / "r" / CHECKPOINT)
@@ -144,7 +137,7 @@ def test_standardisation_statistics_and_split_are_saved(small_view, tmp_path):
     assert out.shape == (3, 4) and torch.isfinite(out).all()
 
 
-def test_a_constant_target_dimension_trains_with_target_noise(tmp_path):
+def test_a_constant_target_dimension_trains_with_target_noise(tmp_path, n2n_train):
     # MiniLM has dimensions that are constant over a templated caption set. Regression: ActNorm was
     # initialised on a clean batch (std 0 there -> scale 1e6) and then trained on noisy targets.
     rng = np.random.default_rng(0)
@@ -204,7 +197,7 @@ def test_heldout_split_depends_on_key_only():
     assert np.array_equal(heldout_mask(captions, 0.1), np.repeat(mask, 5))
 
 
-def test_dry_run_prints_the_net2net_size(tmp_path):
+def test_dry_run_prints_the_net2net_size(tmp_path, n2n_train):
     rng = np.random.default_rng(0)
     keys = [f"k{i}" for i in range(4)]
     src = write_store(tmp_path / "bert", keys, rng.standard_normal((4, 768)))
@@ -218,7 +211,7 @@ def test_dry_run_prints_the_net2net_size(tmp_path):
     assert size["parameters"] == 254_762_152 and size["pairs"] == 4 and size["lr"] == pytest.approx(64 * 4.5e-6)
 
 
-def test_loss_blowing_up_stops_and_keeps_the_last_good_checkpoint(small_view, tmp_path, monkeypatch):
+def test_loss_blowing_up_stops_and_keeps_the_last_good_checkpoint(small_view, tmp_path, monkeypatch, n2n_train):
     run = tmp_path / "r"
     args = ["--shards", small_view, "--out", run, "--eval-every", 10, *SMALL]
     assert n2n_train(*args, "--steps", 10).exit_code == 0
@@ -238,7 +231,7 @@ def test_loss_blowing_up_stops_and_keeps_the_last_good_checkpoint(small_view, tm
 @pytest.mark.parametrize(
     "problem", ["missing_store", "incomplete", "no_overlap", "nan", "no_view", "truncated_shard", "unknown_format"]
 )
-def test_bad_view_is_refused_with_one_line(problem, tmp_path):
+def test_bad_view_is_refused_with_one_line(problem, tmp_path, n2n_train):
     rng = np.random.default_rng(0)
     keys = [f"k{i}" for i in range(50)]
     src = write_store(tmp_path / "src", keys, rng.standard_normal((50, 3)))
@@ -270,7 +263,7 @@ def test_bad_view_is_refused_with_one_line(problem, tmp_path):
     assert not (tmp_path / "run" / CHECKPOINT).exists()
 
 
-def test_resume_refusals(small_view, tmp_path):
+def test_resume_refusals(small_view, tmp_path, n2n_train):
     run = tmp_path / "r"
     assert n2n_train("--shards", small_view, "--out", run, "--resume", *SMALL).exit_code == 2  # nothing to resume
     assert n2n_train("--shards", small_view, "--out", run, "--steps", 5, "--eval-every", 5, *SMALL).exit_code == 0
@@ -292,7 +285,7 @@ def test_resume_refusals(small_view, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_loss_matches_eager_and_trains(small_view, tmp_path):
+def test_compiled_loss_matches_eager_and_trains(small_view, tmp_path, n2n_train):
     """The default path on CUDA: torch.compile of the loss (here on CPU's inductor)."""
     from n2n.cinn import ConditionalFlow, FlowConfig
     from n2n.train.trainer import make_loss
@@ -340,7 +333,7 @@ def test_an_unknown_option_lists_the_accepted_ones(small_view, tmp_path):
 SMALL_API = {"n_flows": 2, "hidden_dim": 16, "batch_size": 64, "eval_every": 10, "compile": False, "progress": False}
 
 
-def test_a_project_folder_moved_after_training_resumes_evaluates_and_samples(tmp_path):
+def test_a_project_folder_moved_after_training_resumes_evaluates_and_samples(tmp_path, n2n_train):
     """The run names its view relative to itself (view.json its stores likewise), so shards/ and
     runs/ moved together keep working: resume without naming the view, evaluate, sample."""
     project = tmp_path / "project"

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from n2n.errors import N2NError
 from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
@@ -17,18 +16,14 @@ from n2n.extract.datasets.shapes_judge import (
     train_judge,
 )
 from n2n.extract.experts import load_expert
-from n2n.extract.train_ae import TrainAEConfig, main
+from n2n.extract.train_ae import TrainAEConfig
 
 SMALL = ["--data", "shapes", "--limit", 256, "--steps", 30, "--batch-size", 16, "--latent-dim", 16,
          "--channels", "8,8,16,16", "--device", "cpu"]
 
 
-def n2n_train_ae(*args) -> "click.testing.Result":  # noqa: F821
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_judge):
+def trained(tmp_path_factory, small_judge, n2n_train_ae):
     out = tmp_path_factory.mktemp("ae") / "ae-shapes"
     result = n2n_train_ae(*SMALL, "--out", out, "--judge", small_judge)
     assert result.exit_code == 0, result.output
@@ -58,7 +53,7 @@ def test_report_has_steps_time_loss_and_judge_scores(trained):
         assert all(0 <= v <= 1 for v in judged[kind].values())
 
 
-def test_default_is_a_vae_and_kl_weight_0_a_plain_autoencoder(trained, small_judge, tmp_path):
+def test_default_is_a_vae_and_kl_weight_0_a_plain_autoencoder(trained, small_judge, tmp_path, n2n_train_ae):
     out, _ = trained
     assert json.loads((out / "config.json").read_text())["variational"] is True
     assert json.loads((out / "report.json").read_text())["final_kl_nats"] > 0
@@ -68,7 +63,7 @@ def test_default_is_a_vae_and_kl_weight_0_a_plain_autoencoder(trained, small_jud
     assert json.loads((tmp_path / "plain" / "report.json").read_text())["final_kl_nats"] == 0
 
 
-def test_rerun_skips_and_overwrite_retrains(trained, small_judge):
+def test_rerun_skips_and_overwrite_retrains(trained, small_judge, n2n_train_ae):
     out, _ = trained
     before = (out / "model.safetensors").read_bytes()
     again = n2n_train_ae(*SMALL, "--out", out, "--judge", small_judge)
@@ -82,7 +77,7 @@ def test_rerun_skips_and_overwrite_retrains(trained, small_judge):
     assert (out / "model.safetensors").read_bytes() != before
 
 
-def test_same_seed_same_weights(tmp_path, small_judge):
+def test_same_seed_same_weights(tmp_path, small_judge, n2n_train_ae):
     args = [*SMALL[:-6], "--steps", 5, *SMALL[-6:], "--judge", small_judge]
     for name in ("a", "b"):
         assert n2n_train_ae(*args, "--out", tmp_path / name).exit_code == 0
@@ -97,7 +92,7 @@ def test_same_seed_same_weights(tmp_path, small_judge):
     (["--channels", "8,x"], "--channels '8,x': write widths as comma-separated integers"),
     (["--data-option", "seed"], "--data-option 'seed': write it as KEY=VALUE"),
 ])
-def test_bad_input_is_a_one_line_error(tmp_path, args, message):
+def test_bad_input_is_a_one_line_error(tmp_path, args, message, n2n_train_ae):
     result = n2n_train_ae(*args, "--out", tmp_path / "ae")
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1
@@ -110,7 +105,7 @@ BAD_NUMBERS = [("--limit", 0), ("--limit", -5), ("--image-size", 0), ("--latent-
 
 
 @pytest.mark.parametrize(("option", "value"), BAD_NUMBERS)
-def test_out_of_range_is_one_line_naming_the_option_and_nothing_written(tmp_path, option, value):
+def test_out_of_range_is_one_line_naming_the_option_and_nothing_written(tmp_path, option, value, n2n_train_ae):
     """Checked when the config is made: before the dataset is opened, the judge trained or --out made."""
     result = n2n_train_ae("--out", tmp_path / "ae", "--judge", tmp_path / "judge", option, value)
     lines = result.output.strip().splitlines()
@@ -123,7 +118,7 @@ def test_the_config_checks_the_api_too():
         TrainAEConfig(batch_size=0)
 
 
-def test_out_holding_something_else_is_refused_without_overwrite(tmp_path):
+def test_out_holding_something_else_is_refused_without_overwrite(tmp_path, n2n_train_ae):
     (tmp_path / "ae").mkdir()
     (tmp_path / "ae" / "notes.txt").write_text("mine")
     result = n2n_train_ae(*SMALL, "--out", tmp_path / "ae")
@@ -204,7 +199,7 @@ def test_default_judge_is_right_on_real_held_out_images():
 
 
 @pytest.mark.slow
-def test_default_autoencoder_keeps_every_attribute(tmp_path):
+def test_default_autoencoder_keeps_every_attribute(tmp_path, n2n_train_ae):
     result = n2n_train_ae("--out", tmp_path / "ae-shapes", "--judge", tmp_path / "judge-shapes")
     assert result.exit_code == 0, result.output
     judged = json.loads((tmp_path / "ae-shapes" / "report.json").read_text())["judge"]

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 import n2n
@@ -28,12 +27,8 @@ from n2n.translate.evaluate import main as n2n_eval
 from n2n.translate.evaluate import print_report, scorer_of
 
 
-def invoke(command, *args) -> "click.testing.Result":  # noqa: F821
-    return CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory, invoke) -> dict[str, Path]:
     """Text->image and image->text runs over the same two stores (the point of caching them)."""
     root = tmp_path_factory.mktemp("e2e")
     torch.manual_seed(0)
@@ -52,7 +47,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def test_text_to_image_grid(runs, tmp_path):
+def test_text_to_image_grid(runs, tmp_path, invoke):
     out = tmp_path / "grid.png"
     result = invoke(n2n_translate, "--run", runs["minilm_ae"], "--text", "a small red circle in the top left",
                     "--text", "a blue square", "-n", 3, "--out", out)
@@ -63,7 +58,7 @@ def test_text_to_image_grid(runs, tmp_path):
     assert pixels.std() > 10  # not a blank canvas
 
 
-def test_latents_out_are_reproducible_and_follow_temperature(runs, tmp_path):
+def test_latents_out_are_reproducible_and_follow_temperature(runs, tmp_path, invoke):
     args = ["--run", runs["minilm_ae"], "--text", "a green star", "-n", 4]
     for name, extra in (("a", []), ("b", []), ("cold", ["--temperature", 0.0])):
         assert invoke(n2n_translate, *args, *extra, "--out", tmp_path / f"{name}.npy").exit_code == 0
@@ -73,7 +68,7 @@ def test_latents_out_are_reproducible_and_follow_temperature(runs, tmp_path):
     assert json.loads((tmp_path / "a.json").read_text())["inputs"] == ["a green star"]
 
 
-def test_image_to_text_writes_latents_and_refuses_a_png(runs, tmp_path):
+def test_image_to_text_writes_latents_and_refuses_a_png(runs, tmp_path, invoke):
     from n2n.extract.datasets import open_dataset
 
     picture = tmp_path / "shape.png"
@@ -87,7 +82,7 @@ def test_image_to_text_writes_latents_and_refuses_a_png(runs, tmp_path):
 
 @pytest.mark.parametrize("problem", ["no_checkpoint", "text_for_image_run", "image_for_text_run", "empty_file",
                                      "nothing"])
-def test_bad_input(runs, tmp_path, problem):
+def test_bad_input(runs, tmp_path, problem, invoke):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     picture = tmp_path / "p.png"
@@ -122,7 +117,7 @@ def test_normalized_entropy_and_caption_consistency():
 # ---------------------------------------------------------------- n2n-eval
 
 
-def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge, tmp_path):
+def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge, tmp_path, invoke):
     out = tmp_path / "eval.json"
     result = invoke(n2n_eval, "--run", runs["minilm_ae"], "--judge", small_judge, "--baseline-steps", 20,
                     "--samples", 4, "--out", out)
@@ -138,7 +133,7 @@ def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge,
     assert report["uniform_entropy"]["size"] == pytest.approx(uniform_entropy(2, 4))
 
 
-def test_eval_image_to_text_scores_retrieval(runs, small_judge, tmp_path):
+def test_eval_image_to_text_scores_retrieval(runs, small_judge, tmp_path, invoke):
     result = invoke(n2n_eval, "--run", runs["ae_minilm"], "--judge", small_judge, "--baseline-steps", 20,
                     "--out", tmp_path / "eval.json")
     assert result.exit_code == 0, result.output
@@ -148,7 +143,7 @@ def test_eval_image_to_text_scores_retrieval(runs, small_judge, tmp_path):
     assert "nearest caption fits the image" in result.output
 
 
-def test_eval_without_a_checkpoint_is_a_one_line_error(tmp_path):
+def test_eval_without_a_checkpoint_is_a_one_line_error(tmp_path, invoke):
     result = invoke(n2n_eval, "--run", tmp_path)
     assert result.exit_code == 2 and result.output.startswith("error:")
     assert len(result.output.strip().splitlines()) <= 2 and not (tmp_path / "eval.json").exists()
@@ -192,7 +187,7 @@ def test_text_to_image_scores_count_named_attributes_and_open_entropy():
     assert fixed["accuracy"]["position"] == 1 and fixed["open_entropy"]["position"] == 0
 
 
-def test_an_expert_that_cannot_be_loaded_is_named_with_the_flag_to_fix_it(runs, tmp_path, monkeypatch):
+def test_an_expert_that_cannot_be_loaded_is_named_with_the_flag_to_fix_it(runs, tmp_path, monkeypatch, invoke):
     import n2n.extract.experts.ae as ae
 
     def gone(path):
@@ -215,7 +210,7 @@ def test_scorer_of_asks_the_dataset_both_stores_name():
         assert scorer_of(header(source, target)) is None
 
 
-def test_eval_of_a_dataset_without_a_scorer_reports_the_generic_metrics(runs, tmp_path):
+def test_eval_of_a_dataset_without_a_scorer_reports_the_generic_metrics(runs, tmp_path, invoke):
     """The text -> image run with its stores' dataset renamed to coco, which keeps ItemDataset's default hook."""
     from n2n.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 
@@ -257,7 +252,7 @@ def test_evaluate_checks_every_number_before_loading_anything(name, value, tmp_p
 @pytest.mark.parametrize(("option", "value"), [("--samples", 0), ("--samples", 5000), ("--temperature", -0.5),
                                                ("--temperature", "nan"), ("--max-rows", 0), ("--seed", -1),
                                                ("--baseline-steps", 0)])
-def test_eval_out_of_range_is_one_line_exit_2_and_nothing_written(runs, option, value, tmp_path):
+def test_eval_out_of_range_is_one_line_exit_2_and_nothing_written(runs, option, value, tmp_path, invoke):
     result = invoke(n2n_eval, "--run", runs["minilm_ae"], "--out", tmp_path / "eval.json", option, value)
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and option in lines[0]
