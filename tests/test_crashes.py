@@ -26,10 +26,27 @@ ARGS = ["--expert", "minilm", "--data", "shapes", "--limit", "160", "--batch-siz
         "--dtype", "float32", "--commit-every", "0"]
 
 
+def extraction(out) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "n2n.extract", *ARGS, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def watched_run(out) -> tuple[float, float]:
+    """A clean extraction in a process, watched: (seconds until its store existed, seconds until it
+    ended). Kills are drawn inside that window, so they land mid-write on a fast or a slow machine."""
+    start, proc, created = time.perf_counter(), extraction(out), None
+    while proc.poll() is None:
+        if created is None and (out / "shapes" / "minilm" / "meta.json").exists():
+            created = time.perf_counter() - start
+        time.sleep(0.02)
+    assert proc.returncode == 0
+    ended = time.perf_counter() - start
+    return created or ended, ended
+
+
 def kill_at_random(out, delay: float) -> str:
     """Start the extraction in a process, SIGKILL it after ``delay`` s; what the kill interrupted."""
-    proc = subprocess.Popen([sys.executable, "-m", "n2n.extract", *ARGS, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = extraction(out)
     time.sleep(delay)
     finished = proc.poll() is not None
     if not finished:
@@ -53,12 +70,12 @@ def run_trials(n2n_extract, same_store):
         assert result.exit_code == 0, result.output
 
     def run(tmp_path, trials: int, seed: int) -> Counter:
-        extract_in_process(tmp_path / "clean")
+        created, ended = watched_run(tmp_path / "clean")
         rng = random.Random(seed)
         moments: Counter = Counter()
         for trial in range(trials):
             out = tmp_path / f"trial{trial}"
-            moments[kill_at_random(out, rng.uniform(1.0, 9.0))] += 1
+            moments[kill_at_random(out, rng.uniform(0.9 * created, 1.05 * ended))] += 1
             extract_in_process(out)  # the same command, to the end
             same_store(tmp_path / "clean" / "shapes" / "minilm", out / "shapes" / "minilm")  # bit for bit
             assert verify_store(out / "shapes" / "minilm") == [], trial  # no NaN, no duplicate (key, sub), readable
