@@ -7,7 +7,6 @@ import sys
 import types
 from pathlib import Path
 
-import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -106,30 +105,6 @@ def test_synth_passes_its_options_and_prints_the_view(root, monkeypatch):
         {"root": root, "law": "bimodal", "n": 50, "src_dim": 16, "dst_dim": 8, "seed": 0, "format": "h5"}
     ]
     assert str(root / "synth-x") in result.stdout
-
-
-# Every numeric option of every command: a value out of its range, and the range the error must state.
-OUT_OF_RANGE = {
-    ("synth", "--n"): ("0", "must be an integer >= 1"),
-    ("synth", "--src-dim"): ("0", "must be an integer >= 1"),
-    ("synth", "--dst-dim"): ("-3", "must be an integer >= 1"),
-    ("synth", "--seed"): ("-1", "must be an integer >= 0"),
-}
-
-
-def test_every_numeric_option_is_in_the_range_table():
-    numeric = {(name, option) for name, command in main.commands.items() for param in command.params
-               if isinstance(param.type, click.types.IntParamType | click.types.FloatParamType)
-               for option in param.opts}
-    assert numeric == set(OUT_OF_RANGE)
-
-
-@pytest.mark.parametrize(("command", "option"), list(OUT_OF_RANGE))
-def test_a_numeric_option_out_of_range_is_one_line_and_writes_nothing(tmp_path, command, option):
-    value, rule = OUT_OF_RANGE[command, option]
-    result = run(command, option, value, "--root", tmp_path / "out")
-    assert_one_line_error(result, f"({option}) = {value}: {rule}")
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("command", ["ls", "info", "verify", "convert"])

@@ -39,12 +39,13 @@ BAD: dict[str, dict[str, list[str]]] = {
                   "--holdout": ["-0.1", "1", "1.5"], "--eval-every": ["0"], "--seed": ["-1"], "--nproc": ["0"],
                   "--eval-rows": ["0"], "--log-every": ["0"]},
     "n2n-translate": {"-n": ["0"], "--temperature": ["-1"], "--seed": ["-1"]},
-    "n2n-eval": {"--samples": ["0"], "--temperature": ["-1"], "--max-rows": ["0"], "--seed": ["-1"],
+    "n2n-eval": {"--samples": ["0", "5000"], "--temperature": ["-1", "nan"], "--max-rows": ["0"], "--seed": ["-1"],
                  "--baseline-steps": ["0"]},
-    "n2n-train-ae": {"--limit": ["0"], "--image-size": ["0"], "--latent-dim": ["0"], "--steps": ["0"],
-                     "--batch-size": ["0"], "--lr": ["0", "-1"], "--foreground-weight": ["-1"], "--kl-weight": ["-1"],
+    "n2n-train-ae": {"--limit": ["0", "-5"], "--image-size": ["0"], "--latent-dim": ["0"], "--steps": ["0"],
+                     "--batch-size": ["0"], "--lr": ["0", "-1", "nan"], "--foreground-weight": ["-1"],
+                     "--kl-weight": ["-1", "inf"],
                      "--seed": ["-1"]},
-    "n2n-shards synth": {"--n": ["0"], "--src-dim": ["0"], "--dst-dim": ["0"], "--seed": ["-1"]},
+    "n2n-shards synth": {"--n": ["0"], "--src-dim": ["0"], "--dst-dim": ["0", "-3"], "--seed": ["-1"]},
 }
 
 
@@ -78,4 +79,5 @@ def test_out_of_range_is_one_line_exit_2_and_nothing_written(name, option, value
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert option.lstrip("-").replace("-", "_") in lines[0] or option in lines[0], lines[0]
+    assert "must be" in lines[0], lines[0]  # the allowed range, not some later failure
     assert list(work.iterdir()) == [], "nothing may be written"
