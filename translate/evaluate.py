@@ -25,10 +25,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from n2n import plugins
 from n2n.cli import CONTEXT, console, reports_errors
 from n2n.errors import N2NError
-from n2n.extract.datasets import ItemDataset
+from n2n.extract.datasets import DatasetError, dataset_class
 from n2n.extract.experts import Expert
 from n2n.options import check_fields, click_options, setting
 from n2n.shards import as_path, write_json_atomic
@@ -114,13 +113,15 @@ def read_attributes(store_path: Path) -> dict[str, dict] | None:
 
 def scorer_of(meta: dict) -> TranslationScorer | None:
     """The scorer of the dataset both of a run's stores were extracted from (checkpoint header ``meta``);
-    None where the stores name none, or different ones, or the dataset has no scorer."""
+    None where the stores name none, or different ones, or the dataset is not installed or has no scorer."""
     names = {(meta[side].get("dataset") or {}).get("name") for side in ("source", "target")}
     if len(names) != 1 or None in names:
         return None
-    plugin = plugins.find("dataset", names.pop())
-    cls = plugin.load() if plugin is not None else None
-    return cls.translation_scorer() if isinstance(cls, type) and issubclass(cls, ItemDataset) else None
+    try:
+        cls, _ = dataset_class(names.pop())
+    except DatasetError:
+        return None
+    return cls.translation_scorer()
 
 
 def held_out(translator: TrainedFlow, data: PairedLatents, cfg: EvalConfig, quiet: bool) -> HeldOut:

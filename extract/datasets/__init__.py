@@ -164,9 +164,10 @@ def known_datasets() -> list[str]:
     return plugins.names("dataset")
 
 
-def open_dataset(name: str, root: str | Path | None = None, split: str = "train", **options) -> ItemDataset:
-    """The dataset ``name`` over ``root``; an unknown name or option, or a plug-in that fails to import or
-    is not an ``ItemDataset`` subclass, raises DatasetError (naming the known ones, or the plug-in)."""
+def dataset_class(name: str) -> tuple[type[ItemDataset], str]:
+    """The class registered as dataset ``name`` and the distribution that provides it; an unknown name,
+    or a plug-in that fails to import or is not an ``ItemDataset`` subclass, is a DatasetError naming
+    the known datasets or the plug-in."""
     try:
         found = plugins.find("dataset", name)
         cls = found.load() if found else None
@@ -177,13 +178,20 @@ def open_dataset(name: str, root: str | Path | None = None, split: str = "train"
     if not (isinstance(cls, type) and issubclass(cls, ItemDataset)):
         what = getattr(cls, "__qualname__", type(cls).__name__)
         raise DatasetError(f"dataset {name!r}: the {found.where} is {what}, not a subclass of n2n.ItemDataset")
+    return cls, found.dist
+
+
+def open_dataset(name: str, root: str | Path | None = None, split: str = "train", **options) -> ItemDataset:
+    """The dataset ``name`` over ``root``; an unknown name or option, or a bad plug-in (``dataset_class``),
+    raises DatasetError."""
+    cls, dist = dataset_class(name)
     try:
         inspect.signature(cls).bind(root, split, **options)
     except TypeError as err:
         accepted = [p for p in inspect.signature(cls).parameters if p not in ("root", "split")]
         raise DatasetError(f"dataset {name}: {err}; its options are {', '.join(accepted) or 'none'}") from err
     dataset = cls(root, split, **options)
-    dataset.plugin = found.dist
+    dataset.plugin = dist
     return dataset
 
 
@@ -194,6 +202,7 @@ __all__ = [
     "ItemError",
     "check_captions",
     "check_option",
+    "dataset_class",
     "decode_image",
     "known_datasets",
     "open_dataset",
