@@ -195,6 +195,9 @@ class Shuffle(nn.Module):
 COUPLINGS: dict[str, type[nn.Module]] = {"affine": DoubleAffineCoupling}
 
 
+EMBEDDING_RANGE = (64, 512)  # the default condition embedding: the target's size, clamped to this range
+
+
 @dataclasses.dataclass(frozen=True)
 class FlowConfig:
     """The shape of a flow, less the two latent sizes (they come from the view). net2net's defaults."""
@@ -204,9 +207,10 @@ class FlowConfig:
     hidden_depth: int = setting(2, "Hidden layers of the coupling nets (net2net: 2, i.e. four Linear layers).",
                                 min=0)
     # net2net's embedding is the target's size (268 for BigGAN): small targets starve of condition that way
-    # (measured: +0.4 nats/dim at dim 8).
+    # (measured: +0.4 nats/dim at dim 8), and large ones (an SD-VAE's 4096) would grow every coupling net's
+    # input by 4096 for a condition that a 512-wide embedding carries (CLIP's own width).
     embedding_dim: int | None = setting(None, "Size of the condition embedding every coupling net sees.  "
-                                              "[default: max(target dim, 64)]", min=1)
+                                              f"[default: the target dim, within {EMBEDDING_RANGE}]", min=1)
     embedder_depth: int = setting(2, "Hidden layers of the condition embedder.", min=0)
     embedder_norm: str = setting(
         "layer", "Normalisation in the condition embedder. net2net's batch makes a sample's embedding depend on "
@@ -251,7 +255,8 @@ class ConditionalFlow(nn.Module):
     def __init__(self, dim: int, cond_dim: int, config: FlowConfig | None = None) -> None:
         super().__init__()
         config = config or FlowConfig()
-        self.config = dataclasses.replace(config, embedding_dim=config.embedding_dim or max(dim, 64))
+        low, high = EMBEDDING_RANGE
+        self.config = dataclasses.replace(config, embedding_dim=config.embedding_dim or min(max(dim, low), high))
         self.dim, self.cond_dim = dim, cond_dim
         width = self.config.embedding_dim
         self.embedder = mlp(cond_dim, width, self.config.embedder_depth, width, norm=self.config.embedder_norm)

@@ -18,7 +18,8 @@ def extract(expert: str, data: str, *, progress: bool = True, console: Console |
     ``options`` are ``ExtractConfig``'s fields, named as n2n-extract's options: ``data_root``,
     ``split``, ``out`` (root of the stores, default ``shards``), ``format``, ``batch_size``,
     ``num_workers``, ``device``, ``dtype``, ``limit``, ``layers``, ``weights``, ``on_error``,
-    ``overwrite``, ``commit_every``, ``data_options`` (a dict). Every one is checked before anything
+    ``overwrite``, ``commit_every``, ``data_options`` and ``expert_options`` (dicts: the
+    dataset's and the expert family's own options, e.g. ``{"size": 64}``). Every one is checked before anything
     runs. A rerun resumes an interrupted store and returns a complete one as it is. With ``layers``,
     one store per layer is written beside the first, which is the one returned.
     Under torchrun every rank extracts its share and all ranks return the committed store.

@@ -31,6 +31,8 @@ def help_for(field: str) -> str:
 @click.option("--split", default="train", help="train | val (the dataset's own split).")
 @click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE",
               help="A dataset option, repeatable: e.g. seed=1, size=128 (shapes), classes=1,207,980 (biggan).")
+@click.option("--expert-option", "expert_options", multiple=True, metavar="KEY=VALUE",
+              help="An option of the expert family, repeatable: e.g. size=64 (sdvae: the image size it encodes).")
 @click.option("--out", type=PATH_OR_URL, default="shards",
               help="Root of the stores: writes OUT/<data>/<expert>[@layer]/.")
 @click.option("--format", "fmt", default="zarr", help=f"Store format; installed: {plugins.listing('format')}.")
@@ -49,7 +51,8 @@ def help_for(field: str) -> str:
               help="Processes on this node (one per GPU): relaunches this command under torchrun; each takes a "
                    "contiguous share of the items and rank 0 commits one store. Many nodes: see the README.")
 @reports_errors
-def main(expert: str, data: str, data_root: Path | None, split: str, data_options: tuple[str, ...], out: Path,
+def main(expert: str, data: str, data_root: Path | None, split: str, data_options: tuple[str, ...],
+         expert_options: tuple[str, ...], out: Path,
          fmt: str, batch_size: int, num_workers: int, device: str, dtype: str, limit: int | None, layers: str | None,
          weights: Path | None, on_error: str, overwrite: bool, commit_every: float, nproc: int) -> None:
     """Run one frozen expert over one dataset, once, and write its latents to a store.
@@ -66,7 +69,8 @@ def main(expert: str, data: str, data_root: Path | None, split: str, data_option
                         batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype, limit=limit,
                         layers=layers.split(",") if layers else None, weights=weights, on_error=on_error,
                         overwrite=overwrite, commit_every=commit_every,
-                        data_options=dict(parse_option(o, "--data-option") for o in data_options))
+                        data_options=dict(parse_option(o, "--data-option") for o in data_options),
+                        expert_options=dict(parse_option(o, "--expert-option") for o in expert_options))
     check_value("nproc", nproc, integer=True, min=1)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(relaunch(nproc, "n2n.extract", sys.argv[1:]))

@@ -82,6 +82,7 @@ class ExtractConfig:
     overwrite: bool = False
     commit_every: float = setting(30.0, "Seconds between commits: the most work a crash can cost.", min=0)
     data_options: dict = field(default_factory=dict)
+    expert_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -89,6 +90,10 @@ class ExtractConfig:
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ExtractError(f"{name} = {getattr(self, name)!r}: name an {name}, e.g. "
                                    f"{'minilm' if name == 'expert' else 'shapes'}")
+        for name in ("data_options", "expert_options"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(key, str) and key for key in value):
+                raise ExtractError(f"{name} = {value!r}: give a dict of option names to values, e.g. {{'size': 64}}")
         if self.layers is not None and (isinstance(self.layers, str) or not all(self.layers)):
             raise ExtractError(f"layers = {self.layers!r}: give a list of layer names, e.g. ['cls', 'mean']")
 
@@ -191,10 +196,16 @@ def store_paths(cfg: ExtractConfig, expert: Expert, layers: list[str]) -> dict[s
     """shards/<data>/<expert>/ for the expert's default layer, else <expert>@<layer>/ for each layer
     named (in the spec or by --layers). Splits other than train get their own data folder,
     shards/<data>-<split>/, so that both can coexist."""
-    base = as_path(cfg.out) / (cfg.data if cfg.split == "train" else f"{cfg.data}-{cfg.split}")
+    base = data_folder(cfg)
     if cfg.layers is None and expert.spec_layer is None:
         return {layers[0]: base / expert.name}
     return {layer: base / f"{expert.name}@{layer}" for layer in layers}
+
+
+def data_folder(cfg: ExtractConfig) -> Path:
+    """OUT/<data>/ (OUT/<data>-<split>/ for other splits than train): the folder of a dataset's stores,
+    and of what the dataset caches for all of them (``ItemDataset.prepare``)."""
+    return as_path(cfg.out) / (cfg.data if cfg.split == "train" else f"{cfg.data}-{cfg.split}")
 
 
 def pick_layers(cfg: ExtractConfig, expert: Expert) -> list[str]:
@@ -330,7 +341,7 @@ class Job:
 def plan(cfg: ExtractConfig) -> Job:
     """Open the dataset and the expert and name the stores; cheap checks first."""
     dataset = open_dataset(cfg.data, cfg.data_root, cfg.split, **cfg.data_options)
-    expert = load_expert(cfg.expert, cfg.weights)
+    expert = load_expert(cfg.expert, cfg.weights, options=cfg.expert_options)
     if expert.modality not in dataset.modalities:
         raise ExtractError(
             f"expert {expert.spec} reads {expert.modality!r} but dataset {cfg.data} has "
@@ -445,6 +456,7 @@ def extract_items(job: Job, paths: dict[str, Path], metas: dict[str, dict], lo: 
     summary = job.summary(paths, config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
     if len(existing) == len(paths) and all(s.complete for s in existing.values()):  # this rank's part is done
         return summary | {"rows": len(next(iter(existing.values())))}
+    dataset.prepare(range(lo, hi), data_folder(cfg), device, console)  # e.g. caption items, before any store is made
 
     # Resume: the stored batch size fixes the batch boundaries; restart at the earliest store's batch.
     batch_size = batch_size or job.stored_batch_size()

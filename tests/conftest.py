@@ -44,6 +44,22 @@ def save_tiny_bert(folder, seed: int):
     return folder
 
 
+def save_tiny_sdvae(folder, seed: int, **config):
+    """A random 2-block AutoencoderKL (Stable Diffusion's VAE shape: 4 latent channels, downsampling 2,
+    an attention mid-block) in diffusers' save_pretrained layout; ``config`` overrides (shift_factor=...)."""
+    from bench.models import TINY_SDVAE, save_sdvae
+
+    return save_sdvae(folder, seed, **{**TINY_SDVAE, **config})
+
+
+def save_tiny_clip(folder, seed: int):
+    """A random CLIP (2-layer towers of hidden 32, 32x32 images in 8x8 patches, projection 16) with a
+    byte-level BPE tokenizer of CLIP's layout (one token per character, so long captions reach the 77
+    positions) and a 32-pixel image processor beside it."""
+    from bench.models import TINY_CLIP, save_clip
+
+    return save_clip(folder, seed, **TINY_CLIP)
+
 
 @pytest.fixture(scope="session")
 def small_judge(tmp_path_factory):
@@ -100,6 +116,15 @@ def save_tiny_biggan(folder, seed: int, safetensors: bool = False):
     else:
         torch.save(model.state_dict(), folder / "pytorch_model.bin")
     return folder
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """Hub switched off and an empty hub cache, whatever this machine has downloaded before."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
 
 
 # ---------------------------------------------------------------- the CLIs, run in process

@@ -36,9 +36,9 @@ def test_store_reads_runs_small_and_writes_its_json(tmp_path):
 
 
 def test_extraction_overhead_runs_small(tmp_path):
-    saved = run_bench(extraction.main, "extraction", ["--items", "16", "--batch-size", "8", "--num-workers", "0"],
-                      tmp_path)
-    assert set(saved["raw"]) == {"minilm", "timm:resnet18"}
+    saved = run_bench(extraction.main, "extraction", ["--items", "16", "--large-items", "8", "--tiny",
+                                                      "--batch-size", "8", "--num-workers", "0"], tmp_path)
+    assert set(saved["raw"]) == {"minilm", "timm", "clip-text", "clip-image", "sdvae"}
     assert all(v["extract_wall_s"] > 0 and v["forward_s"] > 0 for v in saved["raw"].values())
 
 

@@ -206,3 +206,10 @@ def test_flow_config_stores_numbers_as_plain_ints():
     config = FlowConfig(n_flows=np.int64(3), hidden_dim=16.0)
     assert type(config.n_flows) is int and type(config.hidden_dim) is int
     assert json.loads(json.dumps(ConditionalFlow(4, 3, config).to_dict()))["n_flows"] == 3
+
+
+@pytest.mark.parametrize(("dim", "width"), [(8, 64), (300, 300), (4096, 512)])
+def test_default_embedding_is_the_target_size_within_64_to_512(dim, width):
+    with torch.device("meta"):
+        flow = ConditionalFlow(dim, 16, FlowConfig(n_flows=1, hidden_dim=8))
+    assert flow.config.embedding_dim == width and flow.embedder[-1].out_features == width

@@ -23,15 +23,6 @@ CAPTIONS = ["a red circle", "a crimson circle", "a blue square",
             "a very large green triangle in the upper left corner of a dark and otherwise empty picture"]
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """Hub switched off and an empty hub cache, whatever this machine has downloaded before."""
-    import huggingface_hub.constants as hub
-
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-
-
 @pytest.fixture(scope="module")
 def minilm() -> Expert:
     return load_expert("minilm")
@@ -61,8 +52,8 @@ def picture(size=(100, 70), mode="RGB") -> Image.Image:
 
 
 def test_known_experts_and_unknown_spec():
-    assert known_experts() == ["ae", "bert", "biggan", "minilm", "timm"]
-    with pytest.raises(ExpertError, match="unknown expert 'resnet'.*ae, bert, biggan, minilm, timm"):
+    assert known_experts() == ["ae", "bert", "biggan", "clip", "minilm", "sdvae", "timm"]
+    with pytest.raises(ExpertError, match="unknown expert 'resnet'.*ae, bert, biggan, clip, minilm, sdvae, timm"):
         load_expert("resnet")
 
 

@@ -211,6 +211,33 @@ def test_dry_run_prints_the_net2net_size(tmp_path, n2n_train):
     assert size["parameters"] == 254_762_152 and size["pairs"] == 4 and size["lr"] == pytest.approx(64 * 4.5e-6)
 
 
+def test_dry_run_sizes_a_4096_dim_target_without_allocating_it(tmp_path):
+    """An SD-VAE's 256 px latent (4096 dims) from CLIP's 512: the default embedding is clamped to 512, and the
+    656M-parameter flow is counted on the meta device (building it for real would take 2.6 GB)."""
+    rng = np.random.default_rng(0)
+    keys = [f"k{i}" for i in range(4)]
+    src = write_store(tmp_path / "clip", keys, rng.standard_normal((4, 512)))
+    dst = write_store(tmp_path / "sdvae", keys, rng.standard_normal((4, 4096)))
+    create_view(tmp_path / "clip_sdvae", src, dst)
+    size = dry_run(tmp_path / "clip_sdvae")
+    assert size["embedding_dim"] == 512 and size["parameters"] == 656_053_248
+
+
+def test_out_of_memory_is_one_line_naming_what_shrinks_the_run(small_view, tmp_path, monkeypatch, n2n_train):
+    import n2n.train.api as api
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 8589934592 bytes.\nmore detail")
+
+    monkeypatch.setattr(api, "fit", no_memory)
+    result = n2n_train("--shards", small_view, "--out", tmp_path / "r", *SMALL)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "out of memory on cpu" in lines[0] and "--dry-run" in lines[0]
+    assert "--batch-size, --hidden-dim, --n-flows or --embedding-dim" in lines[0]
+
+
 def test_loss_blowing_up_stops_and_keeps_the_last_good_checkpoint(small_view, tmp_path, monkeypatch, n2n_train):
     run = tmp_path / "r"
     args = ["--shards", small_view, "--out", run, "--eval-every", 10, *SMALL]

@@ -79,6 +79,11 @@ def train(view: View | str | os.PathLike | None, out: str | os.PathLike | None =
     try:
         summary = fit(view_path, out, cfg, flow_config, resume=resume, dev=dev, compile=compile, stream=stream,
                       progress=progress, console=console, ranks=ranks)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+            raise
+        raise TrainError(f"out of memory on {dev} training this cINN: n2n-train --dry-run shows its size; lower "
+                         "--batch-size, --hidden-dim, --n-flows or --embedding-dim") from err
     finally:
         if joined:
             dist.destroy_process_group()
@@ -117,7 +122,8 @@ def dry_run(view: View | str | os.PathLike | None, **options: Any) -> dict[str, 
     if view is None:
         raise TrainError("--dry-run sizes a run on a view: give one (--shards)")
     v = view if isinstance(view, View) else open_view(view)
-    flow = ConditionalFlow(v.target.dim, v.source.dim, flow_config)
+    with torch.device("meta"):  # shapes only: sizing a billion-parameter flow allocates nothing
+        flow = ConditionalFlow(v.target.dim, v.source.dim, flow_config)
     return {**flow.to_dict(), "batch_size": cfg.batch_size, "lr": cfg.learning_rate,
             "parameters": sum(p.numel() for p in flow.parameters()), "pairs": len(v.join())}
 

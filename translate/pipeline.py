@@ -42,7 +42,7 @@ def expert_of(identity: dict, side: str, weights: Path | None, console: Console 
         candidates.append(Path(os.path.normpath(Path(store) / info["weights_from_store"])))
     source = weights or next((c for c in candidates if c.exists()), None)
     try:
-        expert = load_expert(spec, source, plugin=info.get("plugin"))
+        expert = load_expert(spec, source, plugin=info.get("plugin"), options=info.get("options"))
     except ExpertError as e:
         hint = "" if "install" in str(e) or "register" in str(e) else f" (give its weights with --{side}-weights PATH)"
         raise ExpertError(f"{side} expert {spec}: {e}{hint}") from e

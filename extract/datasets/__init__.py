@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from rich.console import Console
 
 from n2n import plugins
 from n2n.errors import N2NError
@@ -67,7 +68,9 @@ class ItemDataset(torch.utils.data.Dataset, ABC):
       (seed random streams from strings or numbers, never from ``hash()`` or global state);
     - is picklable and holds no open file across a fork (open files lazily, per process);
     - may override ``attributes(index)`` (the ground truth of synthetic data) and extend
-      ``describe()`` with whatever else distinguishes its data (a seed, a year).
+      ``describe()`` with whatever else distinguishes its data (a seed, a year);
+    - may override ``prepare(...)``: one-off work on the extraction's device before items are read
+      (biggan with a captioner renders and captions its items once).
     """
 
     name: str = ""
@@ -93,6 +96,15 @@ class ItemDataset(torch.utils.data.Dataset, ABC):
         """Ground-truth attributes of item ``index``; only synthetic datasets know them."""
         self.check_index(index)
         return None
+
+    def prepare(self, indices: range, workdir: Path, device: torch.device, console: Console) -> None:
+        """Make what reading items ``indices`` needs and no loader worker can make cheaply; the default: nothing.
+
+        Extraction calls it in the main process, on its device, after ``with_modalities`` and before
+        any item is read; workers then get the prepared dataset. ``workdir`` is the folder of this
+        dataset's stores (``shards/<data>/``): what is cached there serves every store of the same data
+        and survives a crash, so a rerun only makes what is missing.
+        """
 
     @classmethod
     def translation_scorer(cls) -> object | None:

@@ -6,6 +6,12 @@ class. Modalities: "biggan" (z and class: what the ``biggan`` expert stores exac
 class), "text" (a caption from the class name by a template, so ``bert``/``minilm`` over the same
 keys gives the source side of text-to-BigGAN) and, with ``render=True``, "image" (rendered by the
 generator, loaded lazily once per loader worker).
+
+With ``captioner="blip:<hub-id-or-path>"`` the "text" of an item is instead what an image captioner
+says of the generator's image of it, as net2net made its text -> BigGAN data. Extraction renders and
+captions the items once, on its device, before a text expert reads them (``prepare``), into a cache
+beside the stores (``shards/biggan/captions/``, see ``captions.py``): the text store and the BigGAN
+store of the same items join by key, and another text expert over them captions nothing again.
 """
 
 from __future__ import annotations
@@ -16,9 +22,14 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from n2n.extract.datasets import DatasetError, ItemDataset, check_option
+from n2n.extract.datasets import DatasetError, ItemDataset, ItemError, check_option
+from n2n.extract.datasets.captions import BlipCaptioner, CaptionCache, parse_captioner
+from n2n.extract.experts import Expert, weights_digest
 
 Z_DIM = 128
 Z_BOUND = 2.5  # net2net samples z from a normal truncated at |z| <= 2.5
@@ -64,7 +75,8 @@ class BigGANDataset(ItemDataset):
 
     def __init__(self, root: str | Path | None = None, split: str = "train", seed: int = 0, count: int = 10000,
                  classes: str | int | Sequence[int] | None = None, truncation: float = 0.4,
-                 model: str = "biggan-deep-128", weights: str | Path | None = None, render: bool = False) -> None:
+                 model: str = "biggan-deep-128", weights: str | Path | None = None, render: bool = False,
+                 captioner: str | None = None) -> None:
         from n2n.extract.experts.biggan import MODELS
 
         super().__init__(None, split)  # nothing is read from disk: a root given out of habit is not recorded
@@ -74,7 +86,11 @@ class BigGANDataset(ItemDataset):
         check_option(self.name, "count", count, integer=True, min=1)
         check_option(self.name, "truncation", truncation, above=0, max=1)
         check_option(self.name, "model", model, choices=MODELS)
+        if captioner is not None:
+            parse_captioner(captioner)  # a bad spec fails here, before anything is rendered
         self.classes = parse_classes(classes)
+        self.captioner = captioner
+        self._captions: CaptionCache | None = None  # set by prepare()
         self.seed, self.count = int(seed), int(count)
         self.truncation, self.model, self.weights = float(truncation), model, weights
         self.modalities = ("biggan", "label", "text", *(("image",) if render else ()))
@@ -95,16 +111,59 @@ class BigGANDataset(ItemDataset):
         class_index = self.classes[int(rng.integers(len(self.classes)))]
         return (z * self.truncation).astype(np.float32), class_index, int(rng.integers(len(TEMPLATES)))
 
-    def render(self, z: np.ndarray, class_index: int) -> Image.Image:
-        """The generator's image of (z, class) at the dataset's truncation."""
+    def generator(self, device: torch.device | str = "cpu") -> Expert:
+        """The ``biggan`` expert that renders this dataset's items, loaded once per process."""
         if self._generator is None:
             from n2n.extract.experts import load_expert
 
             self._generator = load_expert(f"biggan:{self.model}", self.weights)
-        expert = self._generator
+        return self._generator.to(device)
+
+    def render_many(self, indices: Sequence[int], device: torch.device | str = "cpu") -> list[Image.Image]:
+        """The generator's images of items ``indices`` at the dataset's truncation, in one batch."""
+        expert = self.generator(device)
+        draws = [self.draw(index) for index in indices]
+        rows = [row for z, class_index, _ in draws for row in expert.rows({"z": z, "class": class_index})]
+        latent = expert.encode({k: v.to(expert.device) for k, v in expert.collate(rows).items()})["latent"]
+        images = (expert.decode(latent, self.truncation).permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
+        return [Image.fromarray(image) for image in images]
+
+    def render(self, z: np.ndarray, class_index: int) -> Image.Image:
+        """The generator's image of (z, class) at the dataset's truncation."""
+        expert = self.generator()
         latent = expert.encode(expert.collate(expert.rows({"z": z, "class": class_index})))["latent"]
         image = expert.decode(latent, self.truncation)[0]
         return Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().cpu().numpy())
+
+    def prepare(self, indices: range, workdir: Path, device: torch.device, console: Console) -> None:
+        """With a captioner and "text" selected: caption the items of ``indices`` that the cache in
+        ``workdir`` lacks (rendering each once on ``device``), so that items read their captions from it."""
+        if self.captioner is None or "text" not in self.modalities:
+            return
+        cache = CaptionCache(workdir, self.captioner, self.describe_items())
+        todo = cache.todo(indices, self.count)
+        if todo:
+            with Progress(TextColumn("captioning {task.fields[what]}"), BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), console=console, transient=True) as bar:
+                task = bar.add_task("", total=todo, what=f"{self.name} with {self.captioner}")
+                cache.fill(indices, self.count, lambda batch: self.render_many(batch, device),
+                           lambda: BlipCaptioner(cache.source, device), lambda n: bar.advance(task, n),
+                           digests=lambda: {"generator": weights_digest(self.generator(device).network)})
+            console.print(f"captioned {todo} {self.name} items into {cache.folder}")
+        self._generator = None  # loader workers never render: do not ship the generator to them
+        self._captions = cache
+
+    def text(self, index: int, template: int, class_index: int) -> list[str]:
+        """The captions of item ``index``: the captioner's (cached by ``prepare``) or the class-name template's."""
+        if self.captioner is None:
+            return [caption(class_index, template)]
+        if self._captions is None:
+            raise DatasetError(f"biggan with captioner={self.captioner}: captions are made by extraction (n2n-extract)"
+                               "; from Python call dataset.prepare(range(n), workdir, device, console) first")
+        text = self._captions.caption(index)
+        if not text:
+            raise ItemError(self.key(index), f"the captioner gave an empty caption for item {index}")
+        return [text]
 
     def __getitem__(self, index: int) -> dict:
         z, class_index, template = self.draw(index)
@@ -114,7 +173,7 @@ class BigGANDataset(ItemDataset):
         if "label" in self.modalities:
             item["label"] = class_index
         if "text" in self.modalities:
-            item["text"] = [caption(class_index, template)]
+            item["text"] = self.text(index, template, class_index)
         if "image" in self.modalities:
             item["image"] = self.render(z, class_index)
         return item
@@ -123,6 +182,12 @@ class BigGANDataset(ItemDataset):
     def classes_described(self) -> list[int] | str:
         return "all" if self.classes == list(range(1000)) else self.classes
 
-    def describe(self) -> dict:
-        return {**super().describe(), "seed": self.seed, "classes": self.classes_described,
+    def describe_items(self) -> dict:
+        """What decides the items (z, class, and so their images): the key of their caption cache."""
+        return {"name": self.name, "split": self.split, "seed": self.seed, "classes": self.classes_described,
                 "truncation": self.truncation, "model": self.model}
+
+    def describe(self) -> dict:
+        captioner = {"captioner": self.captioner} if self.captioner else {}
+        return {**super().describe(), "seed": self.seed, "classes": self.classes_described,
+                "truncation": self.truncation, "model": self.model, **captioner}

@@ -1,18 +1,21 @@
 """Experts: frozen networks addressed by a spec string ``name[:model][@layer]``.
 
 The ``name`` is a family, found through ``n2n.plugins`` (kind "expert", entry-point group
-``n2n.experts``). n2n's own families (ae, bert, biggan, minilm, timm) are entry points of n2n's
+``n2n.experts``). n2n's own families (ae, bert, biggan, clip, minilm, sdvae, timm) are entry points of n2n's
 pyproject.toml like anyone's, so there is one path, and a family is imported only when a spec names
 it: listing experts or reporting a bad spec never pays for importing transformers, timm or BigGAN.
 
 What a plug-in implements:
 
 - a subclass of ``Expert`` (its docstring is the contract), and
-- ``load(model: str | None, layer: str | None, weights: str | None) -> Expert``, declared as
+- ``load(model: str | None, layer: str | None, weights: str | None, **options) -> Expert``, declared as
   ``[project.entry-points."n2n.experts"] myenc = "mypkg.experts:load"`` (or, in a running process,
   ``n2n.register_expert("myenc", load)``). ``model`` is the spec's text after ':', ``layer`` after
-  '@', ``weights`` the ``--weights`` path; each is None when not given. Raise ``ExpertError`` for
-  anything the user can fix (a missing folder, an unknown model): its message is shown as it is.
+  '@', ``weights`` the ``--weights`` path; each is None when not given. ``options`` are the user's
+  ``--expert-option KEY=VALUE`` pairs (``expert_options=`` in the API), as keyword arguments: a
+  family that takes some declares them as keyword parameters with defaults (sdvae: ``size=256``) and
+  checks their range; one that takes none leaves them out. Raise ``ExpertError`` for anything the
+  user can fix (a missing folder, an unknown model, a size out of range): its message is shown as it is.
 
 ``load_expert`` checks the contract where a family is used: a loader that fails to import or
 returns something other than an ``Expert`` is an ``ExpertError`` naming the distribution and the
@@ -23,6 +26,7 @@ record it in ``identity()``, so a run rebuilt where that distribution is missing
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 import shutil
@@ -50,13 +54,17 @@ def known_experts() -> list[str]:
     return plugins.names("expert")
 
 
-def load_expert(spec: str, weights: str | Path | None = None, plugin: str | None = None) -> Expert:
+def load_expert(spec: str, weights: str | Path | None = None, plugin: str | None = None,
+                options: dict | None = None) -> Expert:
     """The frozen expert named by ``spec`` ("name[:model][@layer]"), in eval mode on the CPU.
 
     ``weights`` (the CLI's ``--weights PATH``) is a local folder or file that replaces the model's
     usual source; without it weights come from the hub (or its local cache when offline).
     ``plugin`` is the distribution a store recorded for the family ("mypkg 0.1"): where the family
     is not installed, the error then names what to install instead of listing the known families.
+    ``options`` (``--expert-option KEY=VALUE``) go to the family's loader as keyword arguments;
+    one it does not take is an error naming those it does. Stores record them, so a run's expert is
+    rebuilt with the same ones.
     """
     match = _SPEC.fullmatch(spec.strip())
     try:
@@ -71,12 +79,30 @@ def load_expert(spec: str, weights: str | Path | None = None, plugin: str | None
     if not callable(load):
         raise ExpertError(f"expert {match['name']!r}: the {found.where} is not callable ({type(load).__name__}); "
                           "it must be a function load(model, layer, weights) -> n2n.Expert")
-    expert = load(match["model"], match["layer"], None if weights is None else str(weights))
+    options = dict(options or {})
+    _check_options(match["name"], load, options)
+    expert = load(match["model"], match["layer"], None if weights is None else str(weights), **options)
     if not isinstance(expert, Expert):
         raise ExpertError(f"expert {match['name']!r}: the {found.where} returned a {type(expert).__name__}, "
                           "not an n2n.Expert")
-    expert.plugin = found.dist
+    expert.plugin, expert.options = found.dist, options
     return expert
+
+
+def _check_options(family: str, load: object, options: dict) -> None:
+    """Refuse options the family's loader does not take, naming those it does (its keyword parameters
+    after model, layer and weights)."""
+    try:
+        params = list(inspect.signature(load).parameters.values())[3:]
+    except (TypeError, ValueError):  # a builtin or C callable: let the call itself decide
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    taken = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(taken))
+    if unknown:
+        accepted = f"it takes {', '.join(taken)}" if taken else "it takes none"
+        raise ExpertError(f"expert {family!r} has no option {', '.join(unknown)} (--expert-option); {accepted}")
 
 
 def _unknown(spec: str, name: str | None, plugin: str | None) -> str:
@@ -167,6 +193,7 @@ class Expert(ABC):
     modality: str
     can_decode: bool = False
     plugin: str | None = None  # the distribution that provided the family ("n2n 0.1.0"), set by load_expert
+    options: dict = {}  # the --expert-option values it was loaded with, set by load_expert (never mutated)
 
     def __init__(self, base_spec: str, name: str, weights: str, network: torch.nn.Module,
                  layers: Sequence[str], dims: dict[str, int], layer: str | None = None) -> None:
@@ -217,14 +244,16 @@ class Expert(ABC):
         return {layer: out[layer].float() for layer in layers}
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] from latents; only generators (biggan, ae) can."""
-        raise ExpertError(f"expert {self.spec} cannot decode: it has no generator (decode with biggan or ae)")
+        """Images [B, 3, H, W] in [0, 1] from latents; only generators (sdvae, biggan, ae) can."""
+        raise ExpertError(f"expert {self.spec} cannot decode: it has no generator (generators: sdvae, biggan, ae)")
 
     def identity(self) -> dict:
         """What makes two stores' latents comparable (spec, weights source and digest, preprocessing),
-        and the distribution that provides the family, so a store says what to install to rebuild it."""
+        and the distribution that provides the family, so a store says what to install to rebuild it.
+        The loader's options are recorded only where given: stores of experts without any stay as they were."""
+        options = {"options": dict(self.options)} if self.options else {}
         return {"spec": self.spec, "weights": self.weights, "digest": weights_digest(self.network),
-                "preprocess": self.preprocess(), "plugin": self.plugin}
+                "preprocess": self.preprocess(), **options, "plugin": self.plugin}
 
 
 __all__ = ["Expert", "ExpertError", "known_experts", "load_expert"]
