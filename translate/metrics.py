@@ -1,0 +1,269 @@
+"""Metrics of a translation that need no knowledge of the dataset: they read latents only.
+
+``n2n.evaluate`` knows ground truth only where a dataset brings a scorer (shapes). Any other view
+still has held-out (source, target) pairs, so these measure what latents alone can show:
+- a floor: the held-out NLL of the best linear-Gaussian law p(y | x) = N(W x + b, Sigma). A flow
+  that does not beat it has learned nothing a least-squares fit does not give for free;
+- accuracy of a point prediction: retrieval of the true target among the distinct held-out targets,
+  and mean cosine similarity to it;
+- how samples match the targets as a distribution: the Frechet distance of the two Gaussian fits,
+  and improved precision/recall (Kynkaanniemi et al. 2019), which tell missing modes from off-support samples.
+Everything is plain torch (no scipy); distances and matrix roots are taken in float64, and the big
+pairwise comparisons go in chunks of rows, so 100k x 20k never sits in memory at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from n2n.cinn.loss import LOG_2PI, bits_per_dim
+
+RIDGE = 1e-6  # relative to x's mean per-dimension variance: a no-op for well-posed x, a solution for rank-deficient x
+CHUNK_ELEMENTS = 1 << 24  # entries of one chunk's pairwise matrix (128 MiB in float64)
+
+
+def _chunk_rows(columns: int, chunk: int | None) -> int:
+    """Rows per chunk so that a [rows, columns] matrix keeps to CHUNK_ELEMENTS (or ``chunk`` if given)."""
+    return chunk if chunk is not None else max(1, CHUNK_ELEMENTS // max(1, columns))
+
+
+# ---------------------------------------------------------------- the linear-Gaussian floor
+
+
+def _least_squares(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(W [dy, dx], b [dy]) minimising |y - x W^T - b|^2 + ridge |W|^2, all float64.
+
+    The ridge rows under [x, 1] make the system full rank whatever x is (duplicated or constant
+    columns, fewer rows than columns), so every lstsq driver solves it, CUDA's ``gels`` included.
+    It is RIDGE times x's mean per-dimension variance: for a well-posed x it moves W by ~1e-6 relatively.
+    The bias column has no ridge row, so b stays the exact intercept.
+    """
+    n, dx = x.shape
+    scale = float((x - x.mean(0)).pow(2).sum()) / (n * dx) if n and dx else 0.0
+    ridge = RIDGE * (scale if scale > 0 else 1.0)
+    design = torch.cat([x, torch.ones(n, 1, dtype=x.dtype, device=x.device)], 1)
+    penalty = torch.cat([math.sqrt(ridge) * torch.eye(dx, dtype=x.dtype, device=x.device),
+                         torch.zeros(dx, 1, dtype=x.dtype, device=x.device)], 1)
+    rhs = torch.cat([y, torch.zeros(dx, y.shape[1], dtype=y.dtype, device=y.device)])
+    solution = torch.linalg.lstsq(torch.cat([design, penalty]), rhs).solution  # [dx + 1, dy]
+    return solution[:dx].T.contiguous(), solution[dx]
+
+
+def _cholesky(cov: Tensor) -> Tensor:
+    """Lower Cholesky factor of ``cov``; where it is singular (fewer residuals than dimensions, an
+    exactly predictable coordinate) a jitter of 1e-10 x the mean variance, grown tenfold until it
+    succeeds, is added to the diagonal, so the NLL stays finite instead of failing."""
+    factor, info = torch.linalg.cholesky_ex(cov)
+    mean_var = float(torch.diagonal(cov).mean()) if len(cov) else 0.0
+    jitter = 1e-10 * (mean_var if mean_var > 0 else 1.0)
+    eye = torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+    while int(info) != 0:
+        factor, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+        jitter *= 10
+    return factor
+
+
+@dataclass(frozen=True)
+class LinearGaussian:
+    """p(y | x) = N(W x + b, Sigma): the floor a conditional flow must clear.
+
+    (W, b) is the least-squares fit (lightly ridged, see ``_least_squares``); its mean is the
+    "linear" translation baseline of Maiorca et al. 2023. Sigma is the maximum-likelihood (divide
+    by N) full covariance of the training residuals, so this is the exact Gaussian MLE of p(y | x)
+    among linear means. Parameters are float64; outputs come back in the dtype of the x given.
+    Fit it on the same units as the flow's NLL (standardised source, target in store units) and
+    the two bits/dim are directly comparable.
+    """
+
+    weight: Tensor  # [dy, dx]
+    bias: Tensor  # [dy]
+    cov: Tensor  # [dy, dy]
+    chol: Tensor  # [dy, dy] lower Cholesky factor of cov (jittered only where cov is singular)
+
+    @classmethod
+    def fit(cls, x: Tensor, y: Tensor) -> LinearGaussian:
+        """Fit on train pairs x [N, dx], y [N, dy]."""
+        if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"fit needs x [N, dx] and y [N, dy] with the same N > 0, got {tuple(x.shape)}, "
+                             f"{tuple(y.shape)}")
+        x, y = x.double(), y.double()
+        weight, bias = _least_squares(x, y)
+        residual = y - x @ weight.T - bias
+        cov = residual.T @ residual / len(x)
+        return cls(weight=weight, bias=bias, cov=cov, chol=_cholesky(cov))
+
+    @property
+    def dim(self) -> int:
+        """Dimensions of y."""
+        return self.weight.shape[0]
+
+    def _mean64(self, x: Tensor) -> Tensor:
+        return x.double() @ self.weight.T + self.bias
+
+    def mean(self, x: Tensor) -> Tensor:
+        """The least-squares prediction W x + b: [N, dx] -> [N, dy]."""
+        return self._mean64(x).to(x.dtype)
+
+    def sample(self, x: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n draws per row, row-major like ``repeat_interleave`` (the shape of a ``Predictor``): [N * n, dy]."""
+        mean = self._mean64(x).repeat_interleave(n, 0)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return (mean + noise @ self.chol.T).to(x.dtype)
+
+    def nll(self, x: Tensor, y: Tensor) -> Tensor:
+        """Per-row -log p(y | x) in nats (float64): [N]."""
+        residual = (y.double() - self._mean64(x)).T  # [dy, N]
+        z = torch.linalg.solve_triangular(self.chol, residual, upper=False)
+        half_logdet = torch.log(torch.diagonal(self.chol)).sum()
+        return 0.5 * z.pow(2).sum(0) + 0.5 * self.dim * LOG_2PI + half_logdet
+
+    def nll_bits_per_dim(self, x: Tensor, y: Tensor, chunk: int = 65536) -> float:
+        """Mean held-out NLL in bits/dim, the unit of ``heldout_bpd``; in chunks of rows to bound memory."""
+        if len(x) == 0:
+            raise ValueError("nll_bits_per_dim needs at least one row")
+        total = sum(float(self.nll(x[i : i + chunk], y[i : i + chunk]).sum()) for i in range(0, len(x), chunk))
+        return float(bits_per_dim(total / len(x), self.dim))
+
+
+# ---------------------------------------------------------------- point predictions
+
+
+def ranks(predictions: Tensor, truth_rows: Tensor | np.ndarray, candidates: Tensor,
+          chunk: int | None = None) -> Tensor:
+    """Rank [N] (1 = best) of each prediction's true candidate by cosine similarity among ``candidates``.
+
+    Ties count against the prediction: the rank is the number of candidates at least as similar as
+    the true one (itself included), so a degenerate prediction (a zero vector: every similarity 0)
+    ranks last, not first. A non-finite prediction ranks last too. The true similarity is read from
+    the same matrix as the others, so rounding cannot make a candidate tie with itself differently.
+    """
+    truth = torch.as_tensor(truth_rows, dtype=torch.long, device=predictions.device)
+    if predictions.ndim != 2 or candidates.ndim != 2 or predictions.shape[1] != candidates.shape[1]:
+        raise ValueError(f"predictions [N, d] and candidates [M, d] must share d, got {tuple(predictions.shape)}, "
+                         f"{tuple(candidates.shape)}")
+    if truth.shape != (len(predictions),):
+        raise ValueError(f"truth_rows must be [N] = [{len(predictions)}], got {tuple(truth.shape)}")
+    if len(truth) and (int(truth.min()) < 0 or int(truth.max()) >= len(candidates)):
+        raise ValueError(f"truth_rows must index the {len(candidates)} candidates")
+    bank = torch.nn.functional.normalize(candidates.to(predictions.dtype), dim=1)
+    rows = _chunk_rows(len(bank), chunk)
+    out = []
+    for i in range(0, len(predictions), rows):
+        sims = torch.nn.functional.normalize(predictions[i : i + rows], dim=1) @ bank.T
+        sims = sims.nan_to_num(nan=-2.0)  # below every cosine: a NaN row ties everywhere and ranks last
+        true = sims.gather(1, truth[i : i + rows, None])
+        out.append((sims >= true).sum(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def retrieval(predictions: Tensor, truth_rows: Tensor | np.ndarray, candidates: Tensor,
+              chunk: int | None = None) -> dict:
+    """Retrieval of each pair's true target among the M distinct held-out targets by its prediction.
+
+    ``predictions`` [N, d] one per pair, ``candidates`` [M, d], ``truth_rows`` [N] the index into
+    candidates of each pair's target. Chance is top1 = 1/M and median rank ~ M/2; see ``ranks``
+    for ties. Returns {"top1", "top5", "median_rank", "candidates": M}.
+    """
+    r = ranks(predictions, truth_rows, candidates, chunk).cpu().numpy()
+    if len(r) == 0:
+        raise ValueError("retrieval needs at least one prediction")
+    return {"top1": float((r <= 1).mean()), "top5": float((r <= 5).mean()), "median_rank": float(np.median(r)),
+            "candidates": len(candidates)}
+
+
+def mean_cosine(predictions: Tensor, truth: Tensor) -> float:
+    """Mean row-wise cosine similarity of predictions [N, d] to their targets [N, d] (1 = same directions)."""
+    if predictions.shape != truth.shape or len(truth) == 0:
+        raise ValueError(f"mean_cosine needs two [N, d] of the same shape, got {tuple(predictions.shape)}, "
+                         f"{tuple(truth.shape)}")
+    return float(torch.nn.functional.cosine_similarity(predictions.double(), truth.double(), dim=1).mean())
+
+
+# ---------------------------------------------------------------- distributions
+
+
+def _sqrt_psd(matrix: Tensor) -> Tensor:
+    """Symmetric square root of a symmetric PSD matrix; rounding's tiny negative eigenvalues become 0."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def gaussian_frechet(mu_a: Tensor, cov_a: Tensor, mu_b: Tensor, cov_b: Tensor) -> float:
+    """Frechet (2-Wasserstein squared) distance of N(mu_a, cov_a) and N(mu_b, cov_b), in float64:
+    |mu_a - mu_b|^2 + Tr(cov_a + cov_b - 2 (cov_a^1/2 cov_b cov_a^1/2)^1/2). Rounding below 0 reads 0."""
+    mu_a, cov_a, mu_b, cov_b = (t.double() for t in (mu_a, cov_a, mu_b, cov_b))
+    root_a = _sqrt_psd(cov_a)
+    middle = root_a @ cov_b @ root_a
+    cross = torch.linalg.eigvalsh(0.5 * (middle + middle.T)).clamp_min(0).sqrt().sum()
+    distance = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross
+    return max(0.0, float(distance))
+
+
+def _moments(samples: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased covariance (float64) of samples [N, d], N >= 2."""
+    samples = samples.double()
+    if samples.ndim != 2 or len(samples) < 2:
+        raise ValueError(f"need samples [N >= 2, d], got {tuple(samples.shape)}")
+    mean = samples.mean(0)
+    centred = samples - mean
+    return mean, centred.T @ centred / (len(samples) - 1)
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """Frechet distance of the Gaussian fits of two sample sets [Na, d], [Nb, d] (FID's formula, on latents).
+
+    It is biased upwards by finite samples (two samples of one law score ~d^2 / N, not 0), so compare
+    values computed from equally many rows.
+    """
+    return gaussian_frechet(*_moments(a), *_moments(b))
+
+
+def _kth_neighbour_radii(points: Tensor, k: int, chunk: int | None) -> Tensor:
+    """Distance of each point to its k-th nearest other point (the point itself is the 0th)."""
+    if len(points) <= k:
+        raise ValueError(f"k = {k} needs more than {k} points, got {len(points)}")
+    rows = _chunk_rows(len(points), chunk)
+    return torch.cat([torch.cdist(points[i : i + rows], points).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(points), rows)])
+
+
+def _coverage(manifold: Tensor, radii: Tensor, queries: Tensor, chunk: int | None) -> float:
+    """Fraction of ``queries`` inside at least one ball (centre ``manifold[i]``, radius ``radii[i]``)."""
+    rows = _chunk_rows(len(manifold), chunk)
+    inside = sum(int((torch.cdist(queries[i : i + rows], manifold) <= radii).any(1).sum())
+                 for i in range(0, len(queries), rows))
+    return inside / len(queries)
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk: int | None = None) -> dict:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of samples ``fake`` against ``real``.
+
+    Each set's manifold is the union of balls around its points reaching their k-th nearest other
+    point. Precision: the fraction of fake inside the real manifold (are samples realistic?);
+    recall: the fraction of real inside the fake manifold (is every mode covered?). Euclidean, in
+    float64 and centred on the real mean, because cdist's matrix-product form loses small distances
+    between far-from-origin points in float32. Returns {"precision", "recall", "k"}.
+    """
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1] or len(fake) == 0:
+        raise ValueError(f"precision_recall needs real [N, d] and fake [M, d], got {tuple(real.shape)}, "
+                         f"{tuple(fake.shape)}")
+    centre = real.double().mean(0)
+    real, fake = real.double() - centre, fake.double() - centre
+    precision = _coverage(real, _kth_neighbour_radii(real, k, chunk), fake, chunk)
+    recall = _coverage(fake, _kth_neighbour_radii(fake, k, chunk), real, chunk)
+    return {"precision": precision, "recall": recall, "k": k}
+
+
+def subsample(n: int, max_rows: int, seed: int) -> np.ndarray:
+    """Sorted row indices [min(n, max_rows)] drawn without replacement, the same for the same seed:
+    the metrics above are quadratic in rows, so a large view is scored on a fixed subset."""
+    if n < 0 or max_rows < 0:
+        raise ValueError(f"n and max_rows must be >= 0, got {n}, {max_rows}")
+    if n <= max_rows:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False)).astype(np.int64)
