@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -75,20 +76,35 @@ def step_times(batch_size: int, repeat: int) -> dict:
             "freia_blocks": len(freia.inn.module_list), "n2n_s": times["n2n"], "freia_s": times["freia"]}
 
 
+def matched_glow(flow: ConditionalFlow) -> ConditionalFlow:
+    """n2n with the glow coupling (one net per half for s and t), its block count solved so that its
+    parameter count is nearest ``flow``'s."""
+    spec = {**flow.to_dict(), "coupling": "glow"}
+    block = parameters(ConditionalFlow.from_dict({**spec, "n_flows": 2})) - parameters(
+        ConditionalFlow.from_dict({**spec, "n_flows": 1}))
+    base = parameters(ConditionalFlow.from_dict({**spec, "n_flows": 1})) - block
+    return ConditionalFlow.from_dict({**spec, "n_flows": max(1, round((parameters(flow) - base) / block))})
+
+
 def nll_after(data: PairedLatents, steps: int, batch_size: int, seed: int = 0) -> dict:
-    """Held-out NLL (bits/dim) of both models after `steps` steps on the same batches."""
+    """Held-out NLL (bits/dim) and training seconds of each model after `steps` steps on the same batches:
+    n2n (net2net's coupling), n2n with the glow coupling and FrEIA, all at about the same parameters."""
     torch.manual_seed(seed)
     flow = ConditionalFlow.from_dict(SMALL)
     out: dict = {"n2n_parameters": parameters(flow)}
+    glow = matched_glow(flow)
+    out["glow_parameters"], out["glow_blocks"] = parameters(glow), glow.config.n_flows
     freia = matched_freia(flow)
     out["freia_parameters"], out["freia_blocks"] = parameters(freia), len(freia.inn.module_list)
-    for name, model in (("n2n", flow), ("freia", freia)):
+    for name, model in (("n2n", flow), ("glow", glow), ("freia", freia)):
         model.train()
         generator = torch.Generator().manual_seed(seed)
         model(*data.batch(1024, generator))  # n2n's ActNorm init batch, as n2n-train draws one
         step = trainer_step(model, lr=LR)
+        start = time.perf_counter()
         for _ in range(steps):
             step(*data.batch(batch_size, generator))
+        out[f"{name}_s"] = time.perf_counter() - start
         out[f"{name}_bpd"] = heldout_bpd(model, data, rows=len(data.held_target))
     out["truth_bpd"] = data.truth["nll_nats_per_dim"] / math.log(2)
     return out
@@ -113,9 +129,14 @@ def main(batches: tuple[int, ...], repeat: int, steps: int) -> None:
     with tempfile.TemporaryDirectory(prefix="n2n-bench-") as tmp:
         view = write_synthetic(Path(tmp), "gaussian", n=20_000, src_dim=SMALL["cond_dim"], dst_dim=SMALL["dim"])
         nll = raw["nll"] = nll_after(load_pairs(view), steps, batch_size=64)
-    rows.append(Row(f"held-out NLL after {steps} steps, batch 64, synthetic Gaussian view "
-                    f"(truth {nll['truth_bpd']:.3f} bits/dim)", f"{nll['n2n_bpd']:.3f} bits/dim",
-                    f"{nll['freia_bpd']:.3f} bits/dim", None, "n2n <= FrEIA", nll["n2n_bpd"] <= nll["freia_bpd"]))
+    for name, label in (("n2n", "n2n (net2net's coupling)"), ("glow", f"n2n --coupling glow ({nll['glow_blocks']} "
+                                                                       "blocks)")):
+        rows.append(Row(f"held-out NLL after {steps} steps, batch 64, synthetic Gaussian view "
+                        f"(truth {nll['truth_bpd']:.3f} bits/dim): {label} vs FrEIA ({nll['freia_blocks']} blocks)",
+                        f"{nll[f'{name}_bpd']:.3f} bits/dim", f"{nll['freia_bpd']:.3f} bits/dim", None,
+                        "n2n <= FrEIA", nll[f"{name}_bpd"] <= nll["freia_bpd"]))
+        rows.append(Row(f"the same: training time of the {steps} steps, {label} / FrEIA", f"{nll[f'{name}_s']:.1f} s",
+                        f"{nll['freia_s']:.1f} s", nll[f"{name}_s"] / nll["freia_s"], "", None))
     report("freia_peer", {"net2net": NET2NET, "small": SMALL, "batches": list(batches), "repeat": repeat,
                           "steps": steps, "freia_block": "AllInOneBlock (defaults)"}, rows, raw)
 

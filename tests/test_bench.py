@@ -42,6 +42,15 @@ def test_extraction_overhead_runs_small(tmp_path):
     assert all(v["extract_wall_s"] > 0 and v["forward_s"] > 0 for v in saved["raw"].values())
 
 
+def test_the_glow_peer_is_matched_on_parameters_not_blocks():
+    flow = ConditionalFlow(6, 5, FlowConfig(n_flows=4, hidden_dim=16))
+    glow = freia_peer.matched_glow(flow)
+    per_block = (freia_peer.parameters(freia_peer.matched_glow(ConditionalFlow(6, 5, FlowConfig(n_flows=2,
+                 hidden_dim=16)))) / 2)
+    assert glow.config.coupling == "glow" and glow.config.n_flows > 4  # one net per half: more blocks
+    assert abs(freia_peer.parameters(glow) - freia_peer.parameters(flow)) <= per_block
+
+
 def test_freia_peer_is_matched_on_parameters_not_blocks():
     flow = ConditionalFlow(6, 5, FlowConfig(n_flows=2, hidden_dim=16))
     peer = freia_peer.matched_freia(flow)

@@ -11,6 +11,7 @@ from torch.func import jacrev, vmap
 
 from n2n import N2NError
 from n2n.cinn import ActNorm, ConditionalFlow, FlowConfig, bits_per_dim, nll
+from n2n.cinn.flow import COUPLINGS, GlowCoupling, soft_clamp
 
 
 def initialised_flow(dim=12, cond_dim=7, n=256, seed=0, **kwargs):
@@ -27,8 +28,9 @@ def initialised_flow(dim=12, cond_dim=7, n=256, seed=0, **kwargs):
     return flow.eval(), x, c
 
 
-def test_reverse_inverts_forward_24_flows():
-    flow, x, c = initialised_flow(dim=32, cond_dim=16, n_flows=24, hidden_dim=64)
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_reverse_inverts_forward_24_flows(coupling):
+    flow, x, c = initialised_flow(dim=32, cond_dim=16, n_flows=24, hidden_dim=64, coupling=coupling)
     with torch.no_grad():
         z, _ = flow(x, c)
         x2 = flow.reverse(z, c)
@@ -36,14 +38,16 @@ def test_reverse_inverts_forward_24_flows():
     assert torch.allclose(x2, x, atol=1e-4), (x2 - x).abs().max()
 
 
-def test_odd_dimension_inverts():
-    flow, x, c = initialised_flow(dim=7, cond_dim=3, n_flows=4, hidden_dim=16)
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_odd_dimension_inverts(coupling):
+    flow, x, c = initialised_flow(dim=7, cond_dim=3, n_flows=4, hidden_dim=16, coupling=coupling)
     with torch.no_grad():
         assert torch.allclose(flow.reverse(flow(x, c)[0], c), x, atol=1e-5)
 
 
-def test_logdet_matches_autograd_jacobian():
-    flow, x, c = initialised_flow(dim=6, cond_dim=3, n_flows=4, hidden_dim=32)
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_logdet_matches_autograd_jacobian(coupling):
+    flow, x, c = initialised_flow(dim=6, cond_dim=3, n_flows=4, hidden_dim=32, coupling=coupling)
     flow = flow.double()
     x, c = x[:8].double(), c[:8].double()
 
@@ -213,3 +217,14 @@ def test_default_embedding_is_the_target_size_within_64_to_512(dim, width):
     with torch.device("meta"):
         flow = ConditionalFlow(dim, 16, FlowConfig(n_flows=1, hidden_dim=8))
     assert flow.config.embedding_dim == width and flow.embedder[-1].out_features == width
+
+
+def test_glow_coupling_starts_as_the_identity_and_clamps_its_scales():
+    coupling = GlowCoupling(6, 4, 16, 1)
+    x, h = torch.randn(5, 6), torch.randn(5, 4)
+    y, logdet = coupling(x, h)
+    assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(5))
+    s = torch.tensor([-1e6, -2.0, 0.0, 1e-3, 2.0, 1e6])
+    clamped = soft_clamp(s, 2.0)
+    assert clamped.abs().max() <= 2.0 and clamped[3] == pytest.approx(1e-3, rel=1e-4)  # identity near 0
+    assert torch.all(clamped.diff() >= 0)

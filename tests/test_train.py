@@ -424,3 +424,118 @@ def test_a_run_written_before_flow_config_loads_resumes_and_evaluates(small_view
     assert all(torch.equal(a[k], b[k]) for k in a)
     meta = read_meta(old / CHECKPOINT)
     assert meta["view"] == os.path.relpath(small_view, old) and meta["model"]["coupling"] == "affine"
+
+
+# ---------------------------------------------------------------- the linear-Gaussian floor and the loss plot
+
+
+def test_a_run_plots_its_loss_and_records_the_linear_gaussian_floor(small_view, tmp_path, monkeypatch, n2n_train):
+    from PIL import Image
+
+    import n2n.train.trainer as trainer_module
+    from n2n.train.trainer import linear_gaussian_bpd
+
+    run, drawn_at = tmp_path / "r", []  # the last metrics line each plot saw
+
+    def spy(metrics, out, lines):
+        drawn_at.append(json.loads(metrics.read_text().splitlines()[-1])["step"])
+        return plot_loss(metrics, out, lines)
+
+    plot_loss = trainer_module.plot_loss
+    monkeypatch.setattr(trainer_module, "plot_loss", spy)
+    result = n2n_train("--shards", small_view, "--out", run, "--steps", 40, "--eval-every", 20, *SMALL)
+    assert result.exit_code == 0, result.output
+    meta = read_meta(run / CHECKPOINT)
+    floor = meta["linear_gaussian_bpd"]
+    assert floor == pytest.approx(linear_gaussian_bpd(load_pairs(small_view, 0.05), meta["train"]["eval_rows"]))
+    assert f"linear-Gaussian floor: {floor:.4f} bits/dim" in result.output
+    assert drawn_at[-1] == 40  # the last checkpoint's plot is drawn, after its metrics line
+    with Image.open(run / "loss.png") as image:
+        assert image.format == "PNG" and image.size == (700, 420)
+        assert len(np.unique(np.asarray(image.convert("L")))) > 10  # curves and text, not a blank canvas
+    assert (run / "loss.png").stat().st_size > 10_000
+    assert sorted(p.name for p in run.iterdir()) == [CHECKPOINT, "loss.png", "metrics.jsonl"]  # no temp file left
+
+
+def test_importing_the_trainer_does_not_import_matplotlib():
+    code = "import sys, n2n.train.trainer; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_linear_gaussian_floor_is_the_nll_of_a_linear_law_and_above_a_bimodal_one(tmp_path):
+    """On the linear-Gaussian synthetic law the floor is the law itself: its NLL is the analytic one
+    (and the true law's on the same held-out rows); on the bimodal law a linear mean sits between the
+    modes, so the floor stays far above the analytic NLL a flow can reach."""
+    from n2n.shards.synthetic import conditional_nll
+    from n2n.train.trainer import linear_gaussian_bpd
+
+    floors = {}
+    for law in ("gaussian", "bimodal"):
+        data = load_pairs(write_synthetic(tmp_path / law, law, n=20_000), holdout=0.2)
+        floor = linear_gaussian_bpd(data, len(data.held_target))
+        analytic = data.truth["nll_nats_per_dim"] / np.log(2)
+        c = data.source_norm.inverse(data.held_source[:]).double().numpy()
+        x = data.target_norm.inverse(data.held_target[:]).double().numpy()
+        params = {k: np.array(v) for k, v in data.truth["params"].items()}
+        same_rows = conditional_nll(law, params, x, c).mean() / (x.shape[1] * np.log(2))
+        floors[law] = floor, analytic, same_rows
+    print({law: tuple(round(v, 4) for v in values) for law, values in floors.items()})
+    floor, analytic, same_rows = floors["gaussian"]
+    assert abs(floor - analytic) < 0.02 and abs(floor - same_rows) < 0.01
+    floor, analytic, same_rows = floors["bimodal"]
+    assert floor > analytic + 0.5 and floor > same_rows + 0.5
+
+
+def test_a_resumed_run_keeps_its_recorded_floor(small_view, tmp_path, monkeypatch, n2n_train):
+    """Resuming reads the floor from the checkpoint (no refit); a header without one (a run trained
+    before the floor), or another --eval-rows (other held-out rows), measures it again."""
+    from n2n.train.trainer import linear_gaussian_bpd
+    from n2n.translate.metrics import LinearGaussian
+
+    run = tmp_path / "r"
+    args = ["--shards", small_view, "--out", run, "--eval-every", 10, *SMALL]
+    assert n2n_train(*args, "--steps", 10).exit_code == 0
+    floor = read_meta(run / CHECKPOINT)["linear_gaussian_bpd"]
+    fit, fits = LinearGaussian.fit, []
+
+    def counted(cls, x, y):
+        fits.append(len(x))
+        return fit(x, y)
+
+    monkeypatch.setattr(LinearGaussian, "fit", classmethod(counted))
+    result = n2n_train(*args, "--steps", 20, "--resume")
+    assert result.exit_code == 0, result.output
+    assert fits == [] and read_meta(run / CHECKPOINT)["linear_gaussian_bpd"] == floor
+    assert f"linear-Gaussian floor: {floor:.4f}" in result.output
+
+    tensors, meta = load_checkpoint(run / CHECKPOINT)
+    save_checkpoint(run / CHECKPOINT, tensors, {k: v for k, v in meta.items() if k != "linear_gaussian_bpd"})
+    assert n2n_train(*args, "--steps", 30, "--resume").exit_code == 0
+    assert len(fits) == 1 and read_meta(run / CHECKPOINT)["linear_gaussian_bpd"] == pytest.approx(floor)
+
+    assert n2n_train(*args, "--steps", 40, "--resume", "--eval-rows", 50).exit_code == 0
+    assert len(fits) == 2
+    assert read_meta(run / CHECKPOINT)["linear_gaussian_bpd"] == pytest.approx(
+        linear_gaussian_bpd(load_pairs(small_view, 0.05), 50))
+
+
+@pytest.mark.parametrize("failure", ["plot_loss raises", "matplotlib does not import"])
+def test_a_failing_loss_plot_is_one_warning_and_the_run_goes_on(failure, small_view, tmp_path, monkeypatch, n2n_train):
+    import n2n.train.trainer as trainer_module
+
+    calls = []
+    if failure == "plot_loss raises":
+        def broken(*args):
+            calls.append(args)
+            raise RuntimeError("no backend")
+
+        monkeypatch.setattr(trainer_module, "plot_loss", broken)
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # importing it raises ImportError
+    run = tmp_path / "r"
+    result = n2n_train("--shards", small_view, "--out", run, "--steps", 40, "--eval-every", 10, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("warning: could not draw") == 1  # once, though four checkpoints were written
+    assert len(calls) == (1 if failure == "plot_loss raises" else 0)
+    assert read_meta(run / CHECKPOINT)["step"] == 40 and not (run / "loss.png").exists()
+    assert sorted(p.name for p in run.iterdir()) == [CHECKPOINT, "metrics.jsonl"]

@@ -122,7 +122,7 @@ def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge,
     result = invoke(n2n_eval, "--run", runs["minilm_ae"], "--judge", small_judge, "--baseline-steps", 20,
                     "--samples", 4, "--out", out)
     assert result.exit_code == 0, result.output
-    assert "color accuracy (named)" in result.output and "MLP baseline" in result.output
+    assert "color accuracy (named)" in result.output and "linear LS" in result.output
     report = json.loads(out.read_text())
     assert np.isfinite(report["heldout_bpd"]) and report["step"] == 20
     for model in ("cinn", "mlp"):
@@ -131,6 +131,10 @@ def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge,
     # A regression predicts one image per caption: whatever the judge reads, the same every time.
     assert all(v in (None, 0.0) for v in report["mlp"]["open_entropy"].values())
     assert report["uniform_entropy"]["size"] == pytest.approx(uniform_entropy(2, 4))
+    # eval.png: the table, then decoded held-out samples (the autoencoder decodes): taller than the table alone
+    assert set(report["translation"]) >= {"cinn", "linear", "mlp"}
+    with Image.open(tmp_path / "eval.png") as picture:
+        assert picture.format == "PNG" and picture.size[1] > picture.size[0] * 0.8
 
 
 def test_eval_image_to_text_scores_retrieval(runs, small_judge, tmp_path, invoke):
@@ -223,7 +227,8 @@ def test_eval_of_a_dataset_without_a_scorer_reports_the_generic_metrics(runs, tm
     result = invoke(n2n_eval, "--run", run, "--out", tmp_path / "eval.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert set(report) == {"run", "view", "step", "heldout_bpd"} and np.isfinite(report["heldout_bpd"])
+    assert set(report) == {"run", "view", "step", "heldout_bpd", "linear_gaussian_bpd", "translation", "figure"}
+    assert np.isfinite(report["heldout_bpd"]) and set(report["translation"]) >= {"cinn", "linear", "mlp"}
     assert "held-out NLL" in result.output and "accuracy" not in result.output
 
 

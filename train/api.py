@@ -136,6 +136,8 @@ def print_summary(summary: dict, console: Console) -> None:
     table.add_row("train NLL", f"{summary['train_bpd']:.4f} bits/dim")
     if summary["heldout_bpd"] is not None:
         table.add_row("held-out NLL", f"{summary['heldout_bpd']:.4f} bits/dim")
+    if summary.get("linear_gaussian_bpd") is not None:
+        table.add_row("linear-Gaussian floor", f"{summary['linear_gaussian_bpd']:.4f} bits/dim")
     if "truth_bpd" in summary:
         table.add_row("analytic NLL", f"{summary['truth_bpd']:.4f} bits/dim")
         table.add_row("gap", f"{summary['gap_nats_per_dim']:+.4f} nats/dim")

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
@@ -44,10 +45,15 @@ from n2n.train.checkpoint import (
     saved_norms,
     view_record,
 )
-from n2n.train.data import Pairs, Standardizer, load_pairs
-from n2n.train.stream import stream_pairs
+from n2n.train.data import PairedLatents, Pairs, Standardizer, load_pairs
+from n2n.train.plots import plot_loss
+from n2n.train.stream import StreamedPairs, read_rows, stream_pairs
+from n2n.translate.metrics import LinearGaussian, subsample
 
 NET2NET_BASE_LR = 4.5e-6  # net2net scales its learning rate by the batch size
+FLOOR_ROWS = 50_000  # train pairs the linear-Gaussian floor is fitted on
+LOSS_PLOT = "loss.png"  # redrawn in the run folder at checkpoints
+PLOT_SHARE = 0.1  # of a run's time, at most, for its loss plot: a redraw waits 1 / PLOT_SHARE times the last one's cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +159,84 @@ def heldout_bpd(flow: ConditionalFlow, data: Pairs, rows: int, chunk: int = 4096
     return float(bits_per_dim(float(total) / len(x) + data.target_norm.log_abs_det, x.shape[1]))
 
 
+def floor_pairs(data: Pairs, fit_rows: int, seed: int, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``fit_rows`` standardised train pairs as (source, target), drawn from ``seed`` alone:
+    neither the training generator nor a stream's position moves, so a run (and its resume) trains
+    on the batches it would have without them.
+
+    A resident view gives distinct rows (``subsample``: all of them where there are fewer, as
+    ``translate.baseline.fit_linear`` picks them, so both fit the same law). A streamed one cannot
+    use its ``batch`` (it draws the stream's next batch, of the run's batch size only): whole source
+    files are taken in a seeded random order until they hold ``fit_rows`` pairs, read through a
+    view of its own (the stream's reader thread keeps its stores), so that only those files are
+    read. ``noise`` (standard deviation, standardised units) is the run's --target-noise: the law
+    is fitted on the targets the flow trains on.
+    """
+    if isinstance(data, PairedLatents):
+        index = torch.from_numpy(subsample(len(data.target), fit_rows, seed)).to(data.target.device)
+        source, target = data.source[index], data.target[index]
+    elif isinstance(data, StreamedPairs):
+        stream, device = data.stream, data.held_target.device
+        order, chosen, count = np.random.default_rng(seed).permutation(len(stream.file_start) - 1), [], 0
+        for file in order:
+            if count >= fit_rows:
+                break
+            pairs = stream.by_file[stream.file_start[file] : stream.file_start[file + 1]]
+            chosen.append(pairs)
+            count += len(pairs)
+        pairs = np.sort(np.concatenate(chosen))
+        pairs = pairs[subsample(len(pairs), fit_rows, seed)]
+        view = open_view(data.view.path)
+        source = read_rows(view.source, stream.source_index[pairs], data.source_norm, device)[:]
+        target = read_rows(view.target, stream.target_index[pairs], data.target_norm, device)[:]
+    else:  # another Pairs: a batch of its own generator's
+        target, source = data.batch(fit_rows, torch.Generator(data.held_target.device).manual_seed(seed))
+    if noise:
+        generator = torch.Generator(target.device).manual_seed(seed)
+        target = target + noise * torch.randn(target.shape, generator=generator, device=target.device)
+    return source, target
+
+
+@torch.no_grad()
+def linear_gaussian_bpd(data: Pairs, rows: int, fit_rows: int = FLOOR_ROWS, seed: int = 0, noise: float = 0.0,
+                        chunk: int = 4096) -> float | None:
+    """The floor a flow must clear: the held-out NLL in bits/dim of the linear-Gaussian law
+    p(target | source) = N(W source + b, Sigma) (``translate.metrics.LinearGaussian``) fitted on up
+    to ``fit_rows`` train pairs (``floor_pairs``), on the first ``rows`` held-out pairs and in the
+    units of ``heldout_bpd`` (the target's stored units), so the two compare directly. None where
+    there is no held-out pair. A least-squares solve and a Cholesky factor, in float64 on the rows'
+    device: seconds on a CPU for 50k pairs of 384 dims, and nothing beside a run on a GPU.
+    """
+    x, c = data.held_target[:rows], data.held_source[:rows]
+    if len(x) == 0:
+        return None
+    law = LinearGaussian.fit(*floor_pairs(data, fit_rows, seed, noise))
+    total = sum(float(law.nll(c[i : i + chunk], x[i : i + chunk]).sum()) for i in range(0, len(x), chunk))
+    return float(bits_per_dim(total / len(x) + data.target_norm.log_abs_det, x.shape[1]))
+
+
+def run_floor(data: Pairs, cfg: TrainConfig, meta: dict, ranks: Ranks, console: Console) -> float | None:
+    """The run's linear-Gaussian floor: its checkpoint's where one measured it on the same held-out
+    rows (a resume stays as cheap as it was), else measured now. Only the main process measures it:
+    it is reported and saved, never trained on, and no collective waits on it. Out of memory for it
+    is a warning, not a failed run."""
+    if "linear_gaussian_bpd" in meta and meta["train"].get("eval_rows") == cfg.eval_rows:
+        return meta["linear_gaussian_bpd"]
+    if not ranks.main:
+        return None
+    try:
+        return linear_gaussian_bpd(data, cfg.eval_rows, noise=cfg.target_noise)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+            raise
+        console.print(f"[yellow]warning: out of memory fitting the linear-Gaussian floor on {FLOOR_ROWS} pairs; "
+                      "training without it")
+        return None
+
+
 def checkpoint_state(
     flow: ConditionalFlow, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-    data: Pairs, cfg: TrainConfig, step: int, heldout: float | None, out: Path,
+    data: Pairs, cfg: TrainConfig, step: int, heldout: float | None, out: Path, floor: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """A checkpoint's tensors and header (train.checkpoint describes both)."""
     tensors = {f"model.{k}": v for k, v in flow.state_dict().items()}
@@ -174,6 +255,7 @@ def checkpoint_state(
         "target": data.view.target.identity(),
         "optimizer": optim_meta,
         "heldout_bpd": heldout,
+        "linear_gaussian_bpd": floor,  # linear_gaussian_bpd: the held-out NLL a flow must go below
     }
     return tensors, meta
 
@@ -253,6 +335,7 @@ def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, 
     data = open_data(view, cfg, saved_norms(tensors) if resume else None, dev, stream, step + 1 if resume else 0,
                      console)
     try:
+        floor = run_floor(data, cfg, meta, ranks, console)  # draws from no generator the run trains with
         torch.manual_seed(cfg.seed)  # the initial weights (a resumed run loads its own)
         cond_dim, dim = data.dims
         flow = ConditionalFlow(dim, cond_dim, flow_config).to(dev)
@@ -266,16 +349,27 @@ def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, 
             with torch.no_grad():  # ActNorm's data-dependent init, eagerly, before any compiled graph, on a batch
                 flow(*data.batch(cfg.batch_size, generator, cfg.target_noise))  # like the ones it will train on
         return _loop(flow, optimizer, generator, data, cfg, step, meta["heldout_bpd"], out, dev, compile, progress,
-                     console, ranks)
+                     console, ranks, floor)
     finally:
         data.close()
 
 
+def draw_loss(metrics: Path, out: Path, lines: dict[str, float], console: Console) -> bool:
+    """Redraw the loss plot (``plots.plot_loss``); whether to go on drawing it. A plot is never worth
+    a run: any failure (a broken matplotlib, a full disk) is one warning, and no more plots."""
+    try:
+        plot_loss(metrics, out, lines)
+    except Exception as e:
+        console.print(f"[yellow]warning: could not draw {out} ({type(e).__name__}: {e}); training goes on without it")
+        return False
+    return True
+
+
 def _loop(flow: ConditionalFlow, optimizer: torch.optim.Optimizer, generator: torch.Generator, data: Pairs,
           cfg: TrainConfig, step: int, heldout: float | None, out: Path, dev: torch.device, compile: bool | None,
-          progress: bool, console: Console, ranks: Ranks) -> dict:
-    """Steps from ``step`` to ``cfg.steps``: a log line every ``log_every`` steps, an evaluation and a
-    checkpoint every ``eval_every``."""
+          progress: bool, console: Console, ranks: Ranks, floor: float | None = None) -> dict:
+    """Steps from ``step`` to ``cfg.steps``: a log line every ``log_every`` steps, an evaluation, a
+    checkpoint and the loss plot every ``eval_every``."""
     ckpt_path, metrics_path = out / CHECKPOINT, out / "metrics.jsonl"
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -292,6 +386,13 @@ def _loop(flow: ConditionalFlow, optimizer: torch.optim.Optimizer, generator: to
             f"{len(data.held_target)} held-out pairs, {sum(p.numel() for p in flow.parameters()):,} parameters, "
             f"device {dev}, batch {cfg.batch_size}{shard}, lr {cfg.learning_rate:.3g}"
         )
+    truth_bpd = data.truth["nll_nats_per_dim"] / math.log(2) if data.truth is not None else None
+    if progress and floor is not None:
+        analytic = f" (analytic NLL {truth_bpd:.4f})" if truth_bpd is not None else ""
+        console.print(f"linear-Gaussian floor: {floor:.4f} bits/dim held-out{analytic}: the flow must go below it")
+    lines = {label: value for label, value in (("linear-Gaussian floor", floor), ("analytic NLL", truth_bpd))
+             if value is not None}
+    plotting, next_plot = True, 0.0  # until a plot fails: one warning, then the run goes on without them
     to_bpd = lambda nats: bits_per_dim(nats + data.target_norm.log_abs_det, dim)  # noqa: E731
     loss_sum, train_bpd = torch.zeros((), device=dev), None
     t0 = last_time = time.perf_counter()
@@ -329,11 +430,17 @@ def _loop(flow: ConditionalFlow, optimizer: torch.optim.Optimizer, generator: to
                 record = {"step": step, "train_bpd": train_bpd, "steps_per_s": rate}
                 if evaluate and ranks.main:  # the others wait for it in the next step's all-reduce
                     heldout = record["heldout_bpd"] = heldout_bpd(flow, data, cfg.eval_rows)
-                    save_checkpoint(ckpt_path,
-                                    *checkpoint_state(flow, optimizer, generator, data, cfg, step, heldout, out))
+                    save_checkpoint(ckpt_path, *checkpoint_state(flow, optimizer, generator, data, cfg, step, heldout,
+                                                                 out, floor))
                 if ranks.main:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                    # Every checkpoint's, unless checkpoints come faster than a plot is worth (a tiny model
+                    # on a CPU: ~0.2 s a plot), and always the last one's.
+                    if evaluate and plotting and (step == cfg.steps or time.perf_counter() >= next_plot):
+                        started = time.perf_counter()
+                        plotting = draw_loss(metrics_path, out / LOSS_PLOT, lines, console)
+                        next_plot = time.perf_counter() + (time.perf_counter() - started) / PLOT_SHARE
                 held = f"  held-out {heldout:.4f}" if heldout is not None else ""
                 bar.update(task, completed=step, info=f"{train_bpd:.4f} bits/dim{held}  {rate:.1f} steps/s")
         except KeyboardInterrupt:
@@ -344,6 +451,8 @@ def _loop(flow: ConditionalFlow, optimizer: torch.optim.Optimizer, generator: to
     elapsed = time.perf_counter() - t0
     summary = {"run": str(out), "step": step, "train_bpd": train_bpd, "heldout_bpd": heldout,
                "seconds": elapsed, "checkpoint": str(ckpt_path)}
+    if floor is not None:
+        summary["linear_gaussian_bpd"] = floor
     if data.truth is not None and heldout is not None:
         truth = data.truth["nll_nats_per_dim"]
         summary["truth_bpd"] = truth / math.log(2)

@@ -1,12 +1,20 @@
 """``n2n.evaluate`` / n2n-eval: how good is a trained translator, measured on its view's held-out keys.
 
-Every run gets its held-out NLL in bits/dim. What else is worth measuring depends on the data, so
-the dataset of the run's stores decides (``ItemDataset.translation_scorer``): shapes, whose ground
-truth is known, lets a judge read the attributes of decoded samples and retrieves captions for
-images; a dataset without a scorer (the default) leaves the NLL as the measure. A scorer is handed
-the held-out pairs and two predictors to compare, the cINN and the deterministic MLP baseline
-trained on the same view (the paper's cINN-vs-MLP comparison), so this module knows no dataset.
-Everything is computed from the stores: no source expert is run.
+Every run, on any view, is read against the simplest translators fitted on the same train split: a
+linear map (least squares) and an MLP, and the linear-Gaussian density (the linear map with a
+full-covariance Gaussian residual), whose held-out NLL is the floor a flow must clear. For each
+translator, on up to ``max_rows`` held-out pairs:
+
+- held-out NLL in bits/dim (the cINN and the linear-Gaussian floor: the two that are densities);
+- retrieval: the rank of the pair's true target among the distinct held-out targets (cosine), from
+  one sample and from the mean of ``samples`` samples: top-1, top-5, median rank; mean cosine;
+- distribution: the Fréchet distance between one prediction per pair and the true targets, and k-NN
+  precision / recall (Kynkäänniemi et al. 2019) of those predictions (``translate.metrics``).
+
+What else is worth measuring depends on the data, so the dataset of the run's stores adds it
+(``ItemDataset.translation_scorer``): shapes, whose ground truth is known, lets a judge read the
+attributes of decoded samples. A scorer is handed the held-out pairs and the predictors, so this
+module knows no dataset. Everything is computed from the stores: no source expert is run.
 """
 
 from __future__ import annotations
@@ -33,8 +41,10 @@ from n2n.options import check_fields, click_options, setting
 from n2n.shards import as_path, write_json_atomic
 from n2n.train.checkpoint import CHECKPOINT, TrainedFlow, load_run, read_meta, run_view
 from n2n.train.data import PairedLatents, load_pairs
-from n2n.train.trainer import heldout_bpd
-from n2n.translate.baseline import train_mlp
+from n2n.train.trainer import heldout_bpd, linear_gaussian_bpd
+from n2n.translate.baseline import fit_linear, train_mlp
+from n2n.translate.figures import eval_figure, gallery
+from n2n.translate.metrics import frechet_distance, mean_cosine, precision_recall, retrieval, subsample
 from n2n.translate.pipeline import expert_of
 
 Predictor = Callable[[torch.Tensor, int], torch.Tensor]
@@ -49,7 +59,7 @@ class EvalConfig:
     samples: int = setting(16, "Samples per source row where a dataset scores diversity (a perfect sampler "
                            "scores below 1 with few samples; the table prints what it would score).", min=1, max=4096)
     temperature: float = setting(1.0, "Sampling temperature of the cINN: z ~ N(0, T^2 I).", min=0)
-    max_rows: int = setting(1000, "Held-out rows (captions or images) a dataset scores.", min=1)
+    max_rows: int = setting(1000, "Held-out pairs scored (a seeded subsample of larger views).", min=1)
     seed: int = setting(0, "Seeds the cINN's samples and the MLP baseline.", min=0)
     baseline_steps: int = setting(2000, "Training steps of the MLP baseline.", min=1)
     judge: Path | None = setting(None, "A model the dataset scores with, where it has one (shapes: the attribute "
@@ -74,7 +84,7 @@ class HeldOut:
     target_row: np.ndarray  # [N] the target store's row: equal for pairs that share one target latent
     source: torch.Tensor  # [N, source dim] standardised source latents: what the predictors take
     target: torch.Tensor  # [N, target dim] the target latents, in the store's units
-    predictors: dict[str, Predictor]  # "cinn" and "mlp"
+    predictors: dict[str, Predictor]  # "cinn", "linear" and "mlp"
     target_expert: Callable[[], Expert]  # the target store's expert (to decode), loaded on first call
     source_truth: dict[str, dict] | None  # the attributes each store's dataset recorded (attributes.jsonl), by key
     target_truth: dict[str, dict] | None
@@ -138,15 +148,69 @@ def held_out(translator: TrainedFlow, data: PairedLatents, cfg: EvalConfig, quie
     def regress(c: torch.Tensor, n: int) -> torch.Tensor:
         return data.target_norm.inverse(mlp()(c)).repeat_interleave(n, 0)
 
+    linear_map = functools.cache(lambda: fit_linear(data, seed=cfg.seed))
+
+    def linear(c: torch.Tensor, n: int) -> torch.Tensor:
+        return data.target_norm.inverse(linear_map().mean(c)).repeat_interleave(n, 0)
+
     view, (source_rows, target_rows) = data.view, data.held_rows
     target = functools.cache(lambda: expert_of(translator.meta["target"], "target", None, console(),
                                                store=view.target.path))
     return HeldOut(key=data.held_key, source_sub=view.source.sub[source_rows], target_sub=view.target.sub[target_rows],
                    target_row=target_rows, source=data.held_source[:],
                    target=data.held_target.latents[torch.from_numpy(target_rows)],
-                   predictors={"cinn": cinn, "mlp": regress}, target_expert=target,
+                   predictors={"cinn": cinn, "linear": linear, "mlp": regress}, target_expert=target,
                    source_truth=read_attributes(view.source.path), target_truth=read_attributes(view.target.path),
                    options=cfg, console=None if quiet else console())
+
+
+# ---------------------------------------------------------------- every view's part
+
+
+TRANSLATORS = {"cinn": "cINN", "linear": "linear LS", "mlp": "MLP"}
+
+
+def translation_scores(held: HeldOut) -> dict:
+    """Retrieval, cosine, Fréchet distance and precision/recall of every predictor (see the module
+    docstring), on a seeded subsample of ``max_rows`` held-out pairs; candidates are all distinct
+    held-out targets."""
+    cfg = held.options
+    rows = torch.from_numpy(subsample(len(held.key), cfg.max_rows, cfg.seed))
+    distinct, first, truth = np.unique(held.target_row, return_index=True, return_inverse=True)
+    candidates, target = held.target[torch.from_numpy(first)].float(), held.target[rows].float()
+    truth, source, n = truth[rows.numpy()], held.source[rows], cfg.samples
+    report: dict = {"pairs": len(rows), "candidates": len(distinct), "samples": n}
+    for name, predict in held.predictors.items():
+        one = predict(source, 1).float()
+        mean = predict(source, n).float().reshape(len(rows), n, -1).mean(1)
+        first_sample, mean_of_n = retrieval(one, truth, candidates), retrieval(mean, truth, candidates)
+        report[name] = {"retrieval": first_sample, "retrieval_mean": mean_of_n, "cosine": mean_cosine(one, target),
+                        "cosine_mean": mean_cosine(mean, target), "frechet": frechet_distance(one, target),
+                        **precision_recall(target, one)}
+    return report
+
+
+def translation_rows(report: dict) -> list[tuple[str, ...]]:
+    """The printed rows of ``translation_scores``: (metric, cINN, linear LS, MLP)."""
+    scores = report.get("translation")
+    if not scores:
+        return []
+    n = scores["samples"]
+
+    def row(label: str, pick: Callable[[dict], float], fmt: str) -> tuple[str, ...]:
+        return (label, *(format(pick(scores[name]), fmt) for name in TRANSLATORS))
+
+    return [
+        row("retrieval top-1, one sample", lambda s: s["retrieval"]["top1"], ".1%"),
+        row("retrieval top-5, one sample", lambda s: s["retrieval"]["top5"], ".1%"),
+        row("median rank, one sample", lambda s: s["retrieval"]["median_rank"], ".0f"),
+        row(f"median rank, mean of {n} samples", lambda s: s["retrieval_mean"]["median_rank"], ".0f"),
+        row("cosine to the truth, one sample", lambda s: s["cosine"], ".3f"),
+        row(f"cosine to the truth, mean of {n}", lambda s: s["cosine_mean"], ".3f"),
+        row("Fréchet distance to the true targets", lambda s: s["frechet"], ".3g"),
+        row("precision (k-NN, k=3)", lambda s: s["precision"], ".3f"),
+        row("recall (k-NN, k=3)", lambda s: s["recall"], ".3f"),
+    ]
 
 
 # ---------------------------------------------------------------- the API
@@ -155,12 +219,15 @@ def held_out(translator: TrainedFlow, data: PairedLatents, cfg: EvalConfig, quie
 def evaluate(run: str | os.PathLike, *, samples: int = EvalConfig.samples, temperature: float = EvalConfig.temperature,
              max_rows: int = EvalConfig.max_rows, seed: int = EvalConfig.seed,
              baseline_steps: int = EvalConfig.baseline_steps, judge: str | os.PathLike | None = None,
-             progress: bool = True) -> dict:
+             figure: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """Every metric of the run in folder ``run``, as the dict n2n-eval writes to eval.json.
 
-    ``{"run", "view", "step", "heldout_bpd"}`` always, plus the entries of the scorer of the run's
-    dataset (see the module docstring). Every number is checked first: an ``N2NError`` names the
-    argument and its range before anything is loaded. ``progress=False`` keeps the console quiet.
+    ``{"run", "view", "step", "heldout_bpd", "linear_gaussian_bpd", "translation"}`` for every run
+    (``translation``: each translator's scores, see the module docstring), plus the entries of the
+    scorer of the run's dataset. ``figure``: also draw the table there as a PNG, with decoded samples
+    of a few held-out pairs where the target expert decodes (``translate.figures``). Every number is
+    checked first: an ``N2NError`` names the argument and its range before anything is loaded.
+    ``progress=False`` keeps the console quiet.
     """
     cfg = EvalConfig(samples=samples, temperature=temperature, max_rows=max_rows, seed=seed,
                      baseline_steps=baseline_steps, judge=None if judge is None else Path(judge))
@@ -168,26 +235,62 @@ def evaluate(run: str | os.PathLike, *, samples: int = EvalConfig.samples, tempe
     meta = translator.meta
     view = run_view(meta, run)
     data = load_pairs(view, meta["train"]["holdout"], (translator.source_norm, translator.target_norm))
+    rows = len(data.held_target)
+    if rows == 0:
+        raise N2NError(f"{run}: its view has no held-out pairs to score (the run was trained with holdout "
+                       f"{meta['train']['holdout']}); train with --holdout above 0")
     report: dict = {"run": str(run), "view": str(view), "step": meta["step"],
-                    "heldout_bpd": heldout_bpd(translator.flow, data, rows=len(data.held_target))}
+                    "heldout_bpd": heldout_bpd(translator.flow, data, rows=rows),
+                    # fitted on the targets the flow trained on (with its target noise), as n2n-train's floor is
+                    "linear_gaussian_bpd": linear_gaussian_bpd(data, rows, seed=cfg.seed,
+                                                               noise=meta["train"].get("target_noise", 0.0))}
+    held = held_out(translator, data, cfg, quiet=not progress)
+    report["translation"] = translation_scores(held)
     scorer = scorer_of(meta)
     if scorer is not None:
-        report |= scorer.score(held_out(translator, data, cfg, quiet=not progress))
+        report |= scorer.score(held)
+    if figure is not None:
+        report["figure"] = str(draw(report, held, Path(figure)))
     return report
+
+
+def draw(report: dict, held: HeldOut, out: Path) -> Path:
+    """eval.png: the report's table, and decoded held-out samples where the target expert decodes (a note
+    says why not where it does not, or where its weights cannot be found)."""
+    images, note = None, None
+    try:
+        if held.target_expert().can_decode:
+            images = gallery(held)
+        else:
+            note = f"no samples drawn: the target expert {held.target_expert().spec} does not decode"
+    except N2NError as err:
+        note = f"no samples drawn: {err}"
+    pairs = report["translation"]["pairs"]
+    title = f"n2n-eval {Path(report['run']).name} (step {report['step']}): {pairs} held-out pairs"
+    return eval_figure(title, tuple(TRANSLATORS.values()), report_rows(report, dataset_table(report)), images, note,
+                       out)
 
 
 def print_report(report: dict) -> None:
     """The report as a table on stdout; the rows beyond the NLL are those of the run's dataset's scorer."""
     table = Table(title=f"n2n-eval {report['run']} (step {report['step']})")
     table.add_column("metric")
-    table.add_column("cINN", justify="right")
-    table.add_column("MLP baseline", justify="right")
-    table.add_row("held-out NLL (bits/dim)", f"{report['heldout_bpd']:.4f}", "")
+    for name in TRANSLATORS.values():
+        table.add_column(name, justify="right")
     scores = dataset_table(report)
-    for row in scores.rows:
+    for row in report_rows(report, scores):
         table.add_row(*row)
     table.caption = scores.caption or None
     Console().print(table)
+
+
+def report_rows(report: dict, scores: ScoreTable) -> list[tuple[str, ...]]:
+    """Every row of the report's table: (metric, cINN, linear LS, MLP); the linear column of the NLL row is
+    the linear-Gaussian floor, and the dataset's rows (``scores``: cINN, MLP) leave it empty."""
+    floor = report.get("linear_gaussian_bpd")
+    rows = [("held-out NLL (bits/dim)", f"{report['heldout_bpd']:.4f}", "" if floor is None else f"{floor:.4f}", ""),
+            *translation_rows(report)]
+    return rows + [(metric, cinn, "", mlp) for metric, cinn, mlp in scores.rows]
 
 
 def dataset_table(report: dict) -> ScoreTable:
@@ -210,12 +313,14 @@ def dataset_table(report: dict) -> ScoreTable:
 @click_options(EvalConfig)
 @reports_errors
 def main(run: Path, out: Path | None, **options: object) -> None:
-    """Score a trained run on its held-out keys and write eval.json: the held-out NLL, and what the run's
-    dataset measures beyond it (shapes: attribute accuracy and diversity of decoded samples, caption
-    retrieval), each beside the MLP baseline."""
-    report = evaluate(run, **options)
+    """Score a trained run on its held-out keys against a linear map and an MLP fitted on the same split:
+    held-out NLL (beside the linear-Gaussian floor), retrieval of the true target, cosine, Fréchet
+    distance and precision/recall, and what the run's dataset measures beyond them (shapes: attribute
+    accuracy and diversity of decoded samples). Writes eval.json and eval.png (the table, and decoded
+    samples of a few held-out pairs where the target expert decodes)."""
     out = out or run / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    report = evaluate(run, figure=out.with_suffix(".png"), **options)
     write_json_atomic(out, report)
     print_report(report)
-    console().print(f"wrote {out}")
+    console().print(f"wrote {out} and {report['figure']}")
