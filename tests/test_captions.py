@@ -74,7 +74,7 @@ def test_captions_are_blips_of_the_rendered_items_and_are_made_once(tmp_path, mo
     data = dataset(models)
     captioner = BlipCaptioner(str(models["blip"]), torch.device("cpu"))
     indices = [0, 17, 39]
-    direct = captioner(data.render_many(indices))
+    direct = captioner(data.render(indices))
     data.prepare(range(ITEMS), out / "biggan", torch.device("cpu"), Console(quiet=True))
     assert [data[i]["text"] for i in indices] == [[c] for c in direct]
     assert len({data[i]["text"][0] for i in range(ITEMS)}) > 1  # captions follow the images
@@ -123,7 +123,7 @@ def test_a_crash_loses_at_most_the_chunk_being_captioned(tmp_path, models, monke
         if fail_at is not None and indices[0] >= fail_at:
             raise RuntimeError("killed")
         rendered.extend(indices)
-        return data.render_many(indices)
+        return data.render(indices)
 
     with pytest.raises(RuntimeError, match="killed"):
         cache.fill(items, ITEMS, lambda b: render(b, fail_at=8), lambda: captioner, lambda n: None, batch_size=4)
@@ -132,7 +132,7 @@ def test_a_crash_loses_at_most_the_chunk_being_captioned(tmp_path, models, monke
     assert cache.todo(items, ITEMS) == 16  # the chunk at 16 runs to 24, past the items asked for
     assert cache.fill(items, ITEMS, render, lambda: captioner, lambda n: None, batch_size=4) == 16
     assert rendered == list(range(8, 24)) and not cache.missing(items)
-    assert [cache.caption(i) for i in (3, 11, 23)] == captioner(data.render_many([3, 11, 23]))
+    assert [cache.caption(i) for i in (3, 11, 23)] == captioner(data.render([3, 11, 23]))
 
 
 def test_captions_of_other_weights_are_not_mixed_in(tmp_path, models):
@@ -140,10 +140,10 @@ def test_captions_of_other_weights_are_not_mixed_in(tmp_path, models):
     cache = CaptionCache(tmp_path, data.captioner, data.describe_items())
     blip = BlipCaptioner(str(models["blip"]), torch.device("cpu"))
     other = BlipCaptioner(str(models["blip1"]), torch.device("cpu"))
-    cache.fill(range(8), ITEMS, data.render_many, lambda: blip, lambda n: None)
+    cache.fill(range(8), ITEMS, data.render, lambda: blip, lambda n: None)
     (cache.folder / "000000000.json").unlink()  # a chunk to make again, now with other weights
     with pytest.raises(DatasetError, match="captions made with other weights.*delete that folder"):
-        cache.fill(range(8), ITEMS, data.render_many, lambda: other, lambda n: None)
+        cache.fill(range(8), ITEMS, data.render, lambda: other, lambda n: None)
 
 
 def test_items_need_their_captions_prepared(models):

@@ -24,7 +24,7 @@ from n2n.parallel import Ranks, pick_device
 from n2n.shards import as_path
 from n2n.shards.view import View, open_view
 from n2n.train.checkpoint import CHECKPOINT, CheckpointError, read_meta, run_view
-from n2n.train.trainer import ON_RESUME, TrainConfig, TrainError, check_fits, fit, saved_settings
+from n2n.train.trainer import ON_RESUME, TrainConfig, TrainError, check_fits, fit, out_of_memory, saved_settings
 
 
 def settings(**options: Any) -> tuple[TrainConfig, FlowConfig]:
@@ -79,8 +79,8 @@ def train(view: View | str | os.PathLike | None, out: str | os.PathLike | None =
     try:
         summary = fit(view_path, out, cfg, flow_config, resume=resume, dev=dev, compile=compile, stream=stream,
                       progress=progress, console=console, ranks=ranks)
-    except (torch.OutOfMemoryError, RuntimeError) as err:
-        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if not out_of_memory(err):
             raise
         raise TrainError(f"out of memory on {dev} training this cINN: n2n-train --dry-run shows its size; lower "
                          "--batch-size, --hidden-dim, --n-flows or --embedding-dim") from err

@@ -165,7 +165,7 @@ def floor_pairs(data: Pairs, fit_rows: int, seed: int, noise: float = 0.0) -> tu
     on the batches it would have without them.
 
     A resident view gives distinct rows (``subsample``: all of them where there are fewer, as
-    ``translate.baseline.fit_linear`` picks them, so both fit the same law). A streamed one cannot
+    ``translate.metrics.subsample`` picks them). A streamed one cannot
     use its ``batch`` (it draws the stream's next batch, of the run's batch size only): whole source
     files are taken in a seeded random order until they hold ``fit_rows`` pairs, read through a
     view of its own (the stream's reader thread keeps its stores), so that only those files are
@@ -197,22 +197,38 @@ def floor_pairs(data: Pairs, fit_rows: int, seed: int, noise: float = 0.0) -> tu
     return source, target
 
 
+def fit_floor(data: Pairs, fit_rows: int = FLOOR_ROWS, seed: int = 0, noise: float = 0.0) -> LinearGaussian:
+    """The linear-Gaussian law p(target | source) = N(W source + b, Sigma) (``translate.metrics.LinearGaussian``)
+    fitted on up to ``fit_rows`` standardised train pairs (``floor_pairs``): the floor a flow must clear, and
+    (its mean) the linear least-squares translator n2n-eval reads a run against. A least-squares solve
+    and a Cholesky factor, in float64 on the rows' device: seconds on a CPU for 50k pairs of 384 dims."""
+    return LinearGaussian.fit(*floor_pairs(data, fit_rows, seed, noise))
+
+
 @torch.no_grad()
-def linear_gaussian_bpd(data: Pairs, rows: int, fit_rows: int = FLOOR_ROWS, seed: int = 0, noise: float = 0.0,
-                        chunk: int = 4096) -> float | None:
-    """The floor a flow must clear: the held-out NLL in bits/dim of the linear-Gaussian law
-    p(target | source) = N(W source + b, Sigma) (``translate.metrics.LinearGaussian``) fitted on up
-    to ``fit_rows`` train pairs (``floor_pairs``), on the first ``rows`` held-out pairs and in the
-    units of ``heldout_bpd`` (the target's stored units), so the two compare directly. None where
-    there is no held-out pair. A least-squares solve and a Cholesky factor, in float64 on the rows'
-    device: seconds on a CPU for 50k pairs of 384 dims, and nothing beside a run on a GPU.
-    """
+def floor_bpd(law: LinearGaussian, data: Pairs, rows: int, chunk: int = 4096) -> float | None:
+    """``law``'s NLL in bits/dim on the first ``rows`` held-out pairs, in the units of ``heldout_bpd`` (the
+    target's stored units), so the two compare directly; None where there is no held-out pair."""
     x, c = data.held_target[:rows], data.held_source[:rows]
     if len(x) == 0:
         return None
-    law = LinearGaussian.fit(*floor_pairs(data, fit_rows, seed, noise))
     total = sum(float(law.nll(c[i : i + chunk], x[i : i + chunk]).sum()) for i in range(0, len(x), chunk))
     return float(bits_per_dim(total / len(x) + data.target_norm.log_abs_det, x.shape[1]))
+
+
+def linear_gaussian_bpd(data: Pairs, rows: int, fit_rows: int = FLOOR_ROWS, seed: int = 0,
+                        noise: float = 0.0) -> float | None:
+    """The floor a flow must clear: ``fit_floor``'s held-out NLL (``floor_bpd``); None without held-out pairs."""
+    if len(data.held_target) == 0 or rows <= 0:
+        return None
+    return floor_bpd(fit_floor(data, fit_rows, seed, noise), data, rows)
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is the device running out of memory: CUDA's OutOfMemoryError, or the CPU
+    allocator's RuntimeError, which torch gives no class of its own."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
 def run_floor(data: Pairs, cfg: TrainConfig, meta: dict, ranks: Ranks, console: Console) -> float | None:
@@ -226,8 +242,8 @@ def run_floor(data: Pairs, cfg: TrainConfig, meta: dict, ranks: Ranks, console: 
         return None
     try:
         return linear_gaussian_bpd(data, cfg.eval_rows, noise=cfg.target_noise)
-    except (torch.OutOfMemoryError, RuntimeError) as err:
-        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if not out_of_memory(err):
             raise
         console.print(f"[yellow]warning: out of memory fitting the linear-Gaussian floor on {FLOOR_ROWS} pairs; "
                       "training without it")

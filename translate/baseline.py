@@ -1,10 +1,9 @@
-"""The deterministic baselines a cINN is read against: regress the target latent.
+"""The deterministic baseline of the paper's cINN-vs-MLP comparison: regress the target latent.
 
-Both are fitted on the same view, split and standardisation as the cINN. The MLP (MSE) is the paper's
-cINN-vs-MLP comparison; the linear map (closed-form least squares) is the simplest translator there is
-(Maiorca et al. 2023 translate between latent spaces with one). Either predicts the conditional mean
-only: right where the caption pins the image down, and one blurred average where the caption leaves
-attributes open (zero diversity by construction).
+Trained on the same view, split and standardisation as the cINN, with MSE. It can only predict
+the conditional mean: right where the caption pins the image down, and one blurred average
+where the caption leaves attributes open (zero diversity by construction). The other baseline,
+the linear least-squares map, is the mean of the linear-Gaussian floor (``train.trainer.fit_floor``).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import torch
 from torch import nn
 
 from n2n.train.data import PairedLatents
-from n2n.translate.metrics import LinearGaussian, subsample
 
 
 @torch.enable_grad()
@@ -35,9 +33,3 @@ def train_mlp(data: PairedLatents, steps: int = 2000, batch_size: int = 256, hid
         optimizer.step()
     return mlp.eval()
 
-
-def fit_linear(data: PairedLatents, rows: int = 50_000, seed: int = 0) -> LinearGaussian:
-    """Least squares from source to target (both standardised) on up to ``rows`` train pairs, with the
-    residual's full covariance: its ``mean`` is the linear baseline, its density the linear-Gaussian floor."""
-    index = torch.from_numpy(subsample(len(data.target), rows, seed))
-    return LinearGaussian.fit(data.source[index], data.target[index])

@@ -41,10 +41,17 @@ from n2n.options import check_fields, click_options, setting
 from n2n.shards import as_path, write_json_atomic
 from n2n.train.checkpoint import CHECKPOINT, TrainedFlow, load_run, read_meta, run_view
 from n2n.train.data import PairedLatents, load_pairs
-from n2n.train.trainer import heldout_bpd, linear_gaussian_bpd
-from n2n.translate.baseline import fit_linear, train_mlp
+from n2n.train.trainer import fit_floor, floor_bpd, heldout_bpd
+from n2n.translate.baseline import train_mlp
 from n2n.translate.figures import eval_figure, gallery
-from n2n.translate.metrics import frechet_distance, mean_cosine, precision_recall, retrieval, subsample
+from n2n.translate.metrics import (
+    LinearGaussian,
+    frechet_distance,
+    mean_cosine,
+    precision_recall,
+    retrieval,
+    subsample,
+)
 from n2n.translate.pipeline import expert_of
 
 Predictor = Callable[[torch.Tensor, int], torch.Tensor]
@@ -134,8 +141,10 @@ def scorer_of(meta: dict) -> TranslationScorer | None:
     return cls.translation_scorer()
 
 
-def held_out(translator: TrainedFlow, data: PairedLatents, cfg: EvalConfig, quiet: bool) -> HeldOut:
-    """The held-out pairs of ``data`` with the cINN and a freshly trained MLP baseline as predictors."""
+def held_out(translator: TrainedFlow, data: PairedLatents, cfg: EvalConfig, floor: LinearGaussian,
+             quiet: bool) -> HeldOut:
+    """The held-out pairs of ``data`` with the cINN, the linear map (the mean of the linear-Gaussian
+    ``floor``) and a freshly trained MLP baseline as predictors."""
     generator = torch.Generator().manual_seed(cfg.seed)
     mlp = functools.cache(lambda: train_mlp(data, steps=cfg.baseline_steps, seed=cfg.seed))  # trained if used
 
@@ -148,10 +157,8 @@ def held_out(translator: TrainedFlow, data: PairedLatents, cfg: EvalConfig, quie
     def regress(c: torch.Tensor, n: int) -> torch.Tensor:
         return data.target_norm.inverse(mlp()(c)).repeat_interleave(n, 0)
 
-    linear_map = functools.cache(lambda: fit_linear(data, seed=cfg.seed))
-
     def linear(c: torch.Tensor, n: int) -> torch.Tensor:
-        return data.target_norm.inverse(linear_map().mean(c)).repeat_interleave(n, 0)
+        return data.target_norm.inverse(floor.mean(c)).repeat_interleave(n, 0)
 
     view, (source_rows, target_rows) = data.view, data.held_rows
     target = functools.cache(lambda: expert_of(translator.meta["target"], "target", None, console(),
@@ -239,12 +246,13 @@ def evaluate(run: str | os.PathLike, *, samples: int = EvalConfig.samples, tempe
     if rows == 0:
         raise N2NError(f"{run}: its view has no held-out pairs to score (the run was trained with holdout "
                        f"{meta['train']['holdout']}); train with --holdout above 0")
+    # One fit serves the floor and the linear baseline: on the targets the flow trained on (with its target
+    # noise), as n2n-train's floor is.
+    floor = fit_floor(data, seed=cfg.seed, noise=meta["train"].get("target_noise", 0.0))
     report: dict = {"run": str(run), "view": str(view), "step": meta["step"],
                     "heldout_bpd": heldout_bpd(translator.flow, data, rows=rows),
-                    # fitted on the targets the flow trained on (with its target noise), as n2n-train's floor is
-                    "linear_gaussian_bpd": linear_gaussian_bpd(data, rows, seed=cfg.seed,
-                                                               noise=meta["train"].get("target_noise", 0.0))}
-    held = held_out(translator, data, cfg, quiet=not progress)
+                    "linear_gaussian_bpd": floor_bpd(floor, data, rows)}
+    held = held_out(translator, data, cfg, floor, quiet=not progress)
     report["translation"] = translation_scores(held)
     scorer = scorer_of(meta)
     if scorer is not None:

@@ -119,7 +119,7 @@ class BigGANDataset(ItemDataset):
             self._generator = load_expert(f"biggan:{self.model}", self.weights)
         return self._generator.to(device)
 
-    def render_many(self, indices: Sequence[int], device: torch.device | str = "cpu") -> list[Image.Image]:
+    def render(self, indices: Sequence[int], device: torch.device | str = "cpu") -> list[Image.Image]:
         """The generator's images of items ``indices`` at the dataset's truncation, in one batch."""
         expert = self.generator(device)
         draws = [self.draw(index) for index in indices]
@@ -127,13 +127,6 @@ class BigGANDataset(ItemDataset):
         latent = expert.encode({k: v.to(expert.device) for k, v in expert.collate(rows).items()})["latent"]
         images = (expert.decode(latent, self.truncation).permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
         return [Image.fromarray(image) for image in images]
-
-    def render(self, z: np.ndarray, class_index: int) -> Image.Image:
-        """The generator's image of (z, class) at the dataset's truncation."""
-        expert = self.generator()
-        latent = expert.encode(expert.collate(expert.rows({"z": z, "class": class_index})))["latent"]
-        image = expert.decode(latent, self.truncation)[0]
-        return Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().cpu().numpy())
 
     def prepare(self, indices: range, workdir: Path, device: torch.device, console: Console) -> None:
         """With a captioner and "text" selected: caption the items of ``indices`` that the cache in
@@ -146,7 +139,7 @@ class BigGANDataset(ItemDataset):
             with Progress(TextColumn("captioning {task.fields[what]}"), BarColumn(), MofNCompleteColumn(),
                           TimeRemainingColumn(), console=console, transient=True) as bar:
                 task = bar.add_task("", total=todo, what=f"{self.name} with {self.captioner}")
-                cache.fill(indices, self.count, lambda batch: self.render_many(batch, device),
+                cache.fill(indices, self.count, lambda batch: self.render(batch, device),
                            lambda: BlipCaptioner(cache.source, device), lambda n: bar.advance(task, n),
                            digests=lambda: {"generator": weights_digest(self.generator(device).network)})
             console.print(f"captioned {todo} {self.name} items into {cache.folder}")
@@ -175,7 +168,7 @@ class BigGANDataset(ItemDataset):
         if "text" in self.modalities:
             item["text"] = self.text(index, template, class_index)
         if "image" in self.modalities:
-            item["image"] = self.render(z, class_index)
+            item["image"] = self.render([index])[0]
         return item
 
     @property
