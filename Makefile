@@ -15,11 +15,13 @@ install: .venv/installed
 # The offline default, end to end (see README): text-to-image on shapes with MiniLM + an autoencoder
 # trained here, then image-to-text over the same two stores. Each stage skips what is complete.
 # 8000 items: with 4000, a caption that leaves the position open has ~9 training images, and the
-# positions among them are themselves only 0.86 of uniform; 8000 gives 0.93. The image->text run only
-# needs to show the stores being reused, so it gets a smaller flow.
+# positions among them are themselves only 0.86 of uniform; 8000 gives 0.93. Text->image keeps net2net's
+# affine coupling: at 8 blocks it has twice glow's parameters and gave colour 96.6% / open-position
+# entropy 0.83 where glow gave 96.0% / 0.80. Image->text (384-d targets) measured -5.15 bits/dim
+# held out at hidden 128 and -5.43 at 256 (floor -4.69), for 2 more minutes.
 DEMO_ITEMS ?= 8000
-DEMO_T2I   ?= --steps 4000 --n-flows 8 --hidden-dim 192 --embedding-dim 256 --target-noise 0.1
-DEMO_I2T   ?= --steps 1200 --n-flows 8 --hidden-dim 128 --embedding-dim 128 --target-noise 0.1
+DEMO_T2I   ?= --steps 4000 --n-flows 8 --hidden-dim 192 --embedding-dim 256 --target-noise 0.1 --coupling affine
+DEMO_I2T   ?= --steps 1200 --n-flows 8 --hidden-dim 256 --embedding-dim 128 --target-noise 0.1
 demo: install
 	$(BIN)/n2n-train-ae --data shapes --out experts/ae-shapes
 	$(BIN)/n2n-extract --expert minilm --data shapes --limit $(DEMO_ITEMS)

@@ -26,8 +26,8 @@ TARGETS = {256: 0.70, 1024: 0.85}
 
 def step_flops(flow: ConditionalFlow, batch: int) -> int:
     """Multiply-adds x 2 of one forward + backward pass, from the layer shapes (the embedder's
-    Linears and the couplings' stacked [2, in, out] weights)."""
-    first = flow.embedder[0]
+    Linears, the glow couplings' Linears and the affine couplings' stacked [2, in, out] weights)."""
+    first = next(layer for layer in flow.embedder.modules() if isinstance(layer, nn.Linear))
     linear = sum((4 if layer is first else 6) * batch * layer.in_features * layer.out_features
                  for layer in flow.modules() if isinstance(layer, nn.Linear))
     return linear + sum(6 * batch * weight.numel()

@@ -24,7 +24,8 @@ from n2n.shards import write_json_atomic
 from n2n.train.trainer import make_loss, make_optimizer, make_step
 
 RESULTS = Path(__file__).parent / "results"  # N2N_BENCH_RESULTS overrides it (the tests write elsewhere)
-NET2NET = {"dim": 268, "cond_dim": 768, "n_flows": 24, "hidden_dim": 1024}  # net2net's BERT -> BigGAN cINN
+# net2net's BERT -> BigGAN cINN, as net2net built it (separate s and t nets, an MLP condition embedder)
+NET2NET = {"dim": 268, "cond_dim": 768, "n_flows": 24, "hidden_dim": 1024, "coupling": "affine", "embedder": "mlp"}
 
 
 def machine() -> dict:

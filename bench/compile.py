@@ -16,7 +16,7 @@ import torch
 from bench.common import Row, report, timed, trainer_step
 from n2n.cinn import ConditionalFlow
 
-DEMO_FLOW = {"dim": 32, "cond_dim": 384, "n_flows": 8, "hidden_dim": 192, "embedding_dim": 256}
+DEMO_FLOW = {"dim": 32, "cond_dim": 384, "n_flows": 8, "hidden_dim": 192, "embedding_dim": 256, "coupling": "affine"}
 GPU_TARGET = {16: 2.0, 64: 2.0}
 
 

@@ -7,9 +7,13 @@ separate s and t nets fed a learnt embedding of the condition. Both train with t
 (train.trainer.make_step), Adam settings, loss and batches.
 
 - Step time at net2net size (dim 268, condition 768, hidden 1024, depth 2), batch 64 and 1024.
-- Held-out NLL after the same number of steps on the same synthetic view (a Gaussian law with a
-  known NLL), at a size this CPU trains in about a minute.
-Run: python -m bench.freia_peer [--steps 1000]
+- Held-out NLL after the same number of steps and the same batches, and the training time to FrEIA's
+  final NLL (time to quality: what a user waits for), on a synthetic view (a Gaussian law with a
+  known NLL) at a size this CPU trains in about a minute, and on views of real latents (make demo's
+  image -> text view, with the demo's flow at hidden width 128). Beside n2n at its defaults (glow
+  coupling, Linear embedder): n2n with net2net's affine coupling, and net2net as it was (affine, MLP
+  embedder), so that each default is measured.
+Run: python -m bench.freia_peer [--steps 1000] [--view shards/ae_minilm]
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ from n2n.train.data import PairedLatents, load_pairs
 from n2n.train.trainer import heldout_bpd
 
 SMALL = {"dim": 16, "cond_dim": 32, "n_flows": 4, "hidden_dim": 128}  # the NLL comparison's size
+REAL_FLOW = {"n_flows": 8, "hidden_dim": 128, "embedding_dim": 128}  # the demo's image -> text flow, narrower
+REAL_NOISE = 0.1  # the demo's --target-noise (MiniLM latents of template captions are point masses)
+DEMO_VIEW = "shards/ae_minilm"  # make demo's image -> text view
+CHECKS = 20  # held-out evaluations along each learning curve
+CURVE_ROWS = 2000  # held-out pairs per evaluation along the curve
 TARGETS = {64: 0.8, 1024: 1.0}  # n2n's step time / FrEIA's, at most
 LR = 1e-3  # both models
 
@@ -86,35 +95,80 @@ def matched_glow(flow: ConditionalFlow) -> ConditionalFlow:
     return ConditionalFlow.from_dict({**spec, "n_flows": max(1, round((parameters(flow) - base) / block))})
 
 
-def nll_after(data: PairedLatents, steps: int, batch_size: int, seed: int = 0) -> dict:
-    """Held-out NLL (bits/dim) and training seconds of each model after `steps` steps on the same batches:
-    n2n (net2net's coupling), n2n with the glow coupling and FrEIA, all at about the same parameters."""
-    torch.manual_seed(seed)
-    flow = ConditionalFlow.from_dict(SMALL)
-    out: dict = {"n2n_parameters": parameters(flow)}
-    glow = matched_glow(flow)
-    out["glow_parameters"], out["glow_blocks"] = parameters(glow), glow.config.n_flows
-    freia = matched_freia(flow)
-    out["freia_parameters"], out["freia_blocks"] = parameters(freia), len(freia.inn.module_list)
-    for name, model in (("n2n", flow), ("glow", glow), ("freia", freia)):
-        model.train()
-        generator = torch.Generator().manual_seed(seed)
-        model(*data.batch(1024, generator))  # n2n's ActNorm init batch, as n2n-train draws one
-        step = trainer_step(model, lr=LR)
+def contenders(spec: dict) -> dict[str, nn.Module]:
+    """The flows compared at about equal parameters: n2n at its defaults (glow coupling, Linear
+    embedder), n2n with net2net's affine coupling, net2net as it was (affine, MLP embedder), FrEIA's."""
+    torch.manual_seed(0)
+    affine = ConditionalFlow.from_dict({**spec, "coupling": "affine"})
+    return {"n2n": matched_glow(affine), "n2n affine": affine,
+            "net2net": ConditionalFlow.from_dict({**spec, "coupling": "affine", "embedder": "mlp"}),
+            "FrEIA": matched_freia(affine)}
+
+
+def learning_curve(model: nn.Module, data: PairedLatents, steps: int, batch_size: int, noise: float,
+                   checks: int = CHECKS, seed: int = 0) -> list[tuple[float, int, float]]:
+    """(training seconds so far, step, held-out NLL in bits/dim) at ``checks`` evenly spaced steps; the
+    evaluations' own time is not counted. Every model sees the same batches and noise."""
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    model(*data.batch(1024, generator, noise))  # n2n's ActNorm init batch, as n2n-train draws one
+    step = trainer_step(model, lr=LR)
+    curve, seconds, done = [], 0.0, 0
+    for check in range(1, checks + 1):
         start = time.perf_counter()
-        for _ in range(steps):
-            step(*data.batch(batch_size, generator))
-        out[f"{name}_s"] = time.perf_counter() - start
-        out[f"{name}_bpd"] = heldout_bpd(model, data, rows=len(data.held_target))
-    out["truth_bpd"] = data.truth["nll_nats_per_dim"] / math.log(2)
+        for _ in range(steps * check // checks - done):
+            step(*data.batch(batch_size, generator, noise))
+        seconds += time.perf_counter() - start
+        done = steps * check // checks
+        curve.append((seconds, done, heldout_bpd(model, data, rows=CURVE_ROWS)))
+    return curve
+
+
+def time_to(curve: list[tuple[float, int, float]], bpd: float) -> float | None:
+    """Training seconds until the curve first reaches ``bpd`` (None if it never does)."""
+    return next((seconds for seconds, _, value in curve if value <= bpd), None)
+
+
+def compare(data: PairedLatents, spec: dict, steps: int, batch_size: int, noise: float) -> dict:
+    """Every contender's learning curve, final held-out NLL and size on one view."""
+    out: dict = {"truth_bpd": data.truth["nll_nats_per_dim"] / math.log(2) if data.truth else None}
+    for name, model in contenders(spec).items():
+        curve = learning_curve(model, data, steps, batch_size, noise)
+        out[name] = {"parameters": parameters(model), "curve": curve, "seconds": curve[-1][0],
+                     "bpd": heldout_bpd(model, data, rows=len(data.held_target)),
+                     "blocks": len(model.inn.module_list) if isinstance(model, FreiaFlow) else model.config.n_flows}
     return out
+
+
+def nll_rows(label: str, result: dict, steps: int) -> list[Row]:
+    """Per n2n variant: held-out NLL after the same steps vs FrEIA's, and time to FrEIA's final NLL."""
+    freia = result["FrEIA"]
+    truth = f", truth {result['truth_bpd']:.3f}" if result["truth_bpd"] else ""
+    rows = []
+    for name in ("n2n", "n2n affine", "net2net"):
+        ours = result[name]
+        rows.append(Row(f"{label}{truth}: held-out NLL after {steps} steps, {name} ({ours['blocks']} blocks, "
+                        f"{ours['parameters'] / 1e3:.0f}k params) vs FrEIA ({freia['blocks']} blocks, "
+                        f"{freia['parameters'] / 1e3:.0f}k)", f"{ours['bpd']:.3f} bits/dim",
+                        f"{freia['bpd']:.3f} bits/dim",
+                        None, "n2n <= FrEIA", ours["bpd"] <= freia["bpd"]))
+        reached = time_to(ours["curve"], freia["curve"][-1][2])
+        rows.append(Row(f"{label}: training time to FrEIA's final held-out NLL ({freia['curve'][-1][2]:.3f} on "
+                        f"{CURVE_ROWS} pairs), {name} / FrEIA",
+                        f"{reached:.1f} s" if reached is not None else "not reached", f"{freia['seconds']:.1f} s",
+                        reached / freia["seconds"] if reached is not None else None, "<= 0.8x",
+                        reached is not None and reached <= 0.8 * freia["seconds"]))
+    return rows
 
 
 @click.command()
 @click.option("--batch", "batches", multiple=True, type=int, default=(64, 1024), show_default=True)
 @click.option("--repeat", default=3, show_default=True, help="Timed steps per model and batch size.")
-@click.option("--steps", default=1000, show_default=True, help="Training steps of the NLL comparison.")
-def main(batches: tuple[int, ...], repeat: int, steps: int) -> None:
+@click.option("--steps", default=1000, show_default=True, help="Training steps of the NLL comparisons.")
+@click.option("--view", "views", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help=f"Views of real latents to compare on as well, with a demo-size flow and the demo's target "
+                   f"noise.  [default: {DEMO_VIEW} where make demo has made it]")
+def main(batches: tuple[int, ...], repeat: int, steps: int, views: tuple[str, ...]) -> None:
     raw: dict = {}
     rows = []
     for batch_size in batches:
@@ -126,19 +180,20 @@ def main(batches: tuple[int, ...], repeat: int, steps: int) -> None:
                         f"{times['freia_blocks']} AllInOneBlocks)",
                         f"{min(times['n2n_s']):.3f} s", f"{min(times['freia_s']):.3f} s", ratio,
                         f"<= {target:.1f}x" if target else "", ratio <= target if target else None))
+    views = views or tuple(str(p) for p in [Path(DEMO_VIEW)] if p.is_dir())
     with tempfile.TemporaryDirectory(prefix="n2n-bench-") as tmp:
         view = write_synthetic(Path(tmp), "gaussian", n=20_000, src_dim=SMALL["cond_dim"], dst_dim=SMALL["dim"])
-        nll = raw["nll"] = nll_after(load_pairs(view), steps, batch_size=64)
-    for name, label in (("n2n", "n2n (net2net's coupling)"), ("glow", f"n2n --coupling glow ({nll['glow_blocks']} "
-                                                                       "blocks)")):
-        rows.append(Row(f"held-out NLL after {steps} steps, batch 64, synthetic Gaussian view "
-                        f"(truth {nll['truth_bpd']:.3f} bits/dim): {label} vs FrEIA ({nll['freia_blocks']} blocks)",
-                        f"{nll[f'{name}_bpd']:.3f} bits/dim", f"{nll['freia_bpd']:.3f} bits/dim", None,
-                        "n2n <= FrEIA", nll[f"{name}_bpd"] <= nll["freia_bpd"]))
-        rows.append(Row(f"the same: training time of the {steps} steps, {label} / FrEIA", f"{nll[f'{name}_s']:.1f} s",
-                        f"{nll['freia_s']:.1f} s", nll[f"{name}_s"] / nll["freia_s"], "", None))
-    report("freia_peer", {"net2net": NET2NET, "small": SMALL, "batches": list(batches), "repeat": repeat,
-                          "steps": steps, "freia_block": "AllInOneBlock (defaults)"}, rows, raw)
+        raw["gaussian"] = compare(load_pairs(view), SMALL, steps, batch_size=64, noise=0.0)
+    rows += nll_rows("synthetic Gaussian view, batch 64", raw["gaussian"], steps)
+    for path in views:
+        data = load_pairs(path)
+        spec = {"dim": data.held_target.shape[1], "cond_dim": data.held_source.shape[1], **REAL_FLOW}
+        raw[path] = compare(data, spec, steps, batch_size=256, noise=REAL_NOISE)
+        rows += nll_rows(f"{path} (real latents), batch 256", raw[path], steps)
+    report("freia_peer", {"net2net": NET2NET, "small": SMALL, "real_flow": REAL_FLOW, "real_noise": REAL_NOISE,
+                          "batches": list(batches),
+                          "repeat": repeat, "steps": steps, "views": list(views),
+                          "freia_block": "AllInOneBlock (defaults)"}, rows, raw)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The benchmarks' own arithmetic and plumbing at toy sizes (no timing is asserted: ratios are the measure)."""
 
+import itertools
 import json
+import math
 
 import torch
 from click.testing import CliRunner
@@ -10,7 +12,8 @@ from n2n.cinn import ConditionalFlow, FlowConfig
 
 
 def test_step_flops_counts_every_layer_forward_and_backward():
-    flow = ConditionalFlow(6, 5, FlowConfig(n_flows=2, hidden_dim=8, embedding_dim=4, hidden_depth=1))
+    flow = ConditionalFlow(6, 5, FlowConfig(n_flows=2, hidden_dim=8, embedding_dim=4, hidden_depth=1,
+                                            coupling="affine", embedder="mlp"))
     first = flow.embedder[0]
     assert (first.in_features, first.out_features) == (5, 4)
     embedder = 5 * 4 + 3 * 4 * 4  # Linear(5, 4), then three Linear(4, 4)
@@ -18,6 +21,9 @@ def test_step_flops_counts_every_layer_forward_and_backward():
     macs = embedder + 2 * 4 * coupling_net  # 2 flows x (s, t) x 2 halves
     # 2 FLOPs per multiply-add, forward once, backward twice, except no input gradient for the condition
     assert cinn_step.step_flops(flow, 3) == 3 * (6 * macs - 2 * 5 * 4)
+    glow = ConditionalFlow(6, 5, FlowConfig(n_flows=2, hidden_dim=8, embedding_dim=4, hidden_depth=1))
+    glow_net = 7 * 8 + 8 * 8 + 8 * 6  # [half; embedding] -> 8 -> 8 -> [log-scale; shift] of the other half
+    assert cinn_step.step_flops(glow, 3) == 3 * (6 * (5 * 4 + 2 * 2 * glow_net) - 2 * 5 * 4)  # a Linear embedder
 
 
 def run_bench(command, name: str, args: list[str], folder) -> dict:
@@ -43,10 +49,10 @@ def test_extraction_overhead_runs_small(tmp_path):
 
 
 def test_the_glow_peer_is_matched_on_parameters_not_blocks():
-    flow = ConditionalFlow(6, 5, FlowConfig(n_flows=4, hidden_dim=16))
+    flow = ConditionalFlow(6, 5, FlowConfig(n_flows=4, hidden_dim=16, coupling="affine"))
     glow = freia_peer.matched_glow(flow)
     per_block = (freia_peer.parameters(freia_peer.matched_glow(ConditionalFlow(6, 5, FlowConfig(n_flows=2,
-                 hidden_dim=16)))) / 2)
+                 hidden_dim=16, coupling="affine")))) / 2)
     assert glow.config.coupling == "glow" and glow.config.n_flows > 4  # one net per half: more blocks
     assert abs(freia_peer.parameters(glow) - freia_peer.parameters(flow)) <= per_block
 
@@ -62,7 +68,7 @@ def test_freia_peer_is_matched_on_parameters_not_blocks():
 
 def test_the_separate_net_baseline_computes_the_same_flow():
     torch.manual_seed(0)
-    flow = ConditionalFlow(6, 5, FlowConfig(n_flows=2, hidden_dim=16)).train()
+    flow = ConditionalFlow(6, 5, FlowConfig(n_flows=2, hidden_dim=16, coupling="affine")).train()
     flow(torch.randn(32, 6), torch.randn(32, 5))  # ActNorm init
     twin = fused_coupling.separate_twin(flow)
     x, c = torch.randn(8, 6), torch.randn(8, 5)
@@ -74,3 +80,23 @@ def test_the_separate_net_baseline_computes_the_same_flow():
 def test_the_reference_benchmarks_n2n_way_trains_from_view_rows():
     result = reference.measure("minilm_ae", "n2n", batch_size=8, steps=2)
     assert len(result["step_s"]) == 2 and result["steps_per_s"] > 0 and result["peak_rss_mib"] > 0
+
+
+def test_freia_peer_compares_learning_curves_and_time_to_quality(tmp_path):
+    """Every contender trains on the same view and reports a curve; the rows compare each n2n variant's
+    final NLL and its time to FrEIA's final NLL against FrEIA."""
+    from n2n.shards.synthetic import write_synthetic
+    from n2n.train.data import load_pairs
+
+    data = load_pairs(write_synthetic(tmp_path, "gaussian", n=600, src_dim=5, dst_dim=4))
+    spec = {"dim": 4, "cond_dim": 5, "n_flows": 2, "hidden_dim": 8}
+    result = freia_peer.compare(data, spec, steps=6, batch_size=16, noise=0.0)
+    assert set(result) == {"truth_bpd", "n2n", "n2n affine", "net2net", "FrEIA"}
+    for name in ("n2n", "n2n affine", "net2net", "FrEIA"):
+        curve = result[name]["curve"]
+        assert len(curve) == freia_peer.CHECKS and [step for _, step, _ in curve][-1] == 6
+        assert all(a[0] <= b[0] for a, b in itertools.pairwise(curve)) and math.isfinite(result[name]["bpd"])
+    rows = freia_peer.nll_rows("tiny", result, steps=6)
+    assert len(rows) == 6 and all(row.met in (True, False) for row in rows)
+    assert freia_peer.time_to([(1.0, 1, 3.0), (2.0, 2, 2.0), (3.0, 3, 2.5)], 2.2) == 2.0
+    assert freia_peer.time_to([(1.0, 1, 3.0)], 2.0) is None

@@ -11,7 +11,7 @@ from torch.func import jacrev, vmap
 
 from n2n import N2NError
 from n2n.cinn import ActNorm, ConditionalFlow, FlowConfig, bits_per_dim, nll
-from n2n.cinn.flow import COUPLINGS, GlowCoupling, soft_clamp
+from n2n.cinn.flow import COUPLINGS, GlowCoupling, soft_clamp, upgrade_header
 
 
 def initialised_flow(dim=12, cond_dim=7, n=256, seed=0, **kwargs):
@@ -117,7 +117,7 @@ def test_sample_shape_and_temperature():
 
 @pytest.mark.parametrize("norm", ["layer", "batch", "none"])
 def test_single_sample_batches_work_in_eval(norm):
-    flow, _, c = initialised_flow(n_flows=2, hidden_dim=16, embedder_norm=norm)
+    flow, _, c = initialised_flow(n_flows=2, hidden_dim=16, embedder="mlp", embedder_norm=norm)
     with torch.no_grad():
         assert flow.sample(c[:1]).shape == (1, 12)
 
@@ -126,7 +126,7 @@ def test_layer_norm_embedding_is_independent_of_the_batch():
     """The reason LayerNorm is the default: in training mode a sample's embedding must not depend
     on which other samples share its batch (BatchNorm's does)."""
     for norm, independent in [("layer", True), ("batch", False)]:
-        flow, x, c = initialised_flow(n_flows=2, hidden_dim=16, embedder_norm=norm)
+        flow, x, c = initialised_flow(n_flows=2, hidden_dim=16, embedder="mlp", embedder_norm=norm)
         flow.train()
         h_full = flow.embedder(c)[:4]
         h_part = flow.embedder(c[:4])
@@ -142,7 +142,8 @@ def test_nll_of_standard_normal_is_the_gaussian_entropy():
 
 
 def test_net2net_size_parameter_count():
-    flow = ConditionalFlow(268, 768, FlowConfig(n_flows=24, hidden_dim=1024, hidden_depth=2, embedding_dim=268))
+    flow = ConditionalFlow(268, 768, FlowConfig(n_flows=24, hidden_dim=1024, hidden_depth=2, embedding_dim=268,
+                                                    coupling="affine", embedder="mlp"))
     n = sum(p.numel() for p in flow.parameters())
     # 24 blocks x 4 coupling nets of 4 Linear layers each + ActNorms + the embedder.
     net = lambda i, o: (i * 1024 + 1024) + 2 * (1024 * 1024 + 1024) + (1024 * o + o)  # noqa: E731
@@ -155,7 +156,7 @@ def test_a_checkpoint_with_separate_s_and_t_nets_still_loads():
     """n2n before PairedMLP saved each coupling's nets s1, t1, s2, t2 as nn.Sequential (Linear at
     0, 2, 4, ...): such a state dict loads into the stacked layout and computes the same flow."""
     torch.manual_seed(0)
-    flow = ConditionalFlow(5, 3, FlowConfig(n_flows=2, hidden_dim=8, hidden_depth=1))
+    flow = ConditionalFlow(5, 3, FlowConfig(n_flows=2, hidden_dim=8, hidden_depth=1, coupling="affine"))
     flow(torch.randn(64, 5), torch.randn(64, 3))  # ActNorm init
     old = {}
     for key, value in flow.state_dict().items():
@@ -168,7 +169,7 @@ def test_a_checkpoint_with_separate_s_and_t_nets_still_loads():
         for i, name in enumerate(names):
             old[f"{prefix}.{name}.{2 * layer}.{'weight' if kind == 'weights' else 'bias'}"] = (
                 value[i].T if kind == "weights" else value[i, 0])
-    restored = ConditionalFlow(5, 3, FlowConfig(n_flows=2, hidden_dim=8, hidden_depth=1))
+    restored = ConditionalFlow(5, 3, FlowConfig(n_flows=2, hidden_dim=8, hidden_depth=1, coupling="affine"))
     restored.load_state_dict(old)
     x, c = torch.randn(10, 5), torch.randn(10, 3)
     flow.eval(), restored.eval()
@@ -177,14 +178,16 @@ def test_a_checkpoint_with_separate_s_and_t_nets_still_loads():
 
 def test_a_flow_rebuilds_from_its_dict_and_from_a_header_of_before_flow_config():
     """``to_dict`` is a checkpoint's ``model`` header; headers written before FlowConfig hold the same
-    keys less ``coupling`` (and n2n's own defaults resolved), and build the same flow."""
-    flow, x, c = initialised_flow(n_flows=2, hidden_dim=16, embedder_norm="none")
+    keys less ``coupling`` and ``embedder`` (and n2n's own defaults resolved), and build the flow that
+    version built (net2net's coupling and MLP embedder), not today's defaults."""
+    flow, x, c = initialised_flow(n_flows=2, hidden_dim=16, coupling="affine", embedder="mlp", embedder_norm="none")
     header = flow.to_dict()
     assert header == {"dim": 12, "cond_dim": 7, "n_flows": 2, "hidden_dim": 16, "hidden_depth": 2, "embedding_dim": 64,
-                      "embedder_depth": 2, "embedder_norm": "none", "coupling": "affine"}
-    old = {k: v for k, v in header.items() if k != "coupling"}  # as ConditionalFlow.config was written
+                      "embedder": "mlp", "embedder_depth": 2, "embedder_norm": "none", "coupling": "affine"}
+    old = {k: v for k, v in header.items() if k not in ("coupling", "embedder")}  # as FlowConfig was written
+    assert isinstance(ConditionalFlow.from_dict(old).embedder, torch.nn.Linear)  # today's default
     for spec in (header, old):
-        twin = ConditionalFlow.from_dict(spec)
+        twin = ConditionalFlow.from_dict(upgrade_header(spec))
         assert twin.config == flow.config and (twin.dim, twin.cond_dim) == (12, 7)
         twin.load_state_dict(flow.state_dict())
         with torch.no_grad():
@@ -199,6 +202,7 @@ def test_a_flow_rebuilds_from_its_dict_and_from_a_header_of_before_flow_config()
     ("embedder_depth", 1.5, "embedder_depth (--embedder-depth) = 1.5: must be an integer >= 0"),
     ("embedder_norm", "group", "embedder_norm (--embedder-norm) = 'group': must be one of layer, batch, none"),
     ("coupling", "spline", "coupling (--coupling) = 'spline': must be one of affine"),
+    ("embedder", "attention", "embedder (--embedder) = 'attention': must be one of linear, mlp"),
 ])
 def test_flow_config_refuses_values_out_of_range(field, value, message):
     with pytest.raises(N2NError, match=re.escape(message)):
@@ -216,7 +220,7 @@ def test_flow_config_stores_numbers_as_plain_ints():
 def test_default_embedding_is_the_target_size_within_64_to_512(dim, width):
     with torch.device("meta"):
         flow = ConditionalFlow(dim, 16, FlowConfig(n_flows=1, hidden_dim=8))
-    assert flow.config.embedding_dim == width and flow.embedder[-1].out_features == width
+    assert flow.config.embedding_dim == width and flow.embedder.out_features == width
 
 
 def test_glow_coupling_starts_as_the_identity_and_clamps_its_scales():

@@ -203,11 +203,13 @@ def test_dry_run_prints_the_net2net_size(tmp_path, n2n_train):
     src = write_store(tmp_path / "bert", keys, rng.standard_normal((4, 768)))
     dst = write_store(tmp_path / "biggan", keys, rng.standard_normal((4, 268)))
     create_view(tmp_path / "bert_biggan", src, dst)
-    result = n2n_train("--shards", tmp_path / "bert_biggan", "--dry-run", "--embedding-dim", 268)
+    net2net = {"embedding_dim": 268, "coupling": "affine", "embedder": "mlp"}  # net2net's own cINN
+    result = n2n_train("--shards", tmp_path / "bert_biggan", "--dry-run", "--embedding-dim", 268,
+                       "--coupling", "affine", "--embedder", "mlp")
     assert result.exit_code == 0, result.output
     assert "254,762,152" in result.output  # the count test_cinn derives from the layer shapes
     assert not (tmp_path / "runs").exists()
-    size = dry_run(tmp_path / "bert_biggan", embedding_dim=268, batch_size=64)  # what the command prints
+    size = dry_run(tmp_path / "bert_biggan", batch_size=64, **net2net)  # what the command prints
     assert size["parameters"] == 254_762_152 and size["pairs"] == 4 and size["lr"] == pytest.approx(64 * 4.5e-6)
 
 
@@ -403,14 +405,14 @@ def test_a_view_at_a_url_is_recorded_and_resolved_as_given(tmp_path):
 
 
 def test_a_run_written_before_flow_config_loads_resumes_and_evaluates(small_view, tmp_path):
-    """Headers as n2n wrote them before: the flow without ``coupling``, the training settings with a
+    """Headers as n2n wrote them before: the flow without ``coupling`` and ``embedder``, the training settings with a
     copy of the model's, the view as an absolute path. Such a run samples, evaluates, and resumes to
     the weights of an uninterrupted run."""
     full, old = tmp_path / "full", tmp_path / "old"
-    n2n.train(small_view, full, steps=20, **SMALL_API)
-    n2n.train(small_view, old, steps=10, **SMALL_API)
+    n2n.train(small_view, full, steps=20, coupling="affine", embedder="mlp", **SMALL_API)
+    n2n.train(small_view, old, steps=10, coupling="affine", embedder="mlp", **SMALL_API)
     tensors, meta = load_checkpoint(old / CHECKPOINT)
-    model = {k: v for k, v in meta["model"].items() if k != "coupling"}
+    model = {k: v for k, v in meta["model"].items() if k not in ("coupling", "embedder")}
     flow_settings = {"n_flows": 2, "hidden_dim": 16, "hidden_depth": 2, "embedding_dim": None, "embedder_depth": 2,
                      "embedder_norm": "layer"}
     header = {**meta, "model": model, "view": str(Path(small_view).resolve()),
@@ -424,6 +426,7 @@ def test_a_run_written_before_flow_config_loads_resumes_and_evaluates(small_view
     assert all(torch.equal(a[k], b[k]) for k in a)
     meta = read_meta(old / CHECKPOINT)
     assert meta["view"] == os.path.relpath(small_view, old) and meta["model"]["coupling"] == "affine"
+    assert meta["model"]["embedder"] == "mlp"
 
 
 # ---------------------------------------------------------------- the linear-Gaussian floor and the loss plot

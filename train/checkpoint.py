@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from n2n.cinn import ConditionalFlow
+from n2n.cinn.flow import upgrade_header
 from n2n.errors import N2NError
 from n2n.shards import as_path, is_remote
 from n2n.shards.view import VIEW_NAME
@@ -162,7 +163,7 @@ def load_run(run: Path | str, device: str | torch.device = "cpu") -> TrainedFlow
     run = Path(run)
     tensors, meta = load_checkpoint(run / CHECKPOINT if run.is_dir() else run)
     try:
-        flow = ConditionalFlow.from_dict(meta["model"])
+        flow = ConditionalFlow.from_dict(upgrade_header(meta["model"]))
         flow.load_state_dict(prefixed(tensors, "model"))
         norms = saved_norms(tensors)
     except (TypeError, KeyError, RuntimeError, N2NError) as e:  # a header or tensors of another model

@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.nn.parallel import DistributedDataParallel
 
 from n2n.cinn import ConditionalFlow, FlowConfig, bits_per_dim, nll
+from n2n.cinn.flow import upgrade_header
 from n2n.errors import N2NError
 from n2n.options import check_fields, setting
 from n2n.parallel import Ranks
@@ -278,9 +279,10 @@ def checkpoint_state(
 
 def saved_settings(meta: dict) -> tuple[TrainConfig, FlowConfig]:
     """The settings a checkpoint was trained with. Headers of earlier versions kept a copy of the
-    flow's settings in ``train`` and lacked later fields (at their defaults here)."""
+    flow's settings in ``train`` and lacked later fields (at their defaults here, the flow's at what
+    those versions built)."""
     train = {f.name: meta["train"][f.name] for f in dataclasses.fields(TrainConfig) if f.name in meta["train"]}
-    flow = {k: v for k, v in meta["model"].items() if k not in ("dim", "cond_dim")}
+    flow = {k: v for k, v in upgrade_header(meta["model"]).items() if k not in ("dim", "cond_dim")}
     return TrainConfig(**train), FlowConfig(**flow)
 
 
