@@ -65,6 +65,11 @@ def parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def blocks(model: nn.Module) -> int:
+    """A FrEIA flow's AllInOneBlocks, or an n2n flow's blocks."""
+    return len(model.inn.module_list) if isinstance(model, FreiaFlow) else model.config.n_flows
+
+
 def matched_freia(flow: ConditionalFlow) -> FreiaFlow:
     """The FrEIA flow whose parameter count is nearest the n2n flow's (block count solved for)."""
     args = (flow.dim, flow.cond_dim, flow.config.hidden_dim, flow.config.hidden_depth)
@@ -82,7 +87,7 @@ def step_times(batch_size: int, repeat: int) -> dict:
                                                                                         ("freia", freia))}
     times = interleaved(steps, repeat)  # its warm-up steps initialise n2n's ActNorm
     return {"n2n_parameters": parameters(flow), "freia_parameters": parameters(freia),
-            "freia_blocks": len(freia.inn.module_list), "n2n_s": times["n2n"], "freia_s": times["freia"]}
+            "freia_blocks": blocks(freia), "n2n_s": times["n2n"], "freia_s": times["freia"]}
 
 
 def matched_glow(flow: ConditionalFlow) -> ConditionalFlow:
@@ -116,10 +121,10 @@ def learning_curve(model: nn.Module, data: PairedLatents, steps: int, batch_size
     curve, seconds, done = [], 0.0, 0
     for check in range(1, checks + 1):
         start = time.perf_counter()
-        for _ in range(steps * check // checks - done):
+        while done < steps * check // checks:
             step(*data.batch(batch_size, generator, noise))
+            done += 1
         seconds += time.perf_counter() - start
-        done = steps * check // checks
         curve.append((seconds, done, heldout_bpd(model, data, rows=CURVE_ROWS)))
     return curve
 
@@ -136,13 +141,14 @@ def compare(data: PairedLatents, spec: dict, steps: int, batch_size: int, noise:
         curve = learning_curve(model, data, steps, batch_size, noise)
         out[name] = {"parameters": parameters(model), "curve": curve, "seconds": curve[-1][0],
                      "bpd": heldout_bpd(model, data, rows=len(data.held_target)),
-                     "blocks": len(model.inn.module_list) if isinstance(model, FreiaFlow) else model.config.n_flows}
+                     "blocks": blocks(model)}
     return out
 
 
 def nll_rows(label: str, result: dict, steps: int) -> list[Row]:
     """Per n2n variant: held-out NLL after the same steps vs FrEIA's, and time to FrEIA's final NLL."""
     freia = result["FrEIA"]
+    freia_final = freia["curve"][-1][2]  # on the curve's rows, as every model's time_to reads them
     truth = f", truth {result['truth_bpd']:.3f}" if result["truth_bpd"] else ""
     rows = []
     for name in ("n2n", "n2n affine", "net2net"):
@@ -150,10 +156,9 @@ def nll_rows(label: str, result: dict, steps: int) -> list[Row]:
         rows.append(Row(f"{label}{truth}: held-out NLL after {steps} steps, {name} ({ours['blocks']} blocks, "
                         f"{ours['parameters'] / 1e3:.0f}k params) vs FrEIA ({freia['blocks']} blocks, "
                         f"{freia['parameters'] / 1e3:.0f}k)", f"{ours['bpd']:.3f} bits/dim",
-                        f"{freia['bpd']:.3f} bits/dim",
-                        None, "n2n <= FrEIA", ours["bpd"] <= freia["bpd"]))
-        reached = time_to(ours["curve"], freia["curve"][-1][2])
-        rows.append(Row(f"{label}: training time to FrEIA's final held-out NLL ({freia['curve'][-1][2]:.3f} on "
+                        f"{freia['bpd']:.3f} bits/dim", None, "n2n <= FrEIA", ours["bpd"] <= freia["bpd"]))
+        reached = time_to(ours["curve"], freia_final)
+        rows.append(Row(f"{label}: training time to FrEIA's final held-out NLL ({freia_final:.3f} on "
                         f"{CURVE_ROWS} pairs), {name} / FrEIA",
                         f"{reached:.1f} s" if reached is not None else "not reached", f"{freia['seconds']:.1f} s",
                         reached / freia["seconds"] if reached is not None else None, "<= 0.8x",
@@ -180,7 +185,7 @@ def main(batches: tuple[int, ...], repeat: int, steps: int, views: tuple[str, ..
                         f"{times['freia_blocks']} AllInOneBlocks)",
                         f"{min(times['n2n_s']):.3f} s", f"{min(times['freia_s']):.3f} s", ratio,
                         f"<= {target:.1f}x" if target else "", ratio <= target if target else None))
-    views = views or tuple(str(p) for p in [Path(DEMO_VIEW)] if p.is_dir())
+    views = views or ((DEMO_VIEW,) if Path(DEMO_VIEW).is_dir() else ())
     with tempfile.TemporaryDirectory(prefix="n2n-bench-") as tmp:
         view = write_synthetic(Path(tmp), "gaussian", n=20_000, src_dim=SMALL["cond_dim"], dst_dim=SMALL["dim"])
         raw["gaussian"] = compare(load_pairs(view), SMALL, steps, batch_size=64, noise=0.0)
@@ -191,8 +196,7 @@ def main(batches: tuple[int, ...], repeat: int, steps: int, views: tuple[str, ..
         raw[path] = compare(data, spec, steps, batch_size=256, noise=REAL_NOISE)
         rows += nll_rows(f"{path} (real latents), batch 256", raw[path], steps)
     report("freia_peer", {"net2net": NET2NET, "small": SMALL, "real_flow": REAL_FLOW, "real_noise": REAL_NOISE,
-                          "batches": list(batches),
-                          "repeat": repeat, "steps": steps, "views": list(views),
+                          "batches": list(batches), "repeat": repeat, "steps": steps, "views": list(views),
                           "freia_block": "AllInOneBlock (defaults)"}, rows, raw)
 
 

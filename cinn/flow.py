@@ -131,14 +131,41 @@ class PairedMLP(nn.Module):
         return torch.tanh(y[0]), y[1]
 
 
-class DoubleAffineCoupling(nn.Module):
-    """Two affine half-couplings: the second half is scaled and shifted by nets that see
-    [first half; h], then the first half by nets that see [new second half; h].
+class HalfCouplings(nn.Module):
+    """Two affine half-couplings: the second half is scaled and shifted by a net that sees
+    [first half; h], then the first half by a net that sees [new second half; h].
 
     After both, every dimension has been transformed once, conditioned on the other half and on the
-    embedding h. Separate s (log-scale, tanh-bounded) and t (shift) nets, as in net2net, run as one
-    PairedMLP per half.
+    embedding h. A coupling type is a subclass that builds ``net1`` (for the second half) and
+    ``net2`` and says, in ``scale_shift``, how a net's output becomes (log-scale, shift).
     """
+
+    split: int  # the first half's size, dim // 2
+
+    def scale_shift(self, net: nn.Module, u: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(log-scale, shift) of the half that ``net`` transforms, from the other half ``u`` and ``h``."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = x[:, : self.split], x[:, self.split :]
+        s1, t = self.scale_shift(self.net1, a, h)
+        b = b * s1.exp() + t
+        s2, t = self.scale_shift(self.net2, b, h)
+        a = a * s2.exp() + t
+        return torch.cat([a, b], dim=1), s1.sum(1) + s2.sum(1)
+
+    def reverse(self, y: Tensor, h: Tensor) -> Tensor:
+        a, b = y[:, : self.split], y[:, self.split :]
+        s, t = self.scale_shift(self.net2, b, h)
+        a = (a - t) * (-s).exp()
+        s, t = self.scale_shift(self.net1, a, h)
+        b = (b - t) * (-s).exp()
+        return torch.cat([a, b], dim=1)
+
+
+class DoubleAffineCoupling(HalfCouplings):
+    """net2net's coupling: separate s (log-scale, tanh-bounded) and t (shift) nets per half, run as one
+    PairedMLP per half."""
 
     def __init__(self, dim: int, embedding_dim: int, hidden_dim: int, depth: int) -> None:
         super().__init__()
@@ -147,22 +174,8 @@ class DoubleAffineCoupling(nn.Module):
         self.net1 = PairedMLP(self.split + embedding_dim, hidden_dim, depth, rest)
         self.net2 = PairedMLP(rest + embedding_dim, hidden_dim, depth, self.split)
 
-    def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = x[:, : self.split], x[:, self.split :]
-        s, t = self.net1(torch.cat([a, h], dim=1))
-        b = b * s.exp() + t
-        logdet = s.sum(1)
-        s, t = self.net2(torch.cat([b, h], dim=1))
-        a = a * s.exp() + t
-        return torch.cat([a, b], dim=1), logdet + s.sum(1)
-
-    def reverse(self, y: Tensor, h: Tensor) -> Tensor:
-        a, b = y[:, : self.split], y[:, self.split :]
-        s, t = self.net2(torch.cat([b, h], dim=1))
-        a = (a - t) * (-s).exp()
-        s, t = self.net1(torch.cat([a, h], dim=1))
-        b = (b - t) * (-s).exp()
-        return torch.cat([a, b], dim=1)
+    def scale_shift(self, net: nn.Module, u: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        return net(torch.cat([u, h], dim=1))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         """Read checkpoints of n2n before PairedMLP (nets s1, t1, s2, t2 as nn.Sequential): stack them."""
@@ -185,7 +198,7 @@ def soft_clamp(s: Tensor, clamp: float) -> Tensor:
     return clamp * (2 / math.pi) * torch.atan((math.pi / 2) * s / clamp)
 
 
-class GlowCoupling(nn.Module):
+class GlowCoupling(HalfCouplings):
     """Two affine half-couplings like ``DoubleAffineCoupling``, but each with ONE subnet that gives both
     the log-scale and the shift (Glow; FrEIA's ``AllInOneBlock``), the log-scale soft-clamped.
 
@@ -210,22 +223,6 @@ class GlowCoupling(nn.Module):
         s, t = net(torch.cat([u, h], dim=1)).chunk(2, dim=1)
         return soft_clamp(s, self.CLAMP), t
 
-    def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = x[:, : self.split], x[:, self.split :]
-        s1, t = self.scale_shift(self.net1, a, h)
-        b = b * s1.exp() + t
-        s2, t = self.scale_shift(self.net2, b, h)
-        a = a * s2.exp() + t
-        return torch.cat([a, b], dim=1), s1.sum(1) + s2.sum(1)
-
-    def reverse(self, y: Tensor, h: Tensor) -> Tensor:
-        a, b = y[:, : self.split], y[:, self.split :]
-        s, t = self.scale_shift(self.net2, b, h)
-        a = (a - t) * (-s).exp()
-        s, t = self.scale_shift(self.net1, a, h)
-        b = (b - t) * (-s).exp()
-        return torch.cat([a, b], dim=1)
-
 
 class Shuffle(nn.Module):
     """A fixed permutation of the dimensions, so that each coupling splits a different pair of halves.
@@ -245,7 +242,7 @@ class Shuffle(nn.Module):
 
 
 # Coupling types by name (FlowConfig.coupling): each is built as cls(dim, embedding_dim, hidden_dim, depth)
-# and has forward(x, h) -> (y, log|det J|) and reverse(y, h) -> x.
+# and has forward(x, h) -> (y, log|det J|) and reverse(y, h) -> x (a HalfCouplings subclass gets both).
 COUPLINGS: dict[str, type[nn.Module]] = {"affine": DoubleAffineCoupling, "glow": GlowCoupling}
 
 
@@ -345,8 +342,8 @@ class ConditionalFlow(nn.Module):
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> ConditionalFlow:
-        """A flow from ``dim``, ``cond_dim`` and any FlowConfig fields,
-        the rest at today's defaults (a checkpoint's header goes through ``upgrade_header`` first)."""
+        """A flow from ``dim``, ``cond_dim`` and any FlowConfig fields, the rest at today's defaults (a
+        checkpoint's header goes through ``upgrade_header`` first)."""
         spec = dict(spec)
         return cls(spec.pop("dim"), spec.pop("cond_dim"), FlowConfig(**spec))
 

@@ -147,17 +147,27 @@ def make_step(loss_fn: Callable, optimizer: torch.optim.Optimizer) -> Callable:
 
 
 @torch.no_grad()
-def heldout_bpd(flow: ConditionalFlow, data: Pairs, rows: int, chunk: int = 4096) -> float | None:
-    """Held-out NLL in bits/dim of the target latent in its stored units (the standardisation's
-    log-determinant added back), so that it is comparable across runs and with an analytic NLL."""
+def held_bpd(pair_nll: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], data: Pairs, rows: int,
+             chunk: int = 4096) -> float | None:
+    """The mean of ``pair_nll(target, source)`` (nats per pair, standardised units) over the first ``rows``
+    held-out pairs, as bits/dim of the target latent in its stored units (the standardisation's
+    log-determinant added back), so that it is comparable across runs, models and with an analytic NLL;
+    None where there is no held-out pair."""
     x, c = data.held_target[:rows], data.held_source[:rows]
     if len(x) == 0:
         return None
+    total = sum(float(pair_nll(x[i : i + chunk], c[i : i + chunk]).double().sum()) for i in range(0, len(x), chunk))
+    return float(bits_per_dim(total / len(x) + data.target_norm.log_abs_det, x.shape[1]))
+
+
+def heldout_bpd(flow: ConditionalFlow, data: Pairs, rows: int, chunk: int = 4096) -> float | None:
+    """The flow's held-out NLL (``held_bpd``), computed in eval mode."""
     was_training = flow.training
     flow.eval()
-    total = sum(nll(*flow(x[i : i + chunk], c[i : i + chunk])).double().sum() for i in range(0, len(x), chunk))
-    flow.train(was_training)
-    return float(bits_per_dim(float(total) / len(x) + data.target_norm.log_abs_det, x.shape[1]))
+    try:
+        return held_bpd(lambda x, c: nll(*flow(x, c)), data, rows, chunk)
+    finally:
+        flow.train(was_training)
 
 
 def floor_pairs(data: Pairs, fit_rows: int, seed: int, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,15 +216,9 @@ def fit_floor(data: Pairs, fit_rows: int = FLOOR_ROWS, seed: int = 0, noise: flo
     return LinearGaussian.fit(*floor_pairs(data, fit_rows, seed, noise))
 
 
-@torch.no_grad()
-def floor_bpd(law: LinearGaussian, data: Pairs, rows: int, chunk: int = 4096) -> float | None:
-    """``law``'s NLL in bits/dim on the first ``rows`` held-out pairs, in the units of ``heldout_bpd`` (the
-    target's stored units), so the two compare directly; None where there is no held-out pair."""
-    x, c = data.held_target[:rows], data.held_source[:rows]
-    if len(x) == 0:
-        return None
-    total = sum(float(law.nll(c[i : i + chunk], x[i : i + chunk]).sum()) for i in range(0, len(x), chunk))
-    return float(bits_per_dim(total / len(x) + data.target_norm.log_abs_det, x.shape[1]))
+def floor_bpd(law: LinearGaussian, data: Pairs, rows: int) -> float | None:
+    """``law``'s held-out NLL (``held_bpd``), in the units of ``heldout_bpd``, so the two compare directly."""
+    return held_bpd(lambda x, c: law.nll(c, x), data, rows)
 
 
 def linear_gaussian_bpd(data: Pairs, rows: int, fit_rows: int = FLOOR_ROWS, seed: int = 0,
@@ -471,9 +475,8 @@ def _loop(flow: ConditionalFlow, optimizer: torch.optim.Optimizer, generator: to
                "seconds": elapsed, "checkpoint": str(ckpt_path)}
     if floor is not None:
         summary["linear_gaussian_bpd"] = floor
-    if data.truth is not None and heldout is not None:
-        truth = data.truth["nll_nats_per_dim"]
-        summary["truth_bpd"] = truth / math.log(2)
-        summary["gap_nats_per_dim"] = heldout * math.log(2) - truth
+    if truth_bpd is not None and heldout is not None:
+        summary["truth_bpd"] = truth_bpd
+        summary["gap_nats_per_dim"] = (heldout - truth_bpd) * math.log(2)
     return summary
 

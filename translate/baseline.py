@@ -32,4 +32,3 @@ def train_mlp(data: PairedLatents, steps: int = 2000, batch_size: int = 256, hid
         loss.backward()
         optimizer.step()
     return mlp.eval()
-
