@@ -26,7 +26,7 @@ import torch
 from bench.common import Row, peak_rss_mib, report, trainer_step
 from bench.compile import DEMO_FLOW
 from n2n.cinn import ConditionalFlow
-from n2n.shards import create_store
+from n2n.shards import FORMATS, create_store
 from n2n.shards.view import create_view
 from n2n.train.data import load_pairs
 from n2n.train.stream import stream_pairs
@@ -34,17 +34,17 @@ from n2n.train.stream import stream_pairs
 TARGET = 0.8
 
 
-def write_view(root: Path, captions: int, per_item: int = 5) -> Path:
-    """Caption and image stores with random latents, paired by key (shards.view)."""
+def write_view(root: Path, captions: int, per_item: int = 5, format: str = "zarr") -> Path:
+    """Caption and image stores with random latents in ``format``, paired by key (shards.view)."""
     rng = np.random.default_rng(0)
     items = captions // per_item
     keys = np.char.add("item", np.arange(items).astype(str))
-    with create_store(root / "text", dim=DEMO_FLOW["cond_dim"], dtype="float16") as writer:
+    with create_store(root / "text", dim=DEMO_FLOW["cond_dim"], dtype="float16", format=format) as writer:
         for start in range(0, items, 10_000):
             block = keys[start : start + 10_000]
             latents = rng.standard_normal((len(block) * per_item, DEMO_FLOW["cond_dim"]), np.float32)
             writer.append(np.repeat(block, per_item), np.tile(np.arange(per_item), len(block)), latents)
-    with create_store(root / "image", dim=DEMO_FLOW["dim"], dtype="float16") as writer:
+    with create_store(root / "image", dim=DEMO_FLOW["dim"], dtype="float16", format=format) as writer:
         writer.append(keys, np.zeros(items, np.int64), rng.standard_normal((items, DEMO_FLOW["dim"]), np.float32))
     return create_view(root / "view", root / "text", root / "image")
 
@@ -70,6 +70,29 @@ def memory_of(way: str, view: Path, batch: int) -> dict:
     return {"peak_rss_mib": peak_rss_mib()}
 
 
+def alternate(view: Path, resident, window: int, batch: int, blocks: int) -> dict[str, list[float]]:
+    """Steps/s of the demo cINN fed from ``resident`` and from ``view`` streamed, in alternating blocks."""
+    streamed = stream_pairs(view, 0.05, (resident.source_norm, resident.target_norm), device=torch.device("cpu"),
+                            batch_size=batch, seed=0, eval_rows=1024, window_pairs=window)
+    steps = {}
+    for name, data in (("resident", resident), ("stream", streamed)):
+        torch.manual_seed(0)
+        flow = ConditionalFlow.from_dict(DEMO_FLOW)
+        generator = torch.Generator().manual_seed(0)
+        flow(*data.batch(batch, generator))  # ActNorm init
+        train = trainer_step(flow)
+        steps[name] = lambda train=train, data=data, g=generator: train(*data.batch(batch, g))
+    block = 3 * max(1, window // batch)  # three windows' worth of steps per block
+    for step in steps.values():  # warm-up
+        steps_per_s(step, 4)
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(blocks):
+        for name, step in steps.items():
+            rates[name].append(steps_per_s(step, block))
+    streamed.close()
+    return rates
+
+
 @click.command()
 @click.option("--captions", default=200_000, show_default=True)
 @click.option("--rss-captions", default=1_000_000, show_default=True, help="The view whose memory is measured.")
@@ -79,8 +102,10 @@ def memory_of(way: str, view: Path, batch: int) -> dict:
 @click.option("--window", "windows", multiple=True, type=int, default=(4096, 16384), show_default=True,
               help="Pairs per stream window (each a separate measurement).")
 @click.option("--blocks", default=3, show_default=True, help="Alternating timed blocks per way.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(FORMATS), default=("zarr", "wds"),
+              show_default=True, help="Store formats of the streamed view (each a separate measurement).")
 def main(captions: int, rss_captions: int, rss_of: str | None, view: Path | None, batch: int,
-         windows: tuple[int, ...], blocks: int) -> None:
+         windows: tuple[int, ...], blocks: int, formats: tuple[str, ...]) -> None:
     if rss_of:  # the child of the memory measurement
         print(json.dumps(memory_of(rss_of, view, batch)))
         return
@@ -94,37 +119,19 @@ def main(captions: int, rss_captions: int, rss_of: str | None, view: Path | None
         rows.append(Row(f"peak memory (RSS) of a process loading a {rss_captions:,}-caption view and training 20 "
                         "steps: streamed vs on the device", f"{rss['stream']:.0f} MiB", f"{rss['resident']:.0f} MiB",
                         rss["resident"] / rss["stream"]))
-        view = write_view(Path(tmp), captions)
-        resident = load_pairs(view)
-        for window in windows:
-            streamed = stream_pairs(view, 0.05, (resident.source_norm, resident.target_norm),
-                                    device=torch.device("cpu"), batch_size=batch, seed=0, eval_rows=1024,
-                                    window_pairs=window)
-            steps = {}
-            for name, data in (("resident", resident), ("stream", streamed)):
-                torch.manual_seed(0)
-                flow = ConditionalFlow.from_dict(DEMO_FLOW)
-                generator = torch.Generator().manual_seed(0)
-                flow(*data.batch(batch, generator))  # ActNorm init
-                train = trainer_step(flow)
-                steps[name] = lambda train=train, data=data, g=generator: train(*data.batch(batch, g))
-            block = 3 * max(1, window // batch)  # three windows' worth of steps per block
-            for step in steps.values():  # warm-up
-                steps_per_s(step, 4)
-            rates: dict[str, list[float]] = {name: [] for name in steps}
-            for _ in range(blocks):
-                for name, step in steps.items():
-                    rates[name].append(steps_per_s(step, block))
-            streamed.close()
-            mean = {name: float(np.mean(r)) for name, r in rates.items()}
-            ratio = mean["stream"] / mean["resident"]
-            raw[f"window_{window}"] = {"steps_per_s": rates, "block_steps": block}
-            rows.append(Row(f"demo cINN, batch {batch}, {captions:,} captions: streamed (window {window:,} pairs, "
-                            f"a read every {window // batch} steps) vs on the device",
-                            f"{mean['stream']:.1f}/s", f"{mean['resident']:.1f}/s", ratio, f">= {TARGET}x",
-                            ratio >= TARGET))
+        for format in formats:
+            view = write_view(Path(tmp) / format, captions, format=format)
+            resident = load_pairs(view)
+            for window in windows:
+                rates = alternate(view, resident, window, batch, blocks)
+                mean = {name: float(np.mean(r)) for name, r in rates.items()}
+                ratio = mean["stream"] / mean["resident"]
+                raw[f"{format}_window_{window}"] = {"steps_per_s": rates}
+                rows.append(Row(f"demo cINN, batch {batch}, {captions:,} captions: streamed from {format} (windows of "
+                                f"{window:,} pairs or one file) vs on the device", f"{mean['stream']:.1f}/s",
+                                f"{mean['resident']:.1f}/s", ratio, f">= {TARGET}x", ratio >= TARGET))
     settings = {"captions": captions, "rss_captions": rss_captions, "batch": batch, "windows": list(windows),
-                "blocks": blocks, "flow": DEMO_FLOW}
+                "blocks": blocks, "formats": list(formats), "flow": DEMO_FLOW}
     report("stream", settings, rows, raw)
 
 

@@ -2,16 +2,21 @@
 
 A tar cannot be appended to, so each write is one whole tar, written aside and renamed into place
 (one PUT at a URL); meta.json lists the committed tars with their row counts (``wds_shards``).
+n2n's own tars are periodic and are written and read as whole buffers (``shards.tar_rows``); any
+other tar is read member by member with tarfile.
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,6 +25,29 @@ from n2n.shards.errors import StoreError
 from n2n.shards.layout import Layout
 from n2n.shards.meta import META_NAME
 from n2n.shards.paths import is_remote
+from n2n.shards.tar_rows import pack, unpack
+
+T, R = TypeVar("T"), TypeVar("R")
+
+
+def _each(read: Callable[[T], R], tars: list[T]) -> list[R]:
+    """``read`` of each tar, on a thread per core: a tar's read is numpy copies and compares, which
+    run without the GIL, and the strided rows of a tar keep one core waiting on memory."""
+    if len(tars) < 2:
+        return [read(tar) for tar in tars]
+    with ThreadPoolExecutor(min(len(tars), len(os.sched_getaffinity(0)))) as pool:
+        return list(pool.map(read, tars))
+
+
+def _buffer(file: Path) -> np.ndarray:
+    """A file's bytes: mapped (the page cache, no copy) where local, fetched whole where remote."""
+    if is_remote(file):
+        return np.frombuffer(file.read_bytes(), np.uint8)
+    with file.open("rb") as stream:
+        if not os.fstat(stream.fileno()).st_size:
+            return np.empty(0, np.uint8)
+        mapped = mmap.mmap(stream.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+    return np.frombuffer(mapped, np.uint8)  # the mapping lives as long as the array
 
 
 class WdsBackend:
@@ -74,24 +102,16 @@ class WdsBackend:
 
     def write(self, keys: np.ndarray, sub: np.ndarray, latents: np.ndarray) -> None:
         """Write one tar under a temp name, then os.replace it: a listed shard is always whole."""
-        from webdataset import TarWriter  # imports torch: only pay for it when writing tars
-
         shards, start = self.meta["wds_shards"], self.meta["count"]
         name = f"shard-{len(shards):06d}.tar"
         remote = is_remote(self.path)
         tmp = self.path / (name if remote else f"{name}.tmp")  # an object is whole once its PUT ends
+        tar = pack(start, keys, sub, latents)
         with tmp.open("wb") as stream:
-            writer = TarWriter(stream, mtime=0)  # an integer mtime: plain ustar headers, no pax records
-            for i, (key, s, latent) in enumerate(zip(keys, sub, latents, strict=True)):
-                writer.write(
-                    {
-                        "__key__": f"{start + i:012d}",
-                        "key.txt": str(key),
-                        "sub.cls": int(s),
-                        "latent.npy": latent,
-                    }
-                )
-            writer.close()
+            if tar is not None:
+                stream.write(tar.data)
+            else:
+                self._write_members(stream, start, keys, sub, latents)
             if not remote:
                 stream.flush()
                 os.fsync(stream.fileno())
@@ -99,8 +119,32 @@ class WdsBackend:
             os.replace(tmp, self.path / name)
         shards.append({"file": name, "rows": len(keys)})
 
-    def _read_tar(self, file: Path, start: int, rows: int) -> Block:
-        """Read one tar in memory (never extracted to disk); every row must have all three members."""
+    @staticmethod
+    def _write_members(stream: io.BufferedIOBase, start: int, keys: np.ndarray, sub: np.ndarray,
+                       latents: np.ndarray) -> None:
+        """Rows that are not periodic (a key over 512 bytes), a member at a time, by webdataset itself."""
+        from webdataset import TarWriter  # imports torch: only pay for it when writing such tars
+
+        writer = TarWriter(stream, mtime=0)  # an integer mtime: plain ustar headers, no pax records
+        for i, (key, s, latent) in enumerate(zip(keys, sub, latents, strict=True)):
+            writer.write({"__key__": f"{start + i:012d}", "key.txt": str(key), "sub.cls": int(s), "latent.npy": latent})
+        writer.close()
+
+    def _read_tar(self, file: Path, start: int, rows: int, *, latents: bool = True, columns: bool = True) -> Block:
+        """Read one tar (never extracted to disk): as one buffer where it is periodic, else by members.
+        The columns not asked for may come back as None."""
+        try:
+            found = unpack(_buffer(file), start, rows, self.meta["dim"], np.dtype(self.meta["dtype"]),
+                           latents=latents, columns=columns)
+        except (OSError, ValueError) as err:
+            raise StoreError(f"cannot read {file} ({err}): the shard is truncated or corrupt: "
+                             "delete the store and rerun") from err
+        if found is None:
+            return self._read_members(file, start, rows)
+        return found  # type: ignore[return-value]
+
+    def _read_members(self, file: Path, start: int, rows: int) -> Block:
+        """Read one tar member by member; every row must have all three members."""
         keys = np.empty(rows, dtype=object)
         sub = np.empty(rows, dtype=np.int64)
         latent = np.empty((rows, self.meta["dim"]), dtype=self.meta["dtype"])
@@ -144,26 +188,31 @@ class WdsBackend:
             )
         return vector
 
+    def _tars(self) -> list[tuple[Path, int, int]]:
+        """(file, first row, rows) of each committed tar."""
+        return [(self.path / shard["file"], int(start), shard["rows"])
+                for shard, start in zip(self.meta["wds_shards"], self.bounds(), strict=False)]
+
     def blocks(self) -> Iterator[Block]:
-        start = 0
-        for shard in self.meta["wds_shards"]:
-            yield self._read_tar(self.path / shard["file"], start, shard["rows"])
-            start += shard["rows"]
+        for tar in self._tars():
+            keys, sub, latents = self._read_tar(*tar)
+            yield keys, sub, np.ascontiguousarray(latents)  # a copy, where the fast path gave a view of the file
 
     def columns(self) -> tuple[np.ndarray, np.ndarray]:
-        keys, sub = [np.empty(0, object)], [np.empty(0, np.int64)]
-        for block_keys, block_sub, _ in self.blocks():  # a tar holds whole samples: latents are read too
-            keys.append(block_keys)
-            sub.append(block_sub)
-        return as_unicode(np.concatenate(keys)), np.concatenate(sub)
+        blocks = _each(lambda tar: self._read_tar(*tar, latents=False), self._tars())
+        keys = [np.empty(0, "U1"), *(as_unicode(np.asarray(block[0])) for block in blocks)]
+        return np.concatenate(keys), np.concatenate([np.empty(0, np.int64), *(block[1] for block in blocks)])
 
     def bounds(self) -> np.ndarray:
         return np.cumsum([0, *(shard["rows"] for shard in self.meta["wds_shards"])])
 
     def read_latents(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop), which must begin and end on tar boundaries (as Store.take asks)."""
-        bounds, shards = self.bounds(), self.meta["wds_shards"]
-        first, last = np.searchsorted(bounds, [start, stop])
-        empty = np.empty((0, self.meta["dim"]), self.meta["dtype"])
-        return np.concatenate([empty, *(self._read_tar(self.path / shards[i]["file"], int(bounds[i]),
-                                                       shards[i]["rows"])[2] for i in range(first, last))])
+        out = np.empty((stop - start, self.meta["dim"]), self.meta["dtype"])
+
+        def read(tar: tuple[Path, int, int]) -> None:
+            file, first, rows = tar
+            out[first - start : first - start + rows] = self._read_tar(file, first, rows, columns=False)[2]
+
+        _each(read, [tar for tar in self._tars() if start <= tar[1] < stop])
+        return out
