@@ -8,7 +8,7 @@ DATA_ROOT ?=
 OUT     ?=
 ARGS    ?=
 
-.PHONY: install test test-slow lint demo bench extract train synthetic check-synthetic clean
+.PHONY: install test test-slow lint demo bench extract train synthetic check-synthetic gpu-wheels gpu-check clean
 
 install: .venv/installed
 
@@ -84,6 +84,37 @@ synthetic: install
 check-synthetic: synthetic
 	$(BIN)/n2n-train --shards shards/synth-gaussian --out runs/synth-gaussian --steps 2000 --n-flows 4 \
 		--hidden-dim 64 $(ARGS)
+
+# The GPU check (README, "GPU"), for borrowed GPU machines: bare (Python 3.12, torch, transformers, timm,
+# h5py), no network, minutes at a time. `make gpu-wheels` here downloads what that image lacks (pinned to
+# .venv's versions; checked complete and under 40 MiB); carry gpu-wheels/ with the tree, then on the GPU
+# machine `make gpu-check OUT=<folder>`: the wheels go into GPU_SITE, this checkout is linked in as n2n,
+# and every part runs, time-boxed, in at most ~8 minutes (bench/gpu_check.py). GPU_DRY=1: the same
+# script on the CPU at tiny sizes, with .venv's python (where n2n is installed), no wheels needed.
+GPU_PY   ?= python3
+GPU_DRY  ?=
+GPU_SITE ?= /tmp/n2n-gpu-site
+GPU_OUT  = $(or $(OUT),bench/results/gpu$(if $(filter-out 0,$(GPU_DRY)),-dry))
+GPU_WHEELS := zarr==3.1.6 zarrs==0.2.3 numcodecs==0.16.6 google-crc32c==1.9.0 donfig==0.8.1.post1 \
+	webdataset==1.0.2 braceexpand==0.1.7 universal-pathlib==0.3.10 pathlib-abc==0.5.2 \
+	pytorch-pretrained-biggan==0.1.1 boto3==1.43.117 botocore==1.43.117 s3transfer==0.19.3 jmespath==1.1.0
+
+gpu-wheels:
+	rm -rf gpu-wheels
+	$(GPU_PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d gpu-wheels $(GPU_WHEELS)
+	$(GPU_PY) -m bench.gpu_check --check-wheels gpu-wheels
+
+ifeq ($(filter-out 0,$(GPU_DRY)),)
+gpu-check:
+	rm -rf $(GPU_SITE)
+	$(GPU_PY) -m pip install --quiet --no-index --no-deps --no-compile --target $(GPU_SITE) gpu-wheels/*.whl
+	$(GPU_PY) -m bench.gpu_check --site $(GPU_SITE) --out $(GPU_OUT) $(ARGS)
+else
+gpu-check: install
+	$(PY) -m bench.gpu_check --dry --out $(GPU_OUT) $(ARGS)
+endif
 
 clean:
 	rm -rf runs .pytest_cache demo/eval*.json

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -106,3 +108,21 @@ def report(name: str, settings: dict, rows: list[Row], raw: dict, console: Conso
     write_json_atomic(path, {"name": name, "machine": machine(), "settings": settings, "raw": raw,
                              "rows": [r.__dict__ for r in rows]})
     return path
+
+
+def parse_device(ctx: click.Context, param: click.Parameter, value: str) -> torch.device:
+    """``--device cpu|cuda|cuda:N`` as a torch.device: a GPU that this torch does not see is a usage
+    error at once, not a crash after minutes of building models. ``cuda:N`` becomes the current GPU,
+    so that ``torch.cuda.synchronize()`` (``timed(..., sync=True)``) waits on the one measured."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise click.BadParameter(f"{value!r}: give cpu, cuda or cuda:N")
+    dev = torch.device(value)
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise click.BadParameter(f"{value}: this torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.index is not None:
+        torch.cuda.set_device(dev)
+    return dev
+
+
+DEVICE_OPTION = click.option("--device", default="cpu", show_default=True, callback=parse_device,
+                             help="Where the models and the baseline run: cpu, cuda or cuda:N.")

@@ -1,13 +1,16 @@
 """Random-weight model folders in the layout the hub serves, for timing and tests offline.
 
-Timing needs no trained weights, only the real architecture: ``save_clip`` and ``save_sdvae`` write
-a CLIP and a Stable Diffusion VAE at their published sizes by default (ViT-B/32 CLIP, SD's 4-block
-VAE), and at any smaller size through ``config`` overrides (the tests' tiny ones). Both are loaded by
-n2n exactly as a downloaded checkpoint is: ``clip:<folder>``, ``sdvae:<folder>``.
+Timing needs no trained weights, only the real architecture: ``save_clip``, ``save_sdvae`` and
+``save_bert`` write a CLIP, a Stable Diffusion VAE and a BERT at their published sizes by default
+(ViT-B/32 CLIP, SD's 4-block VAE, bert-base), and at test size on request (the tests' tiny ones).
+All are loaded by n2n exactly as a downloaded checkpoint is: ``clip:<folder>``, ``sdvae:<folder>``,
+``bert:<folder>``. None needs a file from the hub: the GPU machines have no network.
 """
 
 from __future__ import annotations
 
+import string
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ TINY_CLIP = {"text": _TOWER, "vision": {**_TOWER, "image_size": 32, "patch_size"
 TINY_SDVAE = {"block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 8,
               "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
               "sample_size": 32}
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
 
 def clip_tokenizer():
@@ -62,3 +66,23 @@ def save_sdvae(folder: str | Path, seed: int = 0, **config: object) -> Path:
     torch.manual_seed(seed)
     AutoencoderKL(**{**SD_VAE, **config}).save_pretrained(folder)
     return Path(folder)
+
+
+def save_bert(folder: str | Path, tiny: bool = False, words: Iterable[str] = ()) -> Path:
+    """A random BertModel (bert-base, or test size where ``tiny``) with a WordPiece tokenizer whose vocabulary
+    is the characters (each also as a word piece) plus ``words`` whole: no vocabulary file from the hub.
+    Give the words of the text it will read, so that it tokenises to about as many tokens as a real
+    vocabulary does (one per character would make every forward pass several times longer)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = Path(folder)
+    pieces = string.ascii_lowercase + string.digits
+    vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *pieces, *string.punctuation,
+                                *(f"##{c}" for c in pieces), *words]))
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), max_position_embeddings=128, **(TINY_BERT if tiny else {}))
+    BertModel(config).save_pretrained(folder)
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    return folder

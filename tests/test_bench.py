@@ -34,10 +34,13 @@ def run_bench(command, name: str, args: list[str], folder) -> dict:
 
 
 def test_store_reads_runs_small_and_writes_its_json(tmp_path):
-    saved = run_bench(store_reads.main, "store_reads", ["--rows", "2000", "--dim", "8", "--repeat", "1"], tmp_path)
+    saved = run_bench(store_reads.main, "store_reads", ["--rows", "2000", "--dim", "8", "--repeat", "1",
+                                                        "--extract-items", "8"], tmp_path)
     assert saved["settings"]["rows"] == 2000 and saved["machine"]["torch"] == torch.__version__
     metrics = [row["metric"] for row in saved["rows"]]
-    assert any("zarr" in m for m in metrics) and any("h5" in m for m in metrics) and any("join" in m for m in metrics)
+    assert [m for m in metrics if m.startswith("load 2,000")] == [f"load 2,000 x 8 float16: {f} vs np.load"
+                                                                  for f in ("zarr", "wds", "h5")]
+    assert any("join" in m for m in metrics) and any(m.startswith("n2n-extract minilm") for m in metrics)
     assert all(row["ratio"] is None or row["ratio"] > 0 for row in saved["rows"])
 
 
@@ -100,3 +103,36 @@ def test_freia_peer_compares_learning_curves_and_time_to_quality(tmp_path):
     assert len(rows) == 6 and all(row.met in (True, False) for row in rows)
     assert freia_peer.time_to([(1.0, 1, 3.0), (2.0, 2, 2.0), (3.0, 3, 2.5)], 2.2) == 2.0
     assert freia_peer.time_to([(1.0, 1, 3.0)], 2.0) is None
+
+
+def test_a_bench_refuses_a_device_it_does_not_know():
+    result = CliRunner().invoke(cinn_step.main, ["--device", "tpu"])
+    assert result.exit_code == 2 and "give cpu, cuda or cuda:N" in result.output
+
+
+def test_extraction_records_its_device_and_builds_only_the_rows_asked_for(tmp_path, monkeypatch):
+    def no_diffusers(*args, **kwargs):
+        raise AssertionError("the SD VAE was built though its row was not asked for")
+
+    monkeypatch.setattr(extraction, "save_sdvae", no_diffusers)
+    saved = run_bench(extraction.main, "extraction", ["--device", "cpu", "--tiny", "--items", "8", "--large-items", "8",
+                                                      "--batch-size", "8", "--num-workers", "0", "--experts",
+                                                      "timm,clip-text"], tmp_path)
+    assert saved["settings"]["device"] == "cpu" and set(saved["raw"]) == {"timm", "clip-text"}
+    assert all(v["extract_wall_s"] > 0 and v["forward_s"] > 0 for v in saved["raw"].values())
+
+
+def test_reference_records_its_device(tmp_path):
+    saved = run_bench(reference.main, "reference", ["--device", "cpu", "--pair", "minilm_ae", "--batch-size", "8",
+                                                    "--n2n-steps", "1", "--ref-steps", "1"], tmp_path)
+    assert saved["settings"]["device"] == "cpu" and set(saved["raw"]) == {"minilm_ae/n2n", "minilm_ae/reference"}
+    assert all(row["ratio"] > 0 for row in saved["rows"])
+
+
+def test_cinn_step_in_bfloat16_records_device_and_dtype(tmp_path):
+    saved = run_bench(cinn_step.main, "cinn_step-cpu-bfloat16", ["--device", "cpu", "--dtype", "bfloat16", "--batch",
+                                                                 "8", "--repeat", "1", "--gemm-size", "256",
+                                                                 "--n-flows", "2"], tmp_path)
+    assert saved["settings"]["device"] == "cpu" and saved["settings"]["dtype"] == "bfloat16"
+    assert saved["settings"]["n_flows"] == 2
+    assert "bfloat16 autocast" in saved["rows"][0]["metric"] and saved["rows"][0]["ratio"] > 0
