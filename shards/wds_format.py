@@ -35,7 +35,8 @@ def _each(read: Callable[[T], R], tars: list[T]) -> list[R]:
     run without the GIL, and the strided rows of a tar keep one core waiting on memory."""
     if len(tars) < 2:
         return [read(tar) for tar in tars]
-    with ThreadPoolExecutor(min(len(tars), len(os.sched_getaffinity(0)))) as pool:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(min(len(tars), cores)) as pool:
         return list(pool.map(read, tars))
 
 
@@ -46,7 +47,8 @@ def _buffer(file: Path) -> np.ndarray:
     with file.open("rb") as stream:
         if not os.fstat(stream.fileno()).st_size:
             return np.empty(0, np.uint8)
-        mapped = mmap.mmap(stream.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        populate = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map every page now, not one fault at a time
+        mapped = mmap.mmap(stream.fileno(), 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
     return np.frombuffer(mapped, np.uint8)  # the mapping lives as long as the array
 
 
