@@ -24,7 +24,7 @@ import click
 import torch
 
 from bench.common import DEVICE_OPTION, Row, report, timed
-from bench.models import TINY_CLIP, TINY_SDVAE, save_clip, save_sdvae
+from bench.models import TINY_CLIP, TINY_SDVAE, save_clip, save_sdvae, save_timm
 from n2n.extract.datasets import open_dataset
 from n2n.extract.experts import load_expert
 from n2n.extract.run import ExtractConfig, batches, encode_batches, run_extraction
@@ -54,12 +54,7 @@ def build_case(name: str, folder: Path, tiny: bool, items: int, large_items: int
     if name == "minilm":
         return "minilm", None, items, {}
     if name == "timm":
-        import timm
-        from safetensors.torch import save_file
-
-        resnet = folder / "resnet18.safetensors"
-        save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(resnet))
-        return "timm:resnet18", resnet, items, {}
+        return "timm:resnet18", save_timm(folder, "resnet18"), items, {}
     if name == "sdvae":
         return (f"sdvae:{save_sdvae(folder / 'sd-vae', **(TINY_SDVAE if tiny else {}))}", None, large_items,
                 {"size": 64})

@@ -164,18 +164,6 @@ def compile_step(dry: bool) -> dict:
                                        "compile": options, "flow": spec, "batch": batch}}
 
 
-def timm_file(folder: Path, name: str) -> Path:
-    """Random weights of timm model ``name`` in a safetensors file (n2n's timm expert loads them)."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    path = folder / f"{name}.safetensors"
-    save_file(timm.create_model(name, pretrained=False).state_dict(), str(path))
-    return path
-
-
 def reduced_vs_fp32(spec: str, weights: Path | None, items: int, dry: bool) -> dict:
     """Relative error of n2n-extract's autocast forward against float32, over shapes items."""
     import torch
@@ -204,13 +192,13 @@ def reduced_vs_fp32(spec: str, weights: Path | None, items: int, dry: bool) -> d
 
 def autocast(dry: bool) -> dict:
     """n2n-extract's reduced-precision forward of a random BERT and a random timm model equals float32."""
-    from bench.models import save_bert
+    from bench.models import save_bert, save_timm
 
     with tempfile.TemporaryDirectory(prefix="n2n-gpu-check-") as tmp:
         tmp = Path(tmp)
         name = "test_resnet" if dry else "resnet18"
         rows = [reduced_vs_fp32(f"bert:{save_bert(tmp / 'bert', dry)}", None, 8 if dry else 128, dry),
-                reduced_vs_fp32(f"timm:{name}", timm_file(tmp, name), 8 if dry else 128, dry)]
+                reduced_vs_fp32(f"timm:{name}", save_timm(tmp, name), 8 if dry else 128, dry)]
     tol = AUTOCAST_TOL[rows[0]["dtype"]]
     passed = all(row["max_err"] <= tol for row in rows)
     return {"result": "passed" if passed else "failed", "met": passed,
@@ -285,6 +273,7 @@ def demo(dry: bool) -> dict:
 
     from n2n.shards.synthetic import write_synthetic
     from n2n.train import api
+    from n2n.train.plots import read_metrics
 
     with tempfile.TemporaryDirectory(prefix="n2n-gpu-check-") as tmp:
         dims = {"src_dim": 16, "dst_dim": 8, "n": 2000} if dry else {"src_dim": 384, "dst_dim": 32, "n": 20_000}
@@ -292,7 +281,7 @@ def demo(dry: bool) -> dict:
         start = time.perf_counter()
         api.train(view, Path(tmp) / "run", device=device(dry).type, progress=False, **(TINY_RUN if dry else DEMO_RUN))
         seconds = time.perf_counter() - start
-        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     last = records[-1]
     passed = last["step"] == 50 and math.isfinite(last["heldout_bpd"])
     return {"result": "passed" if passed else "failed", "met": passed,

@@ -86,3 +86,14 @@ def save_bert(folder: str | Path, tiny: bool = False, words: Iterable[str] = ())
     BertModel(config).save_pretrained(folder)
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     return folder
+
+
+def save_timm(folder: str | Path, name: str) -> Path:
+    """Random weights of timm model ``name`` as ``folder/<name>.safetensors`` (n2n's timm expert loads them)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = Path(folder) / f"{name}.safetensors"
+    save_file(timm.create_model(name, pretrained=False).state_dict(), str(path))
+    return path
