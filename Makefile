@@ -51,6 +51,7 @@ bench: install
 	$(PY) -m bench.compile
 	$(PY) -m bench.extraction
 	$(PY) -m bench.stream
+	$(PY) -m bench.reproducible
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv

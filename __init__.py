@@ -20,14 +20,27 @@ Bring your own experts, datasets and store formats: subclass ``n2n.Expert`` / ``
 
 Every error a user can fix is an ``n2n.N2NError`` with a one-line message. Names are imported on
 first use, so ``import n2n`` is cheap.
+
+Latents do not depend on the thread count: ``import n2n`` puts MKL, which multiplies torch's float
+matrices on x86 CPUs, in its strict reproducible mode (``MKL_CBWR=AUTO,STRICT``), unless ``MKL_CBWR``
+is set already. Without it, MKL blocks a product's sums by the number of threads, and the same batch
+through the same expert gave latents differing in the last bits between a one-process extraction
+(every core) and each rank of ``--nproc 2`` (fewer threads each), measured on an Intel Xeon (MiniLM,
+batches of 1 and 4..12 captions). Intel documents the strict mode as bitwise reproducible across thread
+counts for GEMMs on its AVX2 and AVX-512 code paths; ``python -m bench.reproducible`` measures its cost.
+MKL reads the mode at its first product, so in a notebook import n2n before torch computes anything
+(importing torch is fine). torch builds without MKL (aarch64, macOS) are not affected.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from n2n.errors import N2NError
+
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 # public name -> "module:attribute", imported when first asked for. n2n.extract and n2n.train are
 # the stage packages themselves, made callable (see their __init__), so the name is one thing.

@@ -74,9 +74,14 @@ def pick_device(name: str, local_rank: int = 0, error: type[Exception] = Runtime
 
 def relaunch(nproc: int, module: str, argv: list[str]) -> int:
     """Run ``python -m module argv`` (less its ``--nproc N``) as ``nproc`` processes on this node under
-    torchrun, with a standalone rendezvous on a free port; returns the job's exit status."""
+    torchrun, with a standalone rendezvous on a free port; returns the job's exit status.
+
+    Each process gets an equal share of this process's cores for torch's threads (``OMP_NUM_THREADS``,
+    unless set): torchrun's own default is one thread per process, which leaves a CPU run on many
+    cores nearly idle."""
     from torch.distributed.run import get_args_parser, run
 
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))
     command = ["--standalone", "--nproc-per-node", str(nproc), "-m", module, *without_nproc(argv)]
     args = get_args_parser().parse_args(command)
     try:
@@ -86,6 +91,12 @@ def relaunch(nproc: int, module: str, argv: list[str]) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def without_nproc(argv: list[str]) -> list[str]:

@@ -4,10 +4,11 @@ import itertools
 import json
 import math
 
+import pytest
 import torch
 from click.testing import CliRunner
 
-from bench import cinn_step, extraction, freia_peer, fused_coupling, reference, store_reads
+from bench import cinn_step, extraction, freia_peer, fused_coupling, reference, reproducible, store_reads
 from n2n.cinn import ConditionalFlow, FlowConfig
 
 
@@ -136,3 +137,12 @@ def test_cinn_step_in_bfloat16_records_device_and_dtype(tmp_path):
     assert saved["settings"]["device"] == "cpu" and saved["settings"]["dtype"] == "bfloat16"
     assert saved["settings"]["n_flows"] == 2
     assert "bfloat16 autocast" in saved["rows"][0]["metric"] and saved["rows"][0]["ratio"] > 0
+
+
+@pytest.mark.slow
+def test_reproducible_runs_small_and_strict_mode_keeps_the_bits(tmp_path):
+    saved = run_bench(reproducible.main, "reproducible", ["--items", "4", "--repeat", "1", "--bits-items", "4",
+                                                          "--experts", "minilm"], tmp_path)
+    assert set(saved["raw"]) == {"minilm"} and all(s > 0 for s in saved["raw"]["minilm"]["seconds"]["1 threads strict"])
+    same = saved["raw"]["minilm"]["same_bits_1_vs_all_threads"]
+    assert same["strict"] or not torch.backends.mkl.is_available()  # the contract where torch multiplies on MKL

@@ -129,14 +129,14 @@ def test_extraction_to_s3_killed_mid_way_resumes_to_the_clean_store(s3_env, tmp_
     assert verify_store(f"{out}/shapes/minilm") == []
 
 
-def test_two_processes_extract_to_s3_as_one_does(s3_env, tmp_path, same_store):
+def test_two_processes_extract_to_s3_as_one_does(s3_env, tmp_path, across_threads):
     """Parts at S3 URLs, their commit there, and the parts deleted: the store a one-process run writes."""
     args = [*EXTRACT, "--limit", 50]
     invoke(extract_main, *args, "--out", tmp_path / "one")
     done = subprocess.run([sys.executable, "-m", "n2n.extract", *map(str, args), "--out", "s3://n2n-tests/two",
                            "--nproc", "2"], env=s3_env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    same_store(tmp_path / "one/shapes/minilm", "s3://n2n-tests/two/shapes/minilm")
+    across_threads(tmp_path / "one/shapes/minilm", "s3://n2n-tests/two/shapes/minilm")
     folder = as_path("s3://n2n-tests/two/shapes")
     listed = folder.fs.ls(folder.path, refresh=True, detail=False)  # refresh: no cached listing
     assert [name.rsplit("/", 1)[-1] for name in listed] == ["minilm"]  # the parts are gone
