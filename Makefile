@@ -8,9 +8,11 @@ DATA_ROOT ?=
 OUT     ?=
 ARGS    ?=
 
-.PHONY: install test test-slow lint demo bench extract train synthetic check-synthetic gpu-wheels gpu-check clean
+.PHONY: install dev test test-slow lint docs demo bench extract train synthetic check-synthetic gpu-wheels gpu-check clean
 
+# install: n2n and what it runs on (the demo's needs); dev: also the tools of tests, lint, docs and benchmarks.
 install: .venv/installed
+dev: .venv/dev-installed
 
 # The offline default, end to end (see README): text-to-image on shapes with MiniLM + an autoencoder
 # trained here, then image-to-text over the same two stores. Each stage skips what is complete.
@@ -42,7 +44,7 @@ demo: install
 	  for f in ("demo/eval.json", "demo/eval-ae_minilm.json")]'
 
 # Benchmarks: n2n against its baselines in one run each; tables on the terminal, JSON in bench/results/.
-bench: install
+bench: dev
 	$(PY) -m bench.store_reads
 	$(PY) -m bench.cinn_step
 	$(PY) -m bench.fused_coupling
@@ -55,18 +57,31 @@ bench: install
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e .
 	touch $@
 
-test: install
+.venv/dev-installed: .venv/installed
+	$(PY) -m pip install --quiet -e '.[test,bench,docs]'
+	touch $@
+
+test: dev
 	$(BIN)/pytest -x -q $(ARGS)
 
-test-slow: install
+test-slow: dev
 	$(BIN)/pytest -x -q -m slow $(ARGS)
 
-lint: install
+lint: dev
 	$(BIN)/ruff check .
+
+# The docs site (docs/, mkdocs.yml) into build/site; --strict: a broken link or reference fails. The API
+# reference is read from the source by griffe, which finds a package by its folder's name: the repository
+# root is the package folder, so build/docs-src/n2n/ links to the package's own files (not to the root
+# itself, which holds .venv and build/).
+PACKAGE_FILES := __init__.py cli.py errors.py options.py plugins.py cinn parallel shards extract train translate
+docs: dev
+	rm -rf build/docs-src && mkdir -p build/docs-src/n2n
+	for f in $(PACKAGE_FILES); do ln -s ../../../$$f build/docs-src/n2n/$$f; done
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 
 # Latents of one expert over one dataset: make extract EXPERT=bert DATA=coco DATA_ROOT=/data/coco [ARGS="--limit 1000"]
 extract: install
@@ -113,7 +128,7 @@ gpu-check:
 	$(GPU_PY) -m pip install --quiet --no-index --no-deps --no-compile --target $(GPU_SITE) gpu-wheels/*.whl
 	$(GPU_PY) -m bench.gpu_check --site $(GPU_SITE) --out $(GPU_OUT) $(ARGS)
 else
-gpu-check: install
+gpu-check: dev
 	$(PY) -m bench.gpu_check --dry --out $(GPU_OUT) $(ARGS)
 endif
 

@@ -53,7 +53,8 @@ from n2n.shards.parts import commit_parts, existing_ranges, open_parts, part_met
 ERRORS = "errors.jsonl"
 ATTRIBUTES = "attributes.jsonl"
 WEIGHTS_FROM_STORE = "weights_from_store"
-RECORDS = (WEIGHTS_FROM_STORE, "plugin")  # entries of a store's expert/dataset meta that same_origin ignores
+# entries of a store's expert/dataset meta that same_origin ignores (stores written before "options" resume)
+RECORDS = (WEIGHTS_FROM_STORE, "plugin", "options")
 
 
 class ExtractError(N2NError):
@@ -223,7 +224,7 @@ def store_meta(cfg: ExtractConfig, expert: Expert, dataset: ItemDataset, layer: 
     """What a store records of its origin: a view refuses to pair stores that do not belong together."""
     return {
         "expert": {**expert.identity(), "layer": layer, **weights_from_store(expert.weights, path)},
-        "dataset": {**dataset.describe(), "limit": cfg.limit},
+        "dataset": {**dataset.describe(), "limit": cfg.limit, "options": cfg.data_options},
         "split": cfg.split,
         "extraction": {"batch_size": cfg.batch_size, "items": limit, "dtype": cfg.dtype},
     }

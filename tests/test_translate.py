@@ -145,6 +145,22 @@ def test_eval_image_to_text_scores_retrieval(runs, small_judge, tmp_path, invoke
     assert 0 < report["cinn"]["chance"] < 1 and report["cinn"]["chance"] == report["mlp"]["chance"]
     assert 0 <= report["cinn"]["accuracy"] <= 1 and 0 <= report["mlp"]["accuracy"] <= 1
     assert "nearest caption fits the image" in result.output
+    # What a person reads of text targets: true captions, and the captions nearest to each prediction.
+    from n2n.extract.datasets import open_dataset
+
+    shapes = open_dataset("shapes")
+    captions = {shapes.key(i): shapes[i]["text"] for i in range(60)}
+    every = {text for texts in captions.values() for text in texts}
+    shown = report["captions"]
+    assert len(shown) == 4 and len({entry["key"] for entry in shown}) == 4  # four different held-out images
+    for entry in shown:
+        assert entry["truth"] in captions[entry["key"]]
+        picks = [entry["linear"], entry["mlp"], *entry["cinn"]]
+        assert len(entry["cinn"]) == 4 and all(p["text"] in every and -1 <= p["cosine"] <= 1 for p in picks)
+        assert entry["key"] in result.output
+    assert "true caption" in result.output and "cINN 4" in result.output  # the printed table of them
+    with Image.open(tmp_path / "eval.png") as picture:  # the table, then the captions: taller than the table
+        assert picture.size[1] > picture.size[0] * 0.8
 
 
 def test_eval_without_a_checkpoint_is_a_one_line_error(tmp_path, invoke):

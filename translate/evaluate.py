@@ -38,7 +38,7 @@ from n2n.errors import N2NError
 from n2n.extract.datasets import DatasetError, dataset_class
 from n2n.extract.experts import Expert
 from n2n.options import check_fields, click_options, setting
-from n2n.shards import as_path, write_json_atomic
+from n2n.shards import Store, as_path, write_json_atomic
 from n2n.train.checkpoint import CHECKPOINT, TrainedFlow, load_run, read_meta, run_view
 from n2n.train.data import PairedLatents, load_pairs
 from n2n.train.trainer import fit_floor, floor_bpd, heldout_bpd
@@ -53,6 +53,7 @@ from n2n.translate.metrics import (
     subsample,
 )
 from n2n.translate.pipeline import expert_of
+from n2n.translate.texts import caption_lines, caption_table, nearest_captions
 
 Predictor = Callable[[torch.Tensor, int], torch.Tensor]
 """(standardised source rows [B, dim], n) -> n target latents per row [B * n, dim], row-major, in the
@@ -93,6 +94,7 @@ class HeldOut:
     target: torch.Tensor  # [N, target dim] the target latents, in the store's units
     predictors: dict[str, Predictor]  # "cinn", "linear" and "mlp"
     target_expert: Callable[[], Expert]  # the target store's expert (to decode), loaded on first call
+    target_store: Store  # the target store (its keys, subs and dataset, e.g. to read captions)
     source_truth: dict[str, dict] | None  # the attributes each store's dataset recorded (attributes.jsonl), by key
     target_truth: dict[str, dict] | None
     options: EvalConfig
@@ -167,6 +169,7 @@ def held_out(translator: TrainedFlow, data: PairedLatents, cfg: EvalConfig, floo
                    target_row=target_rows, source=data.held_source[:],
                    target=data.held_target.latents[torch.from_numpy(target_rows)],
                    predictors={"cinn": cinn, "linear": linear, "mlp": regress}, target_expert=target,
+                   target_store=view.target,
                    source_truth=read_attributes(view.source.path), target_truth=read_attributes(view.target.path),
                    options=cfg, console=None if quiet else console())
 
@@ -231,7 +234,9 @@ def evaluate(run: str | os.PathLike, *, samples: int = EvalConfig.samples, tempe
 
     ``{"run", "view", "step", "heldout_bpd", "linear_gaussian_bpd", "translation"}`` for every run
     (``translation``: each translator's scores, see the module docstring), plus the entries of the
-    scorer of the run's dataset. ``figure``: also draw the table there as a PNG, with decoded samples
+    scorer of the run's dataset, and where the target expert reads text ``captions``: for a few held-out
+    sources the true caption and the captions nearest to each translator's predictions
+    (``translate.texts``). ``figure``: also draw the table there as a PNG, with decoded samples
     of a few held-out pairs where the target expert decodes (``translate.figures``). Every number is
     checked first: an ``N2NError`` names the argument and its range before anything is loaded.
     ``progress=False`` keeps the console quiet.
@@ -257,26 +262,40 @@ def evaluate(run: str | os.PathLike, *, samples: int = EvalConfig.samples, tempe
     scorer = scorer_of(meta)
     if scorer is not None:
         report |= scorer.score(held)
+    report |= read_texts(held)
     if figure is not None:
         report["figure"] = str(draw(report, held, Path(figure)))
     return report
 
 
+def read_texts(held: HeldOut) -> dict:
+    """Where the target expert reads text: ``{"captions": nearest_captions(...)}``, what a person reads of
+    the predictions; ``{"captions_note": why not}`` where the captions cannot be read; else {}."""
+    try:
+        if held.target_expert().modality != "text":
+            return {}
+        return {"captions": nearest_captions(held, held.target_store)}
+    except N2NError as err:
+        return {"captions_note": f"no captions shown: {err}"}
+
+
 def draw(report: dict, held: HeldOut, out: Path) -> Path:
-    """eval.png: the report's table, and decoded held-out samples where the target expert decodes (a note
-    says why not where it does not, or where its weights cannot be found)."""
-    images, note = None, None
+    """eval.png: the report's table, and decoded held-out samples where the target expert decodes, or the
+    captions nearest to the predictions where it reads text (a note says why neither where it cannot)."""
+    images, note, lines = None, report.get("captions_note"), None
     try:
         if held.target_expert().can_decode:
             images = gallery(held)
-        else:
+        elif "captions" in report:
+            lines = caption_lines(report["captions"])
+        elif note is None:
             note = f"no samples drawn: the target expert {held.target_expert().spec} does not decode"
     except N2NError as err:
         note = f"no samples drawn: {err}"
     pairs = report["translation"]["pairs"]
     title = f"n2n-eval {Path(report['run']).name} (step {report['step']}): {pairs} held-out pairs"
     return eval_figure(title, tuple(TRANSLATORS.values()), report_rows(report, dataset_table(report)), images, note,
-                       out)
+                       out, lines)
 
 
 def print_report(report: dict) -> None:
@@ -290,6 +309,8 @@ def print_report(report: dict) -> None:
         table.add_row(*row)
     table.caption = scores.caption or None
     Console().print(table)
+    if report.get("captions"):
+        Console().print(caption_table(report["captions"]))
 
 
 def report_rows(report: dict, scores: ScoreTable) -> list[tuple[str, ...]]:

@@ -3,7 +3,8 @@
 Top: the table n2n-eval prints (the cINN beside the linear map and the MLP). Below it, where the
 target expert decodes: for a few held-out pairs, the true target's decoding, then the linear map's
 and the MLP's predictions, then cINN samples, one row per pair: whether samples vary where the
-source leaves things open, and stay on the data where the baselines blur, shows at a glance.
+source leaves things open, and stay on the data where the baselines blur, shows at a glance. Where
+the target expert reads text, the captions nearest to those predictions instead (``translate.texts``).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def gallery(held: HeldOut, pairs: int = 4, samples: int = 6) -> torch.Tensor:
 
 
 def eval_figure(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]], images: torch.Tensor | None,
-                note: str | None, out: Path) -> Path:
-    """Draw the table (``columns`` over ``rows``) and, if given, the ``gallery`` images; write ``out`` atomically."""
+                note: str | None, out: Path, lines: list[str] | None = None) -> Path:
+    """Draw the table (``columns`` over ``rows``) and, if given, the ``gallery`` images or ``lines`` of text
+    (the captions nearest to a text target's predictions); write ``out`` atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from torchvision.utils import make_grid
@@ -48,9 +50,10 @@ def eval_figure(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]
     grid = None if images is None else make_grid(images.flatten(0, 1), nrow=images.shape[1], padding=2, pad_value=1)
     table_height = 0.22 * (len(rows) + 2)
     image_height = 0 if grid is None else 9 * grid.shape[1] / grid.shape[2]
-    fig = Figure(figsize=(9, table_height + image_height + 0.6), dpi=110)  # no pyplot: nothing global changes
+    text_height = 0.135 * (len(lines) + 2) if lines else 0
+    fig = Figure(figsize=(9, table_height + image_height + text_height + 0.6), dpi=110)  # no pyplot: nothing global
     FigureCanvasAgg(fig)
-    heights = [table_height] if grid is None else [table_height, image_height]
+    heights = [table_height] + ([image_height] if grid is not None else []) + ([text_height] if lines else [])
     axes = fig.subplots(len(heights), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)[:, 0]
     axes[0].axis("off")
     table = axes[0].table(cellText=[list(row[1:]) for row in rows], rowLabels=[row[0] for row in rows],
@@ -65,6 +68,10 @@ def eval_figure(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]
                            fontsize=7)
         axes[1].set_yticks([])
         axes[1].set_title("held-out pairs: the truth, the baselines' predictions, cINN samples", fontsize=9)
+    if lines:
+        axes[-1].axis("off")
+        axes[-1].set_title("held-out sources: the caption nearest (cosine) to each prediction", fontsize=9)
+        axes[-1].text(0, 1, "\n".join(lines), family="monospace", fontsize=7, va="top", transform=axes[-1].transAxes)
     if note:
         fig.text(0.01, 0.005, textwrap.shorten(note, 160), fontsize=7, color="dimgray")
     fig.tight_layout()

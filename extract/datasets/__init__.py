@@ -207,6 +207,18 @@ def open_dataset(name: str, root: str | Path | None = None, split: str = "train"
     return dataset
 
 
+def reopen_dataset(record: dict) -> ItemDataset:
+    """The dataset a store was extracted from, opened again from the store's record of it (its meta's
+    "dataset" entry): with the options the extraction was given, or for stores that do not record them,
+    with the entries of the dataset's description that its class takes as options."""
+    cls, _ = dataset_class(record["name"])
+    options = record.get("options")
+    if options is None:
+        taken = set(inspect.signature(cls).parameters) - {"root", "split"}
+        options = {key: value for key, value in record.items() if key in taken}
+    return open_dataset(record["name"], record.get("root"), record.get("split", "train"), **options)
+
+
 __all__ = [
     "MODALITIES",
     "DatasetError",
@@ -218,4 +230,5 @@ __all__ = [
     "decode_image",
     "known_datasets",
     "open_dataset",
+    "reopen_dataset",
 ]

@@ -56,7 +56,7 @@ def known_experts() -> list[str]:
 
 def load_expert(spec: str, weights: str | Path | None = None, plugin: str | None = None,
                 options: dict | None = None) -> Expert:
-    """The frozen expert named by ``spec`` ("name[:model][@layer]"), in eval mode on the CPU.
+    """The frozen expert named by ``spec`` (``"name[:model][@layer]"``), in eval mode on the CPU.
 
     ``weights`` (the CLI's ``--weights PATH``) is a local folder or file that replaces the model's
     usual source; without it weights come from the hub (or its local cache when offline).
