@@ -54,6 +54,7 @@ bench: dev
 	$(PY) -m bench.extraction
 	$(PY) -m bench.stream
 	$(PY) -m bench.reproducible
+	$(PY) -m bench.ae_decode
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bench import cinn_step, extraction, freia_peer, fused_coupling, reference, reproducible, store_reads
+from bench import ae_decode, cinn_step, extraction, freia_peer, fused_coupling, reference, reproducible, store_reads
 from n2n.cinn import ConditionalFlow, FlowConfig
 
 
@@ -146,3 +146,9 @@ def test_reproducible_runs_small_and_strict_mode_keeps_the_bits(tmp_path):
     assert set(saved["raw"]) == {"minilm"} and all(s > 0 for s in saved["raw"]["minilm"]["seconds"]["1 threads strict"])
     same = saved["raw"]["minilm"]["same_bits_1_vs_all_threads"]
     assert same["strict"] or not torch.backends.mkl.is_available()  # the contract where torch multiplies on MKL
+
+
+def test_ae_decode_runs_small(tmp_path):
+    saved = run_bench(ae_decode.main, "ae_decode", ["--repeat", "1", "--decode-batch", "4", "--train-batch", "2"],
+                      tmp_path)
+    assert [row["ratio"] > 0 for row in saved["rows"]] == [True, True]

@@ -378,6 +378,27 @@ def test_autoencoder_save_load_encode_decode(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes-ae"]  # no temp or old folder left behind
 
 
+def test_the_decoder_upsamples_as_torch_does_and_its_checkpoints_load_unchanged():
+    """Upsample2x gives nn.Upsample's values exactly, forward and backward, and holds no state: a decoder
+    built with nn.Upsample (as checkpoints were saved) loads into today's and decodes the same bits."""
+    from torch import nn
+
+    from bench.ae_decode import torch_upsample, with_upsampling
+    from n2n.extract.experts.ae import ConvAutoencoder, Upsample2x
+
+    x, grad = torch.randn(3, 5, 7, 4, requires_grad=True), torch.randn(3, 5, 14, 8)
+    assert torch.equal(Upsample2x()(x), nn.Upsample(scale_factor=2)(x))
+    (ours,) = torch.autograd.grad(Upsample2x()(x), x, grad)
+    (theirs,) = torch.autograd.grad(nn.Upsample(scale_factor=2)(x), x, grad)
+    assert torch.allclose(ours, theirs, atol=1e-6)  # each the sum of a 2x2 block's gradients
+    torch.manual_seed(0)
+    old = with_upsampling(ConvAutoencoder(32, (8, 16), 6), torch_upsample)
+    new = ConvAutoencoder(32, (8, 16), 6)
+    new.load_state_dict(old.state_dict())  # same keys: upsampling holds no parameters
+    z = torch.randn(4, 6)
+    assert torch.equal(new.eval().decode(z), old.eval().decode(z))
+
+
 def test_variational_autoencoder_stores_the_posterior_mean(tmp_path):
     from n2n.extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
 
