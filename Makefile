@@ -15,25 +15,17 @@ install: .venv/installed
 dev: .venv/dev-installed
 
 # The offline default, end to end (see README): text-to-image on shapes with MiniLM + an autoencoder
-# trained here, then image-to-text over the same two stores. Each stage skips what is complete.
-# 8000 items: with 4000, a caption that leaves the position open has ~9 training images, and the
-# positions among them are themselves only 0.86 of uniform; 8000 gives 0.93. Text->image keeps net2net's
-# affine coupling: at 8 blocks it has twice glow's parameters and gave colour 96.6% / open-position
-# entropy 0.83 where glow gave 96.0% / 0.80. Image->text (384-d targets) measured -5.15 bits/dim
-# held out at hidden 128 and -5.43 at 256 (floor -4.69), for 2 more minutes.
-DEMO_ITEMS ?= 8000
-DEMO_T2I   ?= --steps 4000 --n-flows 8 --hidden-dim 192 --embedding-dim 256 --target-noise 0.1 --coupling affine
-DEMO_I2T   ?= --steps 1200 --n-flows 8 --hidden-dim 256 --embedding-dim 128 --target-noise 0.1
+# trained here, then image-to-text over the same two stores. Each stage skips what is complete. Every
+# stage's options are a config file in configs/demo/ (why each value: the comments there).
+DEMO := configs/demo
 demo: install
-	$(BIN)/n2n-train-ae --data shapes --out experts/ae-shapes
-	$(BIN)/n2n-extract --expert minilm --data shapes --limit $(DEMO_ITEMS)
-	$(BIN)/n2n-extract --expert ae:experts/ae-shapes --data shapes --limit $(DEMO_ITEMS)
+	$(BIN)/n2n-train-ae --config $(DEMO)/ae-shapes.yaml
+	$(BIN)/n2n-extract --config $(DEMO)/extract-minilm.yaml
+	$(BIN)/n2n-extract --config $(DEMO)/extract-ae.yaml
 	test -f shards/minilm_ae/view.json || $(BIN)/n2n-shards pair shards/shapes/minilm shards/shapes/ae-shapes --name minilm_ae
 	test -f shards/ae_minilm/view.json || $(BIN)/n2n-shards pair shards/shapes/ae-shapes shards/shapes/minilm --name ae_minilm
-	$(BIN)/n2n-train --shards shards/minilm_ae --out runs/minilm_ae $(DEMO_T2I) \
-	  $$(test -f runs/minilm_ae/checkpoint.safetensors && echo --resume)
-	$(BIN)/n2n-train --shards shards/ae_minilm --out runs/ae_minilm $(DEMO_I2T) \
-	  $$(test -f runs/ae_minilm/checkpoint.safetensors && echo --resume)
+	$(BIN)/n2n-train --config $(DEMO)/minilm_ae.yaml $$(test -f runs/minilm_ae/checkpoint.safetensors && echo --resume)
+	$(BIN)/n2n-train --config $(DEMO)/ae_minilm.yaml $$(test -f runs/ae_minilm/checkpoint.safetensors && echo --resume)
 	test demo/grid.png -nt runs/minilm_ae/checkpoint.safetensors || \
 	  $(BIN)/n2n-translate --run runs/minilm_ae --text-file demo/captions.txt -n 8 --out demo/grid.png
 	test demo/eval.json -nt runs/minilm_ae/checkpoint.safetensors || \

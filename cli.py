@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from n2n.errors import N2NError
+from n2n.options import parse_option  # noqa: F401  (the commands' KEY=VALUE options)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -57,16 +58,3 @@ class PathOrURL(click.ParamType):
 
 
 PATH_OR_URL = PathOrURL()
-
-
-def parse_option(text: str, option: str) -> tuple[str, object]:
-    """KEY=VALUE (a ``--data-option``) with VALUE as an int, a float, true/false, or else the string itself."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise N2NError(f"{option} {text!r}: write it as KEY=VALUE, e.g. seed=1")
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, {"true": True, "false": False}.get(value.lower(), value)

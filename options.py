@@ -6,7 +6,11 @@ whose fields are made with ``setting``. The same declaration then
 - checks values where the work starts (``check_fields`` in the dataclass's ``__post_init__``), so
   the API and the CLI refuse ``batch_size=0`` with the same one-line message before anything is
   written, and
-- becomes the command's click options (``click_options``), so adding an option is one field.
+- becomes the command's click options (``click_options``), so adding an option is one field and a
+  default cannot differ between the command and the API, and
+- is what a config file sets: ``--config FILE.yaml`` on every command (``config_option``) and
+  ``config=`` in the API (``read_config``) take the option names as keys, and every run and store
+  writes the options it was made with, defaults included, as ``config.yaml`` (``write_config``).
 
 Ranges are checked here, not by click, so both front doors say the same thing.
 """
@@ -14,32 +18,45 @@ Ranges are checked here, not by click, so both front doors say the same thing.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
 import numbers
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from n2n.errors import N2NError
 
+CONFIG_FILE = "config.yaml"  # a run's or a store's options, written beside its data
+RECORDED = ("n2n_version",)  # keys of a written config.yaml that are records, not options
+
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
             max: float | None = None, above: float | None = None, below: float | None = None,
             choices: Sequence[str] | None = None, default_factory: Any = dataclasses.MISSING,
-            cli: bool = True) -> Any:
+            cli: bool = True, flag: str | None = None, metavar: str | None = None, url: bool = False) -> Any:
     """A dataclass field with its help and range: ``min``/``max`` inclusive, ``above``/``below`` strict.
 
     ``cli=False`` keeps a field out of the generated click options (set by code, not by users).
+    ``flag`` spells the option otherwise than the field (``data_options`` -> ``--data-option``, repeated
+    as KEY=VALUE); ``url``: a path that may also be an fsspec URL (``s3://...``), for stores and views.
     """
     meta = {"help": help, "min": min, "max": max, "above": above, "below": below,
-            "choices": tuple(choices) if choices else None, "cli": cli}
+            "choices": tuple(choices) if choices else None, "cli": cli, "flag": flag, "metavar": metavar,
+            "url": url}
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"n2n": meta})
 
 
 def flag(name: str) -> str:
-    """The command-line spelling of a field: batch_size -> --batch-size."""
-    return "--" + name.replace("_", "-")
+    """The command-line spelling of a field: batch_size -> --batch-size (one letter: n -> -n)."""
+    return f"-{name}" if len(name) == 1 else "--" + name.replace("_", "-")
+
+
+def option_name(key: str) -> str:
+    """An option as a field name, however it is written: --batch-size, batch-size, batch_size -> batch_size."""
+    return key.strip().lstrip("-").replace("-", "_")
 
 
 def check_value(name: str, value: Any, *, integer: bool = False, min: float | None = None,
@@ -108,12 +125,24 @@ def check_fields(obj: Any) -> None:
                 object.__setattr__(obj, f.name, kind(value))  # frozen dataclasses too
 
 
-def click_options(cls: type, skip: Sequence[str] = ()) -> Callable[[Callable], Callable]:
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default (made by its factory where it has one); MISSING for a required field."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def click_options(cls: type, skip: Sequence[str] = (),
+                  more_help: Mapping[str, str] | None = None) -> Callable[[Callable], Callable]:
     """Decorate a click command with one option per ``setting`` field of ``cls`` (in field order).
 
-    Defaults come from the dataclass; a ``None`` default shows the field's help text instead.
-    Ranges are not given to click: the dataclass checks them, with the API's message. click is
-    imported here, so that a module declaring its settings (``n2n.cinn``) does not need it.
+    Defaults come from the dataclass (a field without one is a required option); a ``None`` default
+    shows the field's help text instead. By the field's type: ``bool`` is a ``--x/--no-x`` pair, a
+    ``dict`` a repeatable ``KEY=VALUE`` option, a list or tuple a comma-separated one, a ``Path`` a
+    path (or a URL where the field says so). Ranges are not given to click: the dataclass checks them,
+    with the API's message. click is imported here, so that a module declaring its settings
+    (``n2n.cinn``) does not need it. ``more_help``: text to add to some options' help, known only when
+    the command is built (the installed plug-ins).
     """
     import click
 
@@ -124,28 +153,223 @@ def click_options(cls: type, skip: Sequence[str] = ()) -> Callable[[Callable], C
             meta = f.metadata.get("n2n")
             if meta is None or not meta["cli"] or f.name in skip:
                 continue
-            kind, _ = _base(hints[f.name])
-            default = f.default if f.default is not dataclasses.MISSING else None
-            names = [flag(f.name)]
-            kwargs: dict[str, Any] = {"default": default, "help": meta["help"], "show_default": default is not None}
-            if kind is bool:
-                names = [f"{flag(f.name)}/--no-{f.name.replace('_', '-')}"]
-            elif meta["choices"] is not None:
-                kwargs["type"] = click.Choice(meta["choices"])
-            elif kind is Path:
-                kwargs["type"] = click.Path(path_type=Path)
-            else:
-                kwargs["type"] = kind
-            command = click.option(*names, f.name, **kwargs)(command)
+            kwargs = _option_kwargs(f, meta, hints[f.name])
+            if more_help and f.name in more_help:
+                kwargs["help"] = f"{kwargs['help']} {more_help[f.name]}".strip()
+            command = click.option(*_option_names(f, meta, hints[f.name]), f.name, **kwargs)(command)
         return command
 
     return decorate
+
+
+def _option_names(f: dataclasses.Field, meta: dict, hint: Any) -> list[str]:
+    name = meta["flag"] or flag(f.name)
+    if _base(hint)[0] is bool:
+        return [f"{name}/--no-{name.lstrip('-')}"]
+    return [name]
+
+
+def _option_kwargs(f: dataclasses.Field, meta: dict, hint: Any) -> dict[str, Any]:
+    import click
+
+    kind, _ = _base(hint)
+    default = field_default(f)
+    required = default is dataclasses.MISSING
+    origin = typing.get_origin(kind) or kind
+    kwargs: dict[str, Any] = {"help": meta["help"], "required": required}
+    if origin is dict:
+        option = meta["flag"] or flag(f.name)
+        kwargs |= {"multiple": True, "metavar": meta["metavar"] or "KEY=VALUE", "callback": _key_values(option)}
+        return kwargs
+    kwargs |= {"default": None if required else default, "show_default": not required and default is not None}
+    if meta["metavar"]:
+        kwargs["metavar"] = meta["metavar"]
+    if kind is bool:
+        return kwargs
+    if meta["choices"] is not None:
+        kwargs["type"] = click.Choice(meta["choices"])
+    elif kind is Path:
+        from n2n.cli import PATH_OR_URL
+
+        kwargs["type"] = PATH_OR_URL if meta["url"] else click.Path(path_type=Path)
+    elif origin in (list, tuple):
+        (item, *_) = typing.get_args(kind) or (str,)
+        kwargs["type"] = Listed(item, origin)
+        if default is not None and not required:
+            kwargs["default"] = ",".join(map(str, default))
+    else:
+        kwargs["type"] = kind
+    return kwargs
+
+
+def _key_values(option: str) -> Callable:
+    """The click callback of a repeatable KEY=VALUE option: the values as a dict, or a one-line error."""
+
+    def parse(ctx: Any, param: Any, value: Sequence[str]) -> dict[str, Any]:
+        try:
+            return dict(parse_option(text, option) for text in value)
+        except N2NError as err:
+            from n2n.cli import fail
+
+            fail(str(err))
+
+    return parse
+
+
+@functools.cache
+def _listed_type() -> type:
+    import click
+
+    class Listed(click.ParamType):
+        """Comma-separated values (``--layers cls,mean``, ``--channels 16,32``); a list from a config file."""
+
+        name = "list"
+
+        def __init__(self, item: type, container: type) -> None:
+            self.item, self.container = item, container
+
+        def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+            if value is None or isinstance(value, self.container) and not isinstance(value, str):
+                parts = value
+            else:
+                parts = [part for part in str(value).split(",") if part.strip()]
+            try:
+                return self.container(self.item(part.strip() if isinstance(part, str) else part) for part in parts)
+            except (TypeError, ValueError):
+                from n2n.cli import fail
+
+                kind = "integers, e.g. 16,32,64" if self.item is int else f"{self.item.__name__} values"
+                fail(f"{param.opts[0] if param else 'value'} {value!r}: write comma-separated {kind}")
+
+    return Listed
+
+
+def Listed(item: type, container: type) -> Any:  # noqa: N802 (a click type, made where click is imported)
+    return _listed_type()(item, container)
+
+
+def parse_option(text: str, option: str) -> tuple[str, object]:
+    """KEY=VALUE (a ``--data-option``) with VALUE as an int, a float, true/false, or else the string itself."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise N2NError(f"{option} {text!r}: write it as KEY=VALUE, e.g. seed=1")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def from_params(cls: type, params: dict[str, Any], **extra: Any) -> Any:
     """An instance of ``cls`` from the click parameters that name its fields (checked on creation)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in params.items() if k in names}, **extra)
+
+
+# ---------------------------------------------------------------- config files
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The options in a YAML file: a mapping of option names (``batch_size`` or ``batch-size``) to values.
+    A ``config.yaml`` that a run or store wrote reads back as it is (its records, like the n2n version,
+    are left out). Anything else is an N2NError naming the file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise N2NError(f"config {path}: cannot read it ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        raise N2NError(f"config {path}: not YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(key, str) for key in data):
+        raise N2NError(f"config {path}: write a mapping of option names to values, e.g. 'steps: 2000'")
+    from n2n.cinn.net2net import is_net2net_config, net2net_options
+
+    if is_net2net_config(data):  # net2net's own translation config, as it ships
+        return net2net_options(data, f"net2net config {path}")
+    options = {option_name(key): value for key, value in data.items()}
+    return {key: value for key, value in options.items() if key not in RECORDED}
+
+
+def check_names(given: Iterable[str], known: Iterable[str], where: str) -> None:
+    """N2NError for the first name in ``given`` that is not ``known``, with the closest known one."""
+    known = sorted(known)
+    for name in given:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the options are: {', '.join(known)}"
+            raise N2NError(f"{where}: unknown option {name!r}; {hint}")
+
+
+def with_config(config: str | Path | None, options: Mapping[str, Any], known: Iterable[str]) -> dict[str, Any]:
+    """The API's keyword ``options`` over the values of the ``config`` file (if one is given), each name
+    checked against ``known``."""
+    values = read_config(config) if config is not None else {}
+    check_names(values, known, f"config {config}")
+    return {**values, **options}
+
+
+def config_option(command: Callable) -> Callable:
+    """Decorate a click command with ``--config FILE.yaml``: the file's values become the defaults of the
+    command's options, so the command line overrides the file. Keys are checked against the command's
+    own options (an unknown one is a one-line error naming the closest), values as the options' are."""
+    import click
+
+    def load(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+        if value is None or ctx.resilient_parsing:
+            return value
+        from n2n.cli import fail
+
+        params = {}  # by name and by flag: "shards" is the option --shards (dest view), "data_option" --data-option
+        for p in ctx.command.params:
+            if p.name and p.name != "config" and isinstance(p, click.Option):
+                params[p.name] = p
+                for opt in p.opts:
+                    params.setdefault(option_name(opt), p)
+        try:
+            values = read_config(value)
+            check_names(values, params, f"--config {value}")
+        except N2NError as err:
+            fail(str(err))
+        defaults = {params[k].name: _as_flag_value(params[k], v) for k, v in values.items()}
+        ctx.default_map = {**(ctx.default_map or {}), **defaults}
+        return value
+
+    return click.option("--config", type=click.Path(path_type=Path, dir_okay=False), is_eager=True,
+                        expose_value=False, callback=load,
+                        help="A YAML file of options (keys as here, batch_size or batch-size); the command line "
+                             "overrides it. A run's or store's own config.yaml repeats it.")(command)
+
+
+def _as_flag_value(param: Any, value: Any) -> Any:
+    """A config file's value as the option would be given on the command line (a mapping as KEY=VALUE)."""
+    if getattr(param, "multiple", False) and isinstance(value, dict):
+        return [f"{key}={item}" for key, item in value.items()]
+    return value
+
+
+def as_written(value: Any) -> Any:
+    """An option's value as YAML writes it: paths as text, tuples as lists."""
+    if isinstance(value, Path) or type(value).__module__.startswith("upath"):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [as_written(item) for item in value]
+    if isinstance(value, dict):
+        return {key: as_written(item) for key, item in value.items()}
+    return value
+
+
+def config_text(options: Mapping[str, Any]) -> str:
+    """``config.yaml``'s text: every option with its value, in the order given, then the n2n version."""
+    import yaml
+
+    from n2n import __version__
+
+    body = {key: as_written(value) for key, value in options.items()} | {"n2n_version": __version__}
+    return yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 
 
 def split_options(options: dict[str, Any], *classes: type) -> list[dict[str, Any]]:

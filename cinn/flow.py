@@ -274,6 +274,10 @@ class FlowConfig:
                                       "one Linear layer; mlp: net2net's MLP (--embedder-depth, --embedder-norm).",
                             choices=EMBEDDERS)
     embedder_depth: int = setting(2, "Hidden layers of the mlp embedder.", min=0)
+    # net2net's conditioning_hidden_dim (256 in its shipped configs); None keeps the embedding's width, which
+    # is what n2n built before the field existed, so older checkpoints read as they were.
+    embedder_hidden_dim: int | None = setting(None, "Width of the mlp embedder's hidden layers (net2net: "
+                                                    "conditioning_hidden_dim).  [default: the embedding dim]", min=1)
     embedder_norm: str = setting(
         "layer", "Normalisation in the mlp embedder. net2net's batch makes a sample's embedding depend on "
                  "its batch and breaks at batch size 1 (translating one caption); layer trains as well.",
@@ -324,19 +328,25 @@ class ConditionalFlow(nn.Module):
     Args:
         dim: size of the target latent x (what is generated).
         cond_dim: size of the condition c (the source expert's latent).
-        config: the flow's shape (FlowConfig's defaults: net2net's). ``self.config`` holds it with
-            ``embedding_dim`` resolved.
+        config: the flow's shape as a ``FlowConfig``.
+        **options: or its fields as keywords, as flow libraries take them
+            (``ConditionalFlow(268, 768, n_flows=24, hidden_dim=1024)``); the rest at FlowConfig's defaults.
+            ``self.config`` holds the shape with ``embedding_dim`` resolved.
     """
 
-    def __init__(self, dim: int, cond_dim: int, config: FlowConfig | None = None) -> None:
+    def __init__(self, dim: int, cond_dim: int, config: FlowConfig | None = None, **options: Any) -> None:
         super().__init__()
-        config = config or FlowConfig()
+        if config is not None and options:
+            raise TypeError(f"ConditionalFlow: give config= or FlowConfig's fields as keywords, not both "
+                            f"({', '.join(options)})")
+        config = config or FlowConfig(**options)
         low, high = EMBEDDING_RANGE
         self.config = dataclasses.replace(config, embedding_dim=config.embedding_dim or min(max(dim, low), high))
         self.dim, self.cond_dim = dim, cond_dim
         width = self.config.embedding_dim
         self.embedder = (nn.Linear(cond_dim, width) if self.config.embedder == "linear" else
-                         mlp(cond_dim, width, self.config.embedder_depth, width, norm=self.config.embedder_norm))
+                         mlp(cond_dim, self.config.embedder_hidden_dim or width, self.config.embedder_depth, width,
+                             norm=self.config.embedder_norm))
         self.blocks = nn.ModuleList(FlowBlock(dim, self.config, seed=i) for i in range(self.config.n_flows))
 
     def to_dict(self) -> dict[str, Any]:

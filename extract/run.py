@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from n2n.errors import N2NError
 from n2n.extract.datasets import ItemDataset, ItemError, open_dataset
 from n2n.extract.experts import Expert, load_expert
-from n2n.options import check_fields, setting
-from n2n.parallel import Ranks, pick_device
+from n2n.options import CONFIG_FILE, check_fields, config_text, setting
+from n2n.parallel import Ranks, pick_device, usable_cores
 from n2n.shards import (
     Store,
     StoreError,
@@ -61,29 +61,43 @@ class ExtractError(N2NError):
     """Bad input or a failed item under --on-error fail; the message names it and the way on."""
 
 
+def default_workers() -> int:
+    """Loader processes by default: one per core, at most 4 (decoding and tokenising keep up with a GPU)."""
+    return min(4, usable_cores())
+
+
 @dataclass
 class ExtractConfig:
-    """One extraction: which expert over which data, where to, and how. Checked when made."""
+    """One extraction: which expert over which data, where to, and how. Checked when made; each field is
+    an n2n-extract option (and a key of its --config file)."""
 
-    expert: str
-    data: str
-    data_root: Path | None = None
-    split: str = "train"
-    out: Path = Path("shards")
-    format: str = "zarr"
+    expert: str = setting(help="Expert spec name[:model][@layer]; e.g. minilm, bert:bert-base-uncased@cls, "
+                               "timm:resnet50@stage3, ae:experts/ae-shapes.")
+    data: str = setting(help="Dataset name.")
+    data_root: Path | None = setting(None, "Where the dataset lives (coco, folder, wds); shapes and biggan need none.")
+    split: str = setting("train", "The dataset's own split: train | val.")
+    out: Path = setting(Path("shards"), "Root of the stores: writes OUT/<data>/<expert>[@layer]/.", url=True)
+    format: str = setting("zarr", "Store format (zarr, wds, h5, or a plug-in's).")
     batch_size: int = setting(64, "Items per forward pass (fixed for the life of a store).", min=1)
-    num_workers: int = setting(2, "Loader processes (decode, preprocess); 0 loads in the main process.", min=0)
-    device: str = "auto"
+    num_workers: int = setting(default_factory=default_workers, min=0,
+                               help="Loader processes (decode, preprocess): by default one per core, at most 4; 0 "
+                                    "loads in the main process.")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = setting("float16", "Stored latent dtype.", choices=("float16", "float32"))
     limit: int | None = setting(None, "Only the first N items.", min=1)
-    layers: list[str] | None = None
-    weights: Path | None = None
+    layers: list[str] | None = setting(None, "Layers to store, comma-separated: one store each, from one forward "
+                                             "pass.  [default: the expert's first]")
+    weights: Path | None = setting(None, "Local weights (file or folder) instead of the hub: the way to run offline.")
     on_error: str = setting("skip", "A corrupt image or empty caption: skip it (recorded in errors.jsonl) or stop.",
                             choices=("skip", "fail"))
-    overwrite: bool = False
+    overwrite: bool = setting(False, "Redo the stores even if they are complete.")
     commit_every: float = setting(30.0, "Seconds between commits: the most work a crash can cost.", min=0)
-    data_options: dict = field(default_factory=dict)
-    expert_options: dict = field(default_factory=dict)
+    data_options: dict = setting(default_factory=dict, flag="--data-option",
+                                 help="A dataset option, repeatable: e.g. seed=1, size=128 (shapes), "
+                                      "classes=1,207,980 (biggan).")
+    expert_options: dict = setting(default_factory=dict, flag="--expert-option",
+                                   help="An option of the expert family, repeatable: e.g. size=64 (sdvae: the "
+                                        "image size it encodes).")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -362,6 +376,10 @@ def run_extraction(cfg: ExtractConfig, console: Console | None = None) -> dict:
     Under torchrun each rank extracts its own range of items into parts of the stores, and rank 0
     commits the parts into the stores once every rank is done (shards.parts).
     """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenisers run in forked loader workers
+    import transformers  # here: a second to import, which a bad option or --help need not wait for
+
+    transformers.logging.disable_progress_bar()  # one progress bar, ours
     ranks = Ranks.from_env()
     joined = ranks.init("gloo")  # only barriers pass between ranks: gloo serves CPU and GPU jobs alike
     console = console or Console(stderr=True)
@@ -385,8 +403,13 @@ def run_extraction(cfg: ExtractConfig, console: Console | None = None) -> dict:
                           f"({len(finished[job.layers[0]])} rows); --overwrite redoes it")
             return job.summary(rows=len(finished[job.layers[0]]), already_complete=True)
         if ranks.world == 1 and not any(existing_ranges(p) for p in job.paths.values()):
-            return extract_items(job, job.paths, job.metas, 0, job.items, device, console)
-        return extract_parts(job, ranks, device, console)
+            summary = extract_items(job, job.paths, job.metas, 0, job.items, device, console)
+        else:
+            summary = extract_parts(job, ranks, device, console)
+        if ranks.main:  # each finished store keeps the options it was made with, to be made again from them
+            for path in job.paths.values():
+                write_text_atomic(as_path(path) / CONFIG_FILE, config_text(asdict(cfg)))
+        return summary
     finally:
         if joined:
             dist.destroy_process_group()

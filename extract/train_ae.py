@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
@@ -27,13 +27,14 @@ from rich.table import Table
 from torchvision import transforms
 
 from n2n import plugins
-from n2n.cli import CONTEXT, parse_option, reports_errors
+from n2n.cli import CONTEXT, reports_errors
 from n2n.errors import N2NError
 from n2n.extract.datasets import DatasetError, ItemDataset, ItemError, open_dataset
 from n2n.extract.experts import first_line
 from n2n.extract.experts.ae import ConvAutoencoder, load_autoencoder, save_autoencoder
-from n2n.options import check_fields, click_options, setting
+from n2n.options import CONFIG_FILE, check_fields, click_options, config_option, config_text, from_params, setting
 from n2n.parallel import pick_device
+from n2n.shards import write_text_atomic
 
 console = Console(stderr=True)
 MAX_IN_MEMORY_BYTES = 8 << 30  # images are held as uint8; above this, ask for --limit instead of swapping
@@ -54,13 +55,14 @@ class TrainAEConfig:
     32-d VAE. A KL weight of 1e-4 cost shape (84.5% on reconstructions); 1e-5 leaves a posterior std
     of ~0.2 of the latent's spread."""
 
-    data: str = "shapes"
-    data_root: Path | None = None
-    dataset_options: dict = field(default_factory=dict)
+    data: str = setting("shapes", "Image dataset.")
+    data_root: Path | None = setting(None, "Where the dataset lives (coco, folder, wds); shapes needs none.")
+    dataset_options: dict = setting(default_factory=dict, flag="--data-option",
+                                    help="A dataset option, repeatable: e.g. seed=1 or count=5000 (shapes).")
+    channels: tuple[int, ...] = setting((16, 32, 64, 128), "Conv widths, one stride-2 stage each (comma-separated).")
     limit: int | None = setting(None, "Train on the first N images only.", min=1)
     image_size: int = setting(64, "Images are resized (shorter side) and centre-cropped to this.", min=1)
     latent_dim: int = setting(32, "Size of the latent the expert stores.", min=1)
-    channels: tuple[int, ...] = (16, 32, 64, 128)
     steps: int = setting(1500, "Optimiser steps.", min=1)
     batch_size: int = setting(32, "Images per step.", min=1)
     lr: float = setting(2e-3, "Peak learning rate (one-cycle schedule).", above=0)
@@ -69,11 +71,13 @@ class TrainAEConfig:
     kl_weight: float = setting(1e-5, "Above 0 a VAE, whose decoder also renders the latents between training "
                                      "images (see ConvAutoencoder): weight of the KL term (nats per image) against "
                                      "the pixel loss. 0: a plain autoencoder.", min=0)
-    out: Path = Path("experts/ae-shapes")
-    device: str = "auto"
+    out: Path = setting(Path("experts/ae-shapes"), "Folder of the saved expert (config.json, model.safetensors, "
+                                                   "report.json, and config.yaml: these options).")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     seed: int = setting(0, "Seeds the initial weights and the batch order.", min=0)
-    overwrite: bool = False
-    judge: Path = Path("experts/judge-shapes")
+    overwrite: bool = setting(False, "Retrain even if --out already holds an autoencoder.")
+    judge: Path = setting(Path("experts/judge-shapes"), "Shapes judge folder (trained there in about a minute if "
+                                                        "missing); shapes only.")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -273,6 +277,7 @@ def train_autoencoder(cfg: TrainAEConfig, progress_console: Console = console) -
         report["judge"] = judge_shapes(model, cfg, device)
     save_autoencoder(model.cpu(), cfg.out)
     (cfg.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(cfg.out / CONFIG_FILE, config_text(asdict(cfg)))  # n2n-train-ae --config OUT/config.yaml
     return report
 
 
@@ -296,32 +301,11 @@ def summary_table(report: dict) -> Table:
     return table
 
 
-def parse_widths(channels: str) -> tuple[int, ...]:
-    """``--channels 16,32,64``; anything else is a one-line TrainAEError, as every other bad option is."""
-    try:
-        return tuple(int(c) for c in channels.split(","))
-    except ValueError:
-        raise TrainAEError(f"--channels {channels!r}: write widths as comma-separated integers, "
-                           "e.g. 16,32,64,128") from None
-
-
 @click.command(context_settings=CONTEXT)
-@click.option("--data", default=TrainAEConfig.data, help=f"Image dataset; installed: {plugins.listing('dataset')}.")
-@click.option("--data-root", type=click.Path(path_type=Path), default=None,
-              help="Where the dataset lives (coco, folder, wds); shapes needs none.")
-@click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE",
-              help="A dataset option, repeatable: e.g. seed=1 or count=5000 (shapes).")
-@click.option("--channels", default=",".join(map(str, TrainAEConfig.channels)),
-              help="Conv widths, one stride-2 stage each (comma-separated).")
-@click_options(TrainAEConfig)
-@click.option("--out", type=click.Path(path_type=Path), default=TrainAEConfig.out,
-              help="Folder of the saved expert (config.json, model.safetensors, report.json).")
-@click.option("--device", default=TrainAEConfig.device, help="auto | cpu | cuda | cuda:N")
-@click.option("--judge", type=click.Path(path_type=Path), default=TrainAEConfig.judge,
-              help="Shapes judge folder (trained there in about a minute if missing); shapes only.")
-@click.option("--overwrite", is_flag=True, help="Retrain even if --out already holds an autoencoder.")
+@config_option
+@click_options(TrainAEConfig, more_help={"data": f"Installed: {plugins.listing('dataset')}."})
 @reports_errors
-def main(data_options: tuple[str, ...], channels: str, **options: object) -> None:
+def main(**options: object) -> None:
     """Train a convolutional autoencoder on a dataset's images and save it as the expert ae:OUT.
 
     On shapes it also writes how well the shapes judge recognises colour, shape, size and position
@@ -329,8 +313,7 @@ def main(data_options: tuple[str, ...], channels: str, **options: object) -> Non
 
     Example: n2n-train-ae --data shapes --out experts/ae-shapes
     """
-    cfg = TrainAEConfig(**options, channels=parse_widths(channels),
-                        dataset_options=dict(parse_option(o, "--data-option") for o in data_options))
+    cfg = from_params(TrainAEConfig, options)
     report = train_autoencoder(cfg)
     if report.get("skipped"):
         console.print(f"{cfg.out} already holds an autoencoder: nothing to do (--overwrite retrains it)",

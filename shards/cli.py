@@ -59,7 +59,7 @@ def _walk(root: Path) -> Iterator[tuple[str, Path]]:
             yield kind, Path(directory)
         if kind == "store":
             subdirs.clear()
-        subdirs.sort()
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))  # .NAME.creating: a create cut off
 
 
 def _expert(store: Store) -> str:

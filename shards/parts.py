@@ -60,6 +60,8 @@ def existing_ranges(store: Path | str) -> list[tuple[int, int]]:
         return []
     ranges = []
     for part in sorted(folder.iterdir()):
+        if part.name.startswith("."):  # a part whose creation was cut off (create_store's .NAME.creating)
+            continue
         name, _, bounds = part.name.partition("-")
         lo, _, hi = bounds.partition("-")
         if name != "items" or not (lo.isdigit() and hi.isdigit()):

@@ -21,7 +21,7 @@ from n2n.shards.errors import StoreError, StoreWriteError
 from n2n.shards.formats import backend_of, load_format
 from n2n.shards.layout import Layout, size_problem
 from n2n.shards.meta import DTYPES, META_NAME, RESERVED_META, read_meta, version
-from n2n.shards.paths import as_path, remove_tree, write_json_atomic
+from n2n.shards.paths import as_path, is_remote, remove_tree, write_json_atomic
 
 
 class StoreWriter:
@@ -163,7 +163,6 @@ def create_store(
             f"{path} already exists and is not empty: "
             "resume it (rerun the command that writes it) or delete it"
         )
-    path.mkdir(parents=True, exist_ok=True)
     full = {
         "n2n_store": 1,
         "format": format,
@@ -179,13 +178,26 @@ def create_store(
         "split": None,
         **extra,
     }
-    try:
-        backend.create(path, full)
-    except BaseException:
-        if not existed:  # what a failed create made would refuse the next, correct command
-            remove_tree(path)
-        raise
-    write_json_atomic(path / META_NAME, full)  # last: a directory with meta.json is a valid store
+    if is_remote(path):  # no atomic rename: meta.json last, so a folder without it is no store
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            backend.create(path, full)
+        except BaseException:
+            if not existed:  # what a failed create made would refuse the next, correct command
+                remove_tree(path)
+            raise
+        write_json_atomic(path / META_NAME, full)
+    else:  # made whole beside it and renamed into place: a kill at any moment leaves no half store at path
+        making = path.with_name(f".{path.name}.creating")
+        remove_tree(making)  # one a killed create left
+        making.mkdir(parents=True)
+        try:
+            backend.create(making, full)
+            write_json_atomic(making / META_NAME, full)
+            os.replace(making, path)  # path is absent or an empty folder, which a rename replaces
+        except BaseException:
+            remove_tree(making)
+            raise
     return StoreWriter(path, full, backend(path, full))
 
 

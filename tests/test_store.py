@@ -433,6 +433,27 @@ def test_meta_disagreeing_with_the_arrays(tmp_path, format, field, value, rows, 
         open_store(path).latents()
 
 
+@pytest.mark.parametrize("format", FORMATS)
+def test_a_create_killed_midway_leaves_no_half_store(tmp_path, format, rows, assert_same_rows):
+    """A process that dies (os._exit: no cleanup, as kill -9) after the format's files are written and
+    before meta.json leaves nothing at the store's path, so the same create then succeeds; the leftover
+    .NAME.creating folder is replaced, and n2n-shards ls does not list it."""
+    path = tmp_path / "shards" / "s"
+    killed = (f"import os, n2n.shards.writer as w; w.write_json_atomic = lambda *a: os._exit(9); "
+              f"w.create_store({str(path)!r}, dim={DIM}, format={format!r})")
+    assert subprocess.run([sys.executable, "-c", killed], check=False).returncode == 9
+    assert not path.exists() and (tmp_path / "shards" / ".s.creating").is_dir()
+    from click.testing import CliRunner
+
+    from n2n.shards.cli import main as n2n_shards
+
+    assert ".creating" not in CliRunner().invoke(n2n_shards, ["ls", str(tmp_path / "shards")]).output
+    with create_store(path, dim=DIM, format=format) as writer:
+        writer.append(*rows(7))
+    assert_same_rows(open_store(path), rows(7))
+    assert not (tmp_path / "shards" / ".s.creating").exists()
+
+
 def test_create_refuses_an_existing_store(tmp_path, rows, write):
     path = write(tmp_path / "s", rows(5), "zarr")
     with pytest.raises(StoreError, match=f"{path} already exists and is not empty: resume it"):

@@ -89,7 +89,7 @@ def test_same_seed_same_weights(tmp_path, small_judge, n2n_train_ae):
     (["--data", "biggan"], "has no images"),
     (["--image-size", 40], "must be a multiple of 16"),
     (["--channels", "8,0"], "--channels must be one or more widths >= 1"),
-    (["--channels", "8,x"], "--channels '8,x': write widths as comma-separated integers"),
+    (["--channels", "8,x"], "--channels '8,x': write comma-separated integers"),
     (["--data-option", "seed"], "--data-option 'seed': write it as KEY=VALUE"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, args, message, n2n_train_ae):

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from n2n.cinn import ConditionalFlow, FlowConfig
-from n2n.options import flag, split_options
+from n2n.options import check_value, flag, split_options, with_config
 from n2n.parallel import Ranks, pick_device
 from n2n.shards import as_path
 from n2n.shards.view import View, open_view
@@ -34,14 +34,27 @@ def settings(**options: Any) -> tuple[TrainConfig, FlowConfig]:
     return TrainConfig(**train), FlowConfig(**flow)
 
 
-def train(view: View | str | os.PathLike | None, out: str | os.PathLike | None = None, *, resume: bool = False,
-          device: str = "auto", compile: bool | None = None, stream: bool | None = None, progress: bool = True,
+# train()'s own options, beside the configs' (a config file's keys too)
+RUN_OPTIONS = ("shards", "out", "resume", "device", "compile", "stream", "init_from", "source_dim", "target_dim")
+
+
+def train(view: View | str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
+          config: str | os.PathLike | None = None, resume: bool = False, device: str = "auto",
+          compile: bool | None = None, stream: bool | None = None, init_from: str | os.PathLike | None = None,
+          source_dim: int | None = None, target_dim: int | None = None, progress: bool = True,
           console: Console | None = None, **options: Any) -> Path:
     """Train a cINN p(target latent | source latent) on ``view`` (a View, its folder or its URL) into
     the run folder ``out`` (default ``runs/<view name>``) and return that folder.
 
     ``options`` are n2n-train's options: ``TrainConfig``'s fields (``steps``, ``batch_size``, ``lr``,
     ``holdout``, ``target_noise``, ...) and ``FlowConfig``'s (``n_flows``, ``hidden_dim``, ...).
+    ``config``: a YAML file of the same options (and ``shards``, ``out``, ``device``, ...), as n2n-train's
+    ``--config`` reads it; keyword arguments override it (``train(config="runs/x/config.yaml",
+    out="runs/y")`` trains run x again). The run writes its resolved options to ``out/config.yaml``.
+    A config may also be net2net's own translation YAML (``configs/translation/sbert-to-biggan256.yaml``):
+    its flow, batch size and learning rate, and the latent sizes the view must have (``source_dim``,
+    ``target_dim``). ``init_from``: a net2net checkpoint (``.ckpt`` or its state dict) whose flow the
+    new run starts from (``n2n.cinn.from_net2net``).
     ``resume`` goes on with the checkpoint in ``out`` up to ``steps``, with the settings it was
     trained with (giving another value for one of them is an error; ``view`` defaults to the run's
     own), and ends with the weights an uninterrupted run would have. ``stream=None`` streams the
@@ -50,6 +63,17 @@ def train(view: View | str | os.PathLike | None, out: str | os.PathLike | None =
     prints no progress and no summary, only warnings. Under torchrun every rank trains its slice of
     each global batch. Errors are ``N2NError``s; ``DivergedError`` when the loss turns NaN/inf.
     """
+    if config is not None:
+        given = {"shards": view, "out": out, "resume": resume or None, "device": None if device == "auto" else device,
+                 "compile": compile, "stream": stream, "init_from": init_from, "source_dim": source_dim,
+                 "target_dim": target_dim}
+        merged = with_config(config, {**{k: v for k, v in given.items() if v is not None}, **options}, known_options())
+        view, out, resume = merged.pop("shards", None), merged.pop("out", None), merged.pop("resume", False)
+        device, compile, stream = merged.pop("device", "auto"), merged.pop("compile", None), merged.pop("stream", None)
+        init_from, source_dim, target_dim = (merged.pop(k, None) for k in ("init_from", "source_dim", "target_dim"))
+        options = merged
+    for name, value in (("source_dim", source_dim), ("target_dim", target_dim)):
+        check_value(name, value, integer=True, min=1, optional=True)
     cfg, flow_config = settings(**options)
     view_path = None if view is None else view.path if isinstance(view, View) else as_path(view)
     if view_path is None and not (resume and out is not None):
@@ -73,12 +97,18 @@ def train(view: View | str | os.PathLike | None, out: str | os.PathLike | None =
             return out
     elif checkpoint.exists():
         raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    check_dims(view_path, source_dim, target_dim)
+    if init_from is not None and resume:
+        raise TrainError(f"--init-from {init_from} starts a new run; --resume goes on with {out}'s own weights: "
+                         "give one of them")
 
     dev = device_of(device, ranks)
     joined = ranks.init("nccl" if dev.type == "cuda" else "gloo")
+    resolved = {"shards": view_path, "out": out, **dataclasses.asdict(cfg), **dataclasses.asdict(flow_config),
+                "device": device, "compile": compile, "stream": stream, "init_from": init_from}
     try:
         summary = fit(view_path, out, cfg, flow_config, resume=resume, dev=dev, compile=compile, stream=stream,
-                      progress=progress, console=console, ranks=ranks)
+                      progress=progress, console=console, ranks=ranks, config=resolved, init_from=init_from)
     except RuntimeError as err:  # torch.OutOfMemoryError is one
         if not out_of_memory(err):
             raise
@@ -90,6 +120,22 @@ def train(view: View | str | os.PathLike | None, out: str | os.PathLike | None =
     if progress and ranks.main:
         print_summary(summary, console)
     return out
+
+
+def check_dims(view: Path, source_dim: int | None, target_dim: int | None) -> None:
+    """The view's latent sizes are those a config was written for (a net2net config names them)."""
+    if source_dim is None and target_dim is None:
+        return
+    v = open_view(view)
+    if (source_dim or v.source.dim, target_dim or v.target.dim) != (v.source.dim, v.target.dim):
+        raise TrainError(f"the config is for {source_dim or '?'} -> {target_dim or '?'} dim latents, but view {view} "
+                         f"joins {v.source.dim} -> {v.target.dim}: pair stores of the config's sizes, or drop "
+                         "source_dim / target_dim")
+
+
+def known_options() -> set[str]:
+    """Every name ``train`` takes as an option (a config file's keys)."""
+    return {f.name for cls in (TrainConfig, FlowConfig) for f in dataclasses.fields(cls)} | set(RUN_OPTIONS)
 
 
 def resumed_settings(meta: dict, cfg: TrainConfig, flow_config: FlowConfig, given: set[str],
@@ -115,9 +161,14 @@ def device_of(name: str, ranks: Ranks) -> torch.device:
         raise TrainError(f"--device {name!r}: not a device ({e}); use auto, cpu, cuda or cuda:N") from None
 
 
-def dry_run(view: View | str | os.PathLike | None, **options: Any) -> dict[str, Any]:
+def dry_run(view: View | str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,
+            **options: Any) -> dict[str, Any]:
     """What ``train(view, **options)`` would build, without training (n2n-train --dry-run): the
     flow's settings and parameter count, the batch size, the learning rate and the number of pairs."""
+    if config is not None:
+        options = with_config(config, {**({"shards": view} if view is not None else {}), **options}, known_options())
+        view = options.pop("shards", None)
+        options = {k: v for k, v in options.items() if k not in RUN_OPTIONS}
     cfg, flow_config = settings(**options)
     if view is None:
         raise TrainError("--dry-run sizes a run on a view: give one (--shards)")

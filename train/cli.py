@@ -13,13 +13,14 @@ from rich.table import Table
 
 from n2n.cinn import FlowConfig
 from n2n.cli import CONTEXT, PATH_OR_URL, console, reports_errors
-from n2n.options import check_value, click_options
+from n2n.options import check_value, click_options, config_option
 from n2n.parallel import relaunch
 from n2n.train import api
 from n2n.train.trainer import TrainConfig
 
 
 @click.command(context_settings=CONTEXT)
+@config_option
 @click.option("--shards", "view", type=PATH_OR_URL, default=None,
               help="View folder (holds view.json) naming the source and target stores, e.g. shards/minilm_ae.  "
                    "[on --resume: the run's own]")
@@ -36,6 +37,13 @@ from n2n.train.trainer import TrainConfig
                    "the background) instead of loading the view on the device.  [default: only where it would "
                    "not fit]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint, exactly.")
+@click.option("--init-from", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Start a new run from a net2net checkpoint's flow (.ckpt, or its state dict); --config its "
+                   "net2net YAML builds the same flow.")
+@click.option("--source-dim", type=int, default=None,
+              help="Refuse a view whose source latents are not this size (a net2net config sets it).")
+@click.option("--target-dim", type=int, default=None,
+              help="Refuse a view whose target latents are not this size (a net2net config sets it).")
 @click.option("--dry-run", is_flag=True, help="Build the model, print its size and the pair count, train nothing.")
 @click.option("--nproc", default=1, type=int,
               help="Data-parallel processes on this node (one per GPU): relaunches this command under torchrun. "
@@ -43,7 +51,8 @@ from n2n.train.trainer import TrainConfig
 @click.pass_context
 @reports_errors
 def main(ctx: click.Context, view: Path | None, out: Path | None, device: str, compile: bool | None,
-         stream: bool | None, resume: bool, dry_run: bool, nproc: int, **options: object) -> None:
+         stream: bool | None, resume: bool, init_from: Path | None, source_dim: int | None, target_dim: int | None,
+         dry_run: bool, nproc: int, **options: object) -> None:
     """Train a conditional INN p(target latent | source latent) from a view's stores alone.
 
     Both sides are standardised (statistics kept in the checkpoint); keys hashing into --holdout are
@@ -66,7 +75,8 @@ def main(ctx: click.Context, view: Path | None, out: Path | None, device: str, c
         return
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(relaunch(nproc, "n2n.train", sys.argv[1:]))
-    api.train(view, out, resume=resume, device=device, compile=compile, stream=stream, console=console(), **given)
+    api.train(view, out, resume=resume, device=device, compile=compile, stream=stream, init_from=init_from,
+              source_dim=source_dim, target_dim=target_dim, console=console(), **given)
 
 
 def print_dry_run(size: dict, view: Path) -> None:

@@ -33,8 +33,9 @@ from torch.nn.parallel import DistributedDataParallel
 from n2n.cinn import ConditionalFlow, FlowConfig, bits_per_dim, nll
 from n2n.cinn.flow import upgrade_header
 from n2n.errors import N2NError
-from n2n.options import check_fields, setting
+from n2n.options import CONFIG_FILE, check_fields, config_text, setting
 from n2n.parallel import Ranks
+from n2n.shards import write_text_atomic
 from n2n.shards.view import open_view
 from n2n.train.checkpoint import (
     CHECKPOINT,
@@ -344,10 +345,13 @@ def open_data(view: Path | str, cfg: TrainConfig, norms: tuple[Standardizer, Sta
 
 
 def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, *, resume: bool, dev: torch.device,
-        compile: bool | None, stream: bool | None, progress: bool, console: Console, ranks: Ranks) -> dict:
+        compile: bool | None, stream: bool | None, progress: bool, console: Console, ranks: Ranks,
+        config: dict | None = None, init_from: Path | str | None = None) -> dict:
     """Train a new run in ``out``, or go on with its checkpoint (whose settings ``cfg`` and
     ``flow_config`` must be: n2n.train.api sees to it); return the final summary. Under torchrun
-    every rank calls it."""
+    every rank calls it. ``config``: the run's resolved options, written to ``out/config.yaml`` once
+    the view has opened and the model is built. ``init_from``: a net2net checkpoint the new flow starts
+    from (its ActNorms then keep their statistics)."""
     if cfg.batch_size % ranks.world:
         raise TrainError(f"--batch-size {cfg.batch_size} (the global batch) does not split over {ranks.world} "
                          "processes: make it a multiple of the process count")
@@ -360,7 +364,14 @@ def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, 
         floor = run_floor(data, cfg, meta, ranks, console)  # draws from no generator the run trains with
         torch.manual_seed(cfg.seed)  # the initial weights (a resumed run loads its own)
         cond_dim, dim = data.dims
-        flow = ConditionalFlow(dim, cond_dim, flow_config).to(dev)
+        flow = ConditionalFlow(dim, cond_dim, flow_config)
+        if init_from is not None and not resume:
+            start_from_net2net(flow, init_from)
+        flow = flow.to(dev)
+        if ranks.main:
+            out.mkdir(parents=True, exist_ok=True)
+            if config is not None:  # with the flow's shape as built (its embedding width resolved)
+                write_text_atomic(out / CONFIG_FILE, config_text({**config, **dataclasses.asdict(flow.config)}))
         if resume:
             optimizer, generator = restore(flow, tensors, meta, cfg, dev)
             if ranks.main:
@@ -374,6 +385,19 @@ def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, 
                      console, ranks, floor)
     finally:
         data.close()
+
+
+def start_from_net2net(flow: ConditionalFlow, checkpoint: Path | str) -> None:
+    """Load a net2net checkpoint's flow into ``flow`` (net2net's architecture: affine, mlp embedder)."""
+    from n2n.cinn.net2net import Net2NetError, load_state_dict, n2n_state_dict
+
+    try:
+        flow.load_state_dict(n2n_state_dict(load_state_dict(checkpoint), flow))
+    except (Net2NetError, KeyError, RuntimeError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TrainError(f"--init-from {checkpoint}: its flow does not fit this run's ({detail}); build net2net's "
+                         "flow with its config (--config its YAML: --coupling affine --embedder mlp and its sizes)") \
+            from None
 
 
 def draw_loss(metrics: Path, out: Path, lines: dict[str, float], console: Console) -> bool:
@@ -393,8 +417,6 @@ def _loop(flow: ConditionalFlow, optimizer: torch.optim.Optimizer, generator: to
     """Steps from ``step`` to ``cfg.steps``: a log line every ``log_every`` steps, an evaluation, a
     checkpoint and the loss plot every ``eval_every``."""
     ckpt_path, metrics_path = out / CHECKPOINT, out / "metrics.jsonl"
-    if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
     # Every rank built the same weights (same seed, same init batch); DDP averages the gradients.
     model = DistributedDataParallel(flow) if ranks.world > 1 else flow
     step_fn = make_step(make_loss(model, dev.type == "cuda" if compile is None else compile, console), optimizer)

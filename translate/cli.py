@@ -10,10 +10,10 @@ import numpy as np
 from PIL import Image
 
 from n2n.cli import CONTEXT, console, reports_errors
-from n2n.options import check_value
+from n2n.options import click_options, config_option
 from n2n.shards import write_json_atomic
 from n2n.translate.grid import image_grid
-from n2n.translate.pipeline import TranslateError, Translator
+from n2n.translate.pipeline import SamplingConfig, TranslateError, Translator
 
 
 def read_inputs(texts: tuple[str, ...], text_file: Path | None, images: tuple[Path, ...]) -> tuple[list, list[str]]:
@@ -44,15 +44,14 @@ def write_atomic_npy(array: np.ndarray, out: Path) -> None:
 
 
 @click.command(context_settings=CONTEXT)
+@config_option
 @click.option("--run", "run", required=True, type=click.Path(path_type=Path), help="Run folder of n2n-train.")
 @click.option("--text", "texts", multiple=True, help="A caption to translate (repeatable).")
 @click.option("--text-file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Captions to translate, one per line.")
 @click.option("--input", "images", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="An image to translate, for runs whose source expert reads images (repeatable).")
-@click.option("-n", "n", default=8, help="Samples per input.")
-@click.option("--temperature", default=1.0, help="z ~ N(0, T^2 I): lower is more typical, less diverse.")
-@click.option("--seed", default=0, help="Seed of the samples: the same seed gives the same output.")
+@click_options(SamplingConfig)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("grid.png"),
               help="A .png grid (one row per input, its text underneath) or a .npy of latents [inputs, n, dim].")
 @click.option("--source-weights", type=click.Path(path_type=Path), default=None,
@@ -67,9 +66,7 @@ def main(run: Path, texts: tuple[str, ...], text_file: Path | None, images: tupl
 
     Example: n2n-translate --run runs/minilm_ae --text "a small red circle in the top left" -n 8 --out grid.png
     """
-    check_value("n", n, integer=True, min=1)
-    check_value("temperature", temperature, min=0)
-    check_value("seed", seed, integer=True, min=0)
+    SamplingConfig(n, temperature, seed)  # each checked, before the experts load
     if out.suffix not in (".png", ".npy"):
         raise TranslateError(f"--out {out}: write a .png grid or a .npy of latents")
     import transformers  # here: it takes a second to import, and a bad option needs none of it

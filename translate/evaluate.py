@@ -23,7 +23,7 @@ import functools
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -37,7 +37,7 @@ from n2n.cli import CONTEXT, console, reports_errors
 from n2n.errors import N2NError
 from n2n.extract.datasets import DatasetError, dataset_class
 from n2n.extract.experts import Expert
-from n2n.options import check_fields, click_options, setting
+from n2n.options import check_fields, click_options, config_option, setting, split_options, with_config
 from n2n.shards import Store, as_path, write_json_atomic
 from n2n.train.checkpoint import CHECKPOINT, TrainedFlow, load_run, read_meta, run_view
 from n2n.train.data import PairedLatents, load_pairs
@@ -226,10 +226,8 @@ def translation_rows(report: dict) -> list[tuple[str, ...]]:
 # ---------------------------------------------------------------- the API
 
 
-def evaluate(run: str | os.PathLike, *, samples: int = EvalConfig.samples, temperature: float = EvalConfig.temperature,
-             max_rows: int = EvalConfig.max_rows, seed: int = EvalConfig.seed,
-             baseline_steps: int = EvalConfig.baseline_steps, judge: str | os.PathLike | None = None,
-             figure: str | os.PathLike | None = None, progress: bool = True) -> dict:
+def evaluate(run: str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,
+             figure: str | os.PathLike | None = None, progress: bool = True, **options: object) -> dict:
     """Every metric of the run in folder ``run``, as the dict n2n-eval writes to eval.json.
 
     ``{"run", "view", "step", "heldout_bpd", "linear_gaussian_bpd", "translation"}`` for every run
@@ -239,10 +237,20 @@ def evaluate(run: str | os.PathLike, *, samples: int = EvalConfig.samples, tempe
     (``translate.texts``). ``figure``: also draw the table there as a PNG, with decoded samples
     of a few held-out pairs where the target expert decodes (``translate.figures``). Every number is
     checked first: an ``N2NError`` names the argument and its range before anything is loaded.
-    ``progress=False`` keeps the console quiet.
+    ``progress=False`` keeps the console quiet. ``options`` are ``EvalConfig``'s fields (``samples``,
+    ``temperature``, ``max_rows``, ``seed``, ``baseline_steps``, ``judge``), n2n-eval's options;
+    ``config``: a YAML file of them (and ``run``), which keyword arguments override.
     """
-    cfg = EvalConfig(samples=samples, temperature=temperature, max_rows=max_rows, seed=seed,
-                     baseline_steps=baseline_steps, judge=None if judge is None else Path(judge))
+    options = with_config(config, {**({"run": run} if run is not None else {}), **options},
+                          ["run", "out", *(f.name for f in fields(EvalConfig))])
+    run = options.pop("run", None)
+    options.pop("out", None)  # n2n-eval's, where eval.json goes
+    if run is None:
+        raise N2NError("no run to evaluate: give one (run=...), or a config file that names it")
+    (settings,) = split_options(options, EvalConfig)
+    if settings.get("judge") is not None:
+        settings["judge"] = Path(settings["judge"])
+    cfg = EvalConfig(**settings)
     translator = load_run(run)
     meta = translator.meta
     view = run_view(meta, run)
@@ -337,6 +345,7 @@ def dataset_table(report: dict) -> ScoreTable:
 
 
 @click.command(context_settings=CONTEXT)
+@config_option
 @click.option("--run", required=True, type=click.Path(path_type=Path), help="Run folder of n2n-train.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: RUN/eval.json]")
 @click_options(EvalConfig)

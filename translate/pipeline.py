@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from rich.console import Console
 
 from n2n.errors import N2NError
 from n2n.extract.experts import Expert, ExpertError, load_expert
-from n2n.options import check_value
+from n2n.options import check_fields, setting
 from n2n.shards.view import view_stores
 from n2n.train.checkpoint import TrainedFlow, load_run, run_view
 
@@ -50,6 +51,19 @@ def expert_of(identity: dict, side: str, weights: Path | None, console: Console 
         console.print(f"[yellow]warning: the {side} expert's weights differ from those its store was extracted "
                       f"with ({spec}); translations may be off")
     return expert
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How a translator samples; each field is an n2n-translate option and a keyword argument of
+    ``Translator.sample`` and ``Translator.translate``, with the same default."""
+
+    n: int = setting(8, "Samples per input.", min=1)
+    temperature: float = setting(1.0, "z ~ N(0, T^2 I): lower is more typical, less diverse.", min=0)
+    seed: int = setting(0, "Seed of the samples: the same seed gives the same output.", min=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 class Translator:
@@ -107,13 +121,11 @@ class Translator:
         return self.source.encode(batch, [self.source_layer])[self.source_layer].float()
 
     @torch.no_grad()
-    def sample(self, inputs: Sequence[object] | torch.Tensor, n: int = 8, temperature: float = 1.0,
-               seed: int = 0) -> torch.Tensor:
+    def sample(self, inputs: Sequence[object] | torch.Tensor, n: int = SamplingConfig.n,
+               temperature: float = SamplingConfig.temperature, seed: int = SamplingConfig.seed) -> torch.Tensor:
         """n target latents per input: [len(inputs), n, dim] on the CPU. ``inputs`` may also be source
         latents [B, cond_dim] already encoded. z ~ N(0, T^2 I) through the inverse flow."""
-        check_value("n", n, integer=True, min=1)
-        check_value("temperature", temperature, min=0)
-        check_value("seed", seed, integer=True, min=0)
+        SamplingConfig(n, temperature, seed)  # each checked, before any work
         source = inputs if isinstance(inputs, torch.Tensor) else self.encode(inputs)
         device = next(self.flow.flow.parameters()).device
         generator = torch.Generator(device).manual_seed(seed)
@@ -130,7 +142,8 @@ class Translator:
         images = self.target.decode(flat).float().cpu()
         return images.view(*latents.shape[:-1], *images.shape[1:])
 
-    def translate(self, inputs: Sequence[object], n: int = 8, temperature: float = 1.0, seed: int = 0) -> torch.Tensor:
+    def translate(self, inputs: Sequence[object], n: int = SamplingConfig.n,
+                  temperature: float = SamplingConfig.temperature, seed: int = SamplingConfig.seed) -> torch.Tensor:
         """Images [len(inputs), n, 3, H, W] in [0, 1]: ``n`` samples per input, decoded."""
         return self.decode(self.sample(inputs, n, temperature, seed))
 
