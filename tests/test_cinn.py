@@ -183,8 +183,10 @@ def test_a_flow_rebuilds_from_its_dict_and_from_a_header_of_before_flow_config()
     flow, x, c = initialised_flow(n_flows=2, hidden_dim=16, coupling="affine", embedder="mlp", embedder_norm="none")
     header = flow.to_dict()
     assert header == {"dim": 12, "cond_dim": 7, "n_flows": 2, "hidden_dim": 16, "hidden_depth": 2, "embedding_dim": 64,
-                      "embedder": "mlp", "embedder_depth": 2, "embedder_norm": "none", "coupling": "affine"}
-    old = {k: v for k, v in header.items() if k not in ("coupling", "embedder")}  # as FlowConfig was written
+                      "embedder": "mlp", "embedder_depth": 2, "embedder_hidden_dim": None, "embedder_norm": "none",
+                      "coupling": "affine"}
+    # as FlowConfig was written before coupling, embedder and embedder_hidden_dim existed
+    old = {k: v for k, v in header.items() if k not in ("coupling", "embedder", "embedder_hidden_dim")}
     assert isinstance(ConditionalFlow.from_dict(old).embedder, torch.nn.Linear)  # today's default
     for spec in (header, old):
         twin = ConditionalFlow.from_dict(upgrade_header(spec))
