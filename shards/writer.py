@@ -20,6 +20,7 @@ from n2n.shards.backend import Backend, Block
 from n2n.shards.errors import StoreError, StoreWriteError
 from n2n.shards.formats import backend_of, load_format
 from n2n.shards.layout import Layout, size_problem
+from n2n.shards.lock import Lock, hold
 from n2n.shards.meta import DTYPES, META_NAME, RESERVED_META, read_meta, version
 from n2n.shards.paths import as_path, is_remote, remove_tree, write_json_atomic
 
@@ -31,10 +32,11 @@ class StoreWriter:
     buffered and leaves the store incomplete, ready for ``resume_store``.
     """
 
-    def __init__(self, path: Path, meta: dict, backend: Backend):
+    def __init__(self, path: Path, meta: dict, backend: Backend, lock: Lock | None = None):
         self.path = path
         self._meta = meta
         self._backend = backend
+        self._lock = lock  # one writer per store (shards.lock): released on close, or when the process ends
         self._pending: list[Block] = []
         self._pending_rows = 0
         self._closed = False
@@ -51,7 +53,16 @@ class StoreWriter:
         if exc_type is None:
             self.close()
         elif not self._closed:
-            self.flush()
+            try:
+                self.flush()
+            finally:
+                self.release()
+
+    def release(self) -> None:
+        """Let another writer in (close does it; a writer given up without closing should too)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def append(self, keys: Sequence[str], sub: Sequence[int] | np.ndarray, latents: np.ndarray) -> None:
         """Buffer one batch; whenever a whole unit (a zarr or HDF5 write unit, a tar) is buffered, write and
@@ -76,6 +87,7 @@ class StoreWriter:
         self._meta["complete"] = True
         write_json_atomic(self.path / META_NAME, self._meta)
         self._closed = True
+        self.release()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -157,8 +169,11 @@ def create_store(
             f"meta for {path} sets {sorted(owned)}, which the store owns: "
             "pass only expert/dataset/split and other descriptive keys"
         )
+    lock = hold(path)
     existed = path.exists()
     if existed and (not path.is_dir() or any(path.iterdir())):
+        if lock is not None:
+            lock.release()
         raise StoreError(
             f"{path} already exists and is not empty: "
             "resume it (rerun the command that writes it) or delete it"
@@ -178,27 +193,37 @@ def create_store(
         "split": None,
         **extra,
     }
+    try:
+        _make(path, full, backend, existed)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return StoreWriter(path, full, backend(path, full), lock)
+
+
+def _make(path: Path, meta: dict, backend: type[Backend], existed: bool) -> None:
+    """The store's files and meta.json at ``path``, so that no half store is ever left there."""
     if is_remote(path):  # no atomic rename: meta.json last, so a folder without it is no store
         path.mkdir(parents=True, exist_ok=True)
         try:
-            backend.create(path, full)
+            backend.create(path, meta)
         except BaseException:
             if not existed:  # what a failed create made would refuse the next, correct command
                 remove_tree(path)
             raise
-        write_json_atomic(path / META_NAME, full)
-    else:  # made whole beside it and renamed into place: a kill at any moment leaves no half store at path
-        making = path.with_name(f".{path.name}.creating")
-        remove_tree(making)  # one a killed create left
-        making.mkdir(parents=True)
-        try:
-            backend.create(making, full)
-            write_json_atomic(making / META_NAME, full)
-            os.replace(making, path)  # path is absent or an empty folder, which a rename replaces
-        except BaseException:
-            remove_tree(making)
-            raise
-    return StoreWriter(path, full, backend(path, full))
+        write_json_atomic(path / META_NAME, meta)
+        return
+    making = path.with_name(f".{path.name}.creating")  # made whole beside it and renamed into place
+    remove_tree(making)  # one a killed create left
+    making.mkdir(parents=True)
+    try:
+        backend.create(making, meta)
+        write_json_atomic(making / META_NAME, meta)
+        os.replace(making, path)  # path is absent or an empty folder, which a rename replaces
+    except BaseException:
+        remove_tree(making)
+        raise
 
 
 def resume_store(path: str | os.PathLike) -> StoreWriter:
@@ -210,8 +235,15 @@ def resume_store(path: str | os.PathLike) -> StoreWriter:
             f"store {path} is already complete ({meta['count']} rows): "
             "nothing to resume; delete it to rewrite"
         )
-    backend = backend_of(path, meta)
-    found = backend(path, meta)
-    found.check()
-    found.truncate()
-    return StoreWriter(path, meta, backend(path, meta))
+    lock = hold(path)  # before truncating: another writer's uncommitted rows are its own
+    try:
+        meta = read_meta(path)  # again, under the lock: what the last writer committed
+        backend = backend_of(path, meta)
+        found = backend(path, meta)
+        found.check()
+        found.truncate()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return StoreWriter(path, meta, backend(path, meta), lock)

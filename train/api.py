@@ -22,6 +22,7 @@ from n2n.cinn import ConditionalFlow, FlowConfig
 from n2n.options import check_value, flag, split_options, with_config
 from n2n.parallel import Ranks, pick_device
 from n2n.shards import as_path
+from n2n.shards.lock import hold
 from n2n.shards.view import View, open_view
 from n2n.train.checkpoint import CHECKPOINT, CheckpointError, read_meta, run_view
 from n2n.train.trainer import ON_RESUME, TrainConfig, TrainError, check_fits, fit, out_of_memory, saved_settings
@@ -103,6 +104,7 @@ def train(view: View | str | os.PathLike | None = None, out: str | os.PathLike |
                          "give one of them")
 
     dev = device_of(device, ranks)
+    lock = hold(out, "trained") if ranks.main else None  # one run per folder; rank 0 alone writes it
     joined = ranks.init("nccl" if dev.type == "cuda" else "gloo")
     resolved = {"shards": view_path, "out": out, **dataclasses.asdict(cfg), **dataclasses.asdict(flow_config),
                 "device": device, "compile": compile, "stream": stream, "init_from": init_from}
@@ -117,6 +119,8 @@ def train(view: View | str | os.PathLike | None = None, out: str | os.PathLike |
     finally:
         if joined:
             dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
     if progress and ranks.main:
         print_summary(summary, console)
     return out
