@@ -35,7 +35,7 @@ from n2n.cinn import ConditionalFlow
 from n2n.cinn.flow import mlp
 from n2n.shards.synthetic import write_synthetic
 from n2n.train.data import PairedLatents, load_pairs
-from n2n.train.trainer import heldout_bpd
+from n2n.train.heldout import heldout_bpd
 
 SMALL = {"dim": 16, "cond_dim": 32, "n_flows": 4, "hidden_dim": 128}  # the NLL comparison's size
 REAL_FLOW = {"n_flows": 8, "hidden_dim": 128, "embedding_dim": 128}  # the demo's image -> text flow, narrower

@@ -161,7 +161,7 @@ def n2n_state_dict(state: Mapping[str, torch.Tensor], flow: ConditionalFlow) -> 
 def from_net2net(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
                  config: str | os.PathLike | Mapping[str, Any]) -> ConditionalFlow:
     """A net2net checkpoint's ConditionalFlatCouplingFlow as a ConditionalFlow that computes the same
-    function (forward, reverse, log-det), in eval mode.
+    function (forward, reverse, log-det), in eval mode and in the checkpoint's float dtype.
 
     ``checkpoint``: a ``.ckpt`` or ``.pt`` path (read with ``weights_only=True``) or its state dict; the
     flow's tensors are found under ``flow.`` or at the top. ``config``: the net2net YAML the run was
@@ -173,8 +173,10 @@ def from_net2net(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
     if params["in_channels"] % 2:
         raise Net2NetError(f"in_channels: {params['in_channels']} is odd; net2net's conditional coupling "
                            "splits an even size")
-    flow = ConditionalFlow(params["in_channels"], params["conditioning_dim"], flow_config(params))
-    mapped = n2n_state_dict(load_state_dict(checkpoint), flow)
+    state = load_state_dict(checkpoint)
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    flow = ConditionalFlow(params["in_channels"], params["conditioning_dim"], flow_config(params)).to(dtype)
+    mapped = n2n_state_dict(state, flow)
     try:
         flow.load_state_dict(mapped)
     except RuntimeError as err:

@@ -140,13 +140,16 @@ def net2net_reverse(state: dict, p: dict, z: torch.Tensor, cond: torch.Tensor) -
 def test_from_net2net_computes_net2nets_function(bn):
     p = {**SMALL, "conditioner_use_bn": bn}
     state = net2net_state(p)
-    flow = from_net2net({f"flow.{k}": v for k, v in state.items()}, as_config(p)).double()
-    x, c = torch.randn(11, 4, dtype=torch.float64), torch.randn(11, 5, dtype=torch.float64)
+    flow = from_net2net({f"flow.{k}": v for k, v in state.items()}, as_config(p))
+    assert next(flow.parameters()).dtype == torch.float64  # the checkpoint's precision, kept
+    generator = torch.Generator().manual_seed(0)
+    x, c = (torch.randn(11, d, dtype=torch.float64, generator=generator) for d in (4, 5))
     z, logdet = flow(x, c)
     z_ref, logdet_ref = net2net_forward(state, p, x, c)
-    assert torch.allclose(z, z_ref, atol=1e-12) and torch.allclose(logdet, logdet_ref, atol=1e-12)
-    assert torch.allclose(flow.reverse(z, c), net2net_reverse(state, p, z_ref, c), atol=1e-12)
-    assert torch.allclose(flow.reverse(z, c), x, atol=1e-10)
+    close = {"rtol": 0, "atol": 1e-12}
+    assert torch.allclose(z, z_ref, **close) and torch.allclose(logdet, logdet_ref, **close)
+    assert torch.allclose(flow.reverse(z, c), net2net_reverse(state, p, z_ref, c), **close)
+    assert torch.allclose(flow.reverse(z, c), x, rtol=0, atol=1e-10)
     assert not flow.needs_init  # net2net's ActNorm statistics are kept, not re-estimated
 
 

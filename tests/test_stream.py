@@ -91,7 +91,7 @@ def test_stream_statistics_and_heldout_rows_equal_the_resident_ones(view):
 def test_resident_and_streamed_pairs_serve_the_trainer_alike(view):
     """Both are ``Pairs``: the same held-out NLL of one flow, batches of one shape, and close()."""
     from n2n.cinn import ConditionalFlow, FlowConfig
-    from n2n.train.trainer import heldout_bpd
+    from n2n.train.heldout import heldout_bpd
 
     resident = load_pairs(view, 0.05).to(torch.device("cpu"))
     streamed = stream_pairs(view, 0.05, (resident.source_norm, resident.target_norm), device=torch.device("cpu"),

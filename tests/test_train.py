@@ -436,7 +436,7 @@ def test_a_run_plots_its_loss_and_records_the_linear_gaussian_floor(small_view, 
     from PIL import Image
 
     import n2n.train.trainer as trainer_module
-    from n2n.train.trainer import linear_gaussian_bpd
+    from n2n.train.heldout import linear_gaussian_bpd
 
     run, drawn_at = tmp_path / "r", []  # the last metrics line each plot saw
 
@@ -470,7 +470,7 @@ def test_the_linear_gaussian_floor_is_the_nll_of_a_linear_law_and_above_a_bimoda
     (and the true law's on the same held-out rows); on the bimodal law a linear mean sits between the
     modes, so the floor stays far above the analytic NLL a flow can reach."""
     from n2n.shards.synthetic import conditional_nll
-    from n2n.train.trainer import linear_gaussian_bpd
+    from n2n.train.heldout import linear_gaussian_bpd
 
     floors = {}
     for law in ("gaussian", "bimodal"):
@@ -492,8 +492,8 @@ def test_the_linear_gaussian_floor_is_the_nll_of_a_linear_law_and_above_a_bimoda
 def test_a_resumed_run_keeps_its_recorded_floor(small_view, tmp_path, monkeypatch, n2n_train):
     """Resuming reads the floor from the checkpoint (no refit); a header without one (a run trained
     before the floor), or another --eval-rows (other held-out rows), measures it again."""
-    from n2n.train.trainer import linear_gaussian_bpd
-    from n2n.translate.metrics import LinearGaussian
+    from n2n.cinn.gaussian import LinearGaussian
+    from n2n.train.heldout import linear_gaussian_bpd
 
     run = tmp_path / "r"
     args = ["--shards", small_view, "--out", run, "--eval-every", 10, *SMALL]

@@ -266,3 +266,13 @@ def load_pairs(
         held_key=join.key[held],
         held_rows=(join.source_index[held], join.target_index[held]),
     )
+
+
+def subsample(n: int, max_rows: int, seed: int) -> np.ndarray:
+    """Sorted row indices [min(n, max_rows)] drawn without replacement, the same for the same seed:
+    the metrics above are quadratic in rows, so a large view is scored on a fixed subset."""
+    if n < 0 or max_rows < 0:
+        raise ValueError(f"n and max_rows must be >= 0, got {n}, {max_rows}")
+    if n <= max_rows:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False)).astype(np.int64)

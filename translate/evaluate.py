@@ -23,9 +23,8 @@ import functools
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Protocol
 
 import click
 import numpy as np
@@ -36,12 +35,12 @@ from rich.table import Table
 from n2n.cli import CONTEXT, console, reports_errors
 from n2n.errors import N2NError
 from n2n.extract.datasets import DatasetError, dataset_class
-from n2n.extract.experts import Expert
 from n2n.options import check_fields, click_options, config_option, setting, split_options, with_config
-from n2n.shards import Store, as_path, write_json_atomic
+from n2n.scoring import HeldOut, Predictor, ScoreTable, TranslationScorer
+from n2n.shards import as_path, write_json_atomic
 from n2n.train.checkpoint import CHECKPOINT, TrainedFlow, load_run, read_meta, run_view
 from n2n.train.data import PairedLatents, load_pairs
-from n2n.train.trainer import fit_floor, floor_bpd, heldout_bpd
+from n2n.train.heldout import fit_floor, floor_bpd, heldout_bpd
 from n2n.translate.baseline import train_mlp
 from n2n.translate.figures import eval_figure, gallery
 from n2n.translate.metrics import (
@@ -55,10 +54,8 @@ from n2n.translate.metrics import (
 from n2n.translate.pipeline import expert_of
 from n2n.translate.texts import caption_lines, caption_table, nearest_captions
 
-Predictor = Callable[[torch.Tensor, int], torch.Tensor]
-"""(standardised source rows [B, dim], n) -> n target latents per row [B * n, dim], row-major, in the
-target store's units (what the target expert decodes)."""
-
+__all__ = ["EvalConfig", "HeldOut", "Predictor", "ScoreTable", "TranslationScorer", "evaluate"]  # the scorer's
+# types live in n2n.scoring (stage 1 imports them from there); they stay importable from here
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -76,47 +73,6 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """What a dataset's scorer gets: the run's held-out pairs, the predictors to compare, the options.
-
-    Row i of every array is one held-out (source, target) pair; an item's pairs are adjacent (an
-    image with five captions: five pairs sharing ``target_row`` or ``source_row``).
-    """
-
-    key: np.ndarray  # [N] the item key of each pair
-    source_sub: np.ndarray  # [N] which of its item's rows the source latent is (a caption's number; 0 for images)
-    target_sub: np.ndarray  # [N] the same for the target latent
-    target_row: np.ndarray  # [N] the target store's row: equal for pairs that share one target latent
-    source: torch.Tensor  # [N, source dim] standardised source latents: what the predictors take
-    target: torch.Tensor  # [N, target dim] the target latents, in the store's units
-    predictors: dict[str, Predictor]  # "cinn", "linear" and "mlp"
-    target_expert: Callable[[], Expert]  # the target store's expert (to decode), loaded on first call
-    target_store: Store  # the target store (its keys, subs and dataset, e.g. to read captions)
-    source_truth: dict[str, dict] | None  # the attributes each store's dataset recorded (attributes.jsonl), by key
-    target_truth: dict[str, dict] | None
-    options: EvalConfig
-    console: Console | None  # for progress; None when progress is off
-
-
-@dataclass
-class ScoreTable:
-    """How a scorer's entries print: (metric, cINN, MLP baseline) rows and a caption under the table."""
-
-    rows: list[tuple[str, str, str]] = field(default_factory=list)
-    caption: str = ""
-
-
-class TranslationScorer(Protocol):
-    """What ``ItemDataset.translation_scorer`` returns: scores for eval.json and the rows that print them."""
-
-    def score(self, held_out: HeldOut) -> dict:
-        """Entries added to the report (JSON values); {} when nothing fits this run."""
-
-    def table(self, report: dict) -> ScoreTable:
-        """The rows of the printed table for the entries ``score`` added to ``report`` (none if absent)."""
 
 
 # ---------------------------------------------------------------- the dataset's part

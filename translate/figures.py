@@ -19,7 +19,7 @@ import torch
 from n2n.train.plots import save_png
 
 if TYPE_CHECKING:  # evaluate imports this module to draw its figure
-    from n2n.translate.evaluate import HeldOut
+    from n2n.scoring import HeldOut
 
 COLUMNS = ("truth", "linear LS", "MLP")
 

@@ -2,8 +2,8 @@
 
 ``n2n.evaluate`` knows ground truth only where a dataset brings a scorer (shapes). Any other view
 still has held-out (source, target) pairs, so these measure what latents alone can show:
-- a floor: the held-out NLL of the best linear-Gaussian law p(y | x) = N(W x + b, Sigma). A flow
-  that does not beat it has learned nothing a least-squares fit does not give for free;
+- a floor: the held-out NLL of the best linear-Gaussian law p(target | source) (``cinn.gaussian``). A
+  flow that does not beat it has learned nothing a least-squares fit does not give for free;
 - accuracy of a point prediction: retrieval of the true target among the distinct held-out targets,
   and mean cosine similarity to it;
 - how samples match the targets as a distribution: the Frechet distance of the two Gaussian fits,
@@ -14,120 +14,19 @@ pairwise comparisons go in chunks of rows, so 100k x 20k never sits in memory at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from n2n.cinn.loss import LOG_2PI, bits_per_dim
+from n2n.cinn.gaussian import LinearGaussian  # noqa: F401  (the floor; here too, where n2n-eval reads it)
+from n2n.train.data import subsample  # noqa: F401  (here too: the metrics score a seeded subset)
 
-RIDGE = 1e-6  # relative to x's mean per-dimension variance: a no-op for well-posed x, a solution for rank-deficient x
 CHUNK_ELEMENTS = 1 << 24  # entries of one chunk's pairwise matrix (128 MiB in float64)
 
 
 def _chunk_rows(columns: int, chunk: int | None) -> int:
     """Rows per chunk so that a [rows, columns] matrix keeps to CHUNK_ELEMENTS (or ``chunk`` if given)."""
     return chunk if chunk is not None else max(1, CHUNK_ELEMENTS // max(1, columns))
-
-
-# ---------------------------------------------------------------- the linear-Gaussian floor
-
-
-def _least_squares(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """(W [dy, dx], b [dy]) minimising |y - x W^T - b|^2 + ridge |W|^2, all float64.
-
-    Solved through the normal equations on centred data, (Xc^T Xc + ridge I) W^T = Xc^T Yc, by a
-    Cholesky factor: one [dx, dx] Gram matrix instead of a QR of the whole [n, dx] design, about 3x
-    faster than lstsq for 50k pairs of 384 dims on a CPU; float64 keeps the squared condition number
-    harmless. The ridge is RIDGE times x's mean per-dimension variance (for a well-posed x it moves W
-    by ~1e-6 relatively) and makes the system positive definite whatever x is (duplicated or constant
-    columns, fewer rows than columns). The intercept has no ridge: b is the exact one.
-    """
-    n, dx = x.shape
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    xc, yc = x - x_mean, y - y_mean
-    scale = float(xc.pow(2).sum()) / (n * dx) if n and dx else 0.0
-    ridge = RIDGE * (scale if scale > 0 else 1.0) * max(n, 1)
-    gram = xc.T @ xc + ridge * torch.eye(dx, dtype=x.dtype, device=x.device)
-    weight = torch.cholesky_solve(xc.T @ yc, torch.linalg.cholesky(gram)).T.contiguous()  # [dy, dx]
-    return weight, y_mean - weight @ x_mean
-
-
-def _cholesky(cov: Tensor) -> Tensor:
-    """Lower Cholesky factor of ``cov``; where it is singular (fewer residuals than dimensions, an
-    exactly predictable coordinate) a jitter of 1e-10 x the mean variance, grown tenfold until it
-    succeeds, is added to the diagonal, so the NLL stays finite instead of failing."""
-    factor, info = torch.linalg.cholesky_ex(cov)
-    mean_var = float(torch.diagonal(cov).mean()) if len(cov) else 0.0
-    jitter = 1e-10 * (mean_var if mean_var > 0 else 1.0)
-    eye = torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
-    while int(info) != 0:
-        factor, info = torch.linalg.cholesky_ex(cov + jitter * eye)
-        jitter *= 10
-    return factor
-
-
-@dataclass(frozen=True)
-class LinearGaussian:
-    """p(y | x) = N(W x + b, Sigma): the floor a conditional flow must clear.
-
-    (W, b) is the least-squares fit (lightly ridged, see ``_least_squares``); its mean is the
-    "linear" translation baseline of Maiorca et al. 2023. Sigma is the maximum-likelihood (divide
-    by N) full covariance of the training residuals, so this is the exact Gaussian MLE of p(y | x)
-    among linear means. Parameters are float64; outputs come back in the dtype of the x given.
-    Fit it on the same units as the flow's NLL (standardised source, target in store units) and
-    the two bits/dim are directly comparable.
-    """
-
-    weight: Tensor  # [dy, dx]
-    bias: Tensor  # [dy]
-    cov: Tensor  # [dy, dy]
-    chol: Tensor  # [dy, dy] lower Cholesky factor of cov (jittered only where cov is singular)
-
-    @classmethod
-    def fit(cls, x: Tensor, y: Tensor) -> LinearGaussian:
-        """Fit on train pairs x [N, dx], y [N, dy]."""
-        if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or len(x) == 0:
-            raise ValueError(f"fit needs x [N, dx] and y [N, dy] with the same N > 0, got {tuple(x.shape)}, "
-                             f"{tuple(y.shape)}")
-        x, y = x.double(), y.double()
-        weight, bias = _least_squares(x, y)
-        residual = y - x @ weight.T - bias
-        cov = residual.T @ residual / len(x)
-        return cls(weight=weight, bias=bias, cov=cov, chol=_cholesky(cov))
-
-    @property
-    def dim(self) -> int:
-        """Dimensions of y."""
-        return self.weight.shape[0]
-
-    def _mean64(self, x: Tensor) -> Tensor:
-        return x.double() @ self.weight.T + self.bias
-
-    def mean(self, x: Tensor) -> Tensor:
-        """The least-squares prediction W x + b: [N, dx] -> [N, dy]."""
-        return self._mean64(x).to(x.dtype)
-
-    def sample(self, x: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n draws per row, row-major like ``repeat_interleave`` (the shape of a ``Predictor``): [N * n, dy]."""
-        mean = self._mean64(x).repeat_interleave(n, 0)
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-        return (mean + noise @ self.chol.T).to(x.dtype)
-
-    def nll(self, x: Tensor, y: Tensor) -> Tensor:
-        """Per-row -log p(y | x) in nats (float64): [N]."""
-        residual = (y.double() - self._mean64(x)).T  # [dy, N]
-        z = torch.linalg.solve_triangular(self.chol, residual, upper=False)
-        half_logdet = torch.log(torch.diagonal(self.chol)).sum()
-        return 0.5 * z.pow(2).sum(0) + 0.5 * self.dim * LOG_2PI + half_logdet
-
-    def nll_bits_per_dim(self, x: Tensor, y: Tensor, chunk: int = 65536) -> float:
-        """Mean held-out NLL in bits/dim, the unit of ``heldout_bpd``; in chunks of rows to bound memory."""
-        if len(x) == 0:
-            raise ValueError("nll_bits_per_dim needs at least one row")
-        total = sum(float(self.nll(x[i : i + chunk], y[i : i + chunk]).sum()) for i in range(0, len(x), chunk))
-        return float(bits_per_dim(total / len(x), self.dim))
 
 
 # ---------------------------------------------------------------- point predictions
@@ -257,13 +156,3 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk: int | None =
     precision = _coverage(real, _kth_neighbour_radii(real, k, chunk), fake, chunk)
     recall = _coverage(fake, _kth_neighbour_radii(fake, k, chunk), real, chunk)
     return {"precision": precision, "recall": recall, "k": k}
-
-
-def subsample(n: int, max_rows: int, seed: int) -> np.ndarray:
-    """Sorted row indices [min(n, max_rows)] drawn without replacement, the same for the same seed:
-    the metrics above are quadratic in rows, so a large view is scored on a fixed subset."""
-    if n < 0 or max_rows < 0:
-        raise ValueError(f"n and max_rows must be >= 0, got {n}, {max_rows}")
-    if n <= max_rows:
-        return np.arange(n, dtype=np.int64)
-    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False)).astype(np.int64)

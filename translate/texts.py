@@ -20,7 +20,7 @@ from n2n.extract.datasets import reopen_dataset
 from n2n.shards import Store
 
 if TYPE_CHECKING:  # evaluate imports this module for its report
-    from n2n.translate.evaluate import HeldOut
+    from n2n.scoring import HeldOut
 
 
 def read_captions(store: Store, rows: np.ndarray) -> list[str]:

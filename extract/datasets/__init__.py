@@ -109,7 +109,7 @@ class ItemDataset(torch.utils.data.Dataset, ABC):
     @classmethod
     def translation_scorer(cls) -> object | None:
         """What ``n2n.evaluate`` measures on a run over this dataset beyond the held-out NLL: a
-        ``n2n.translate.evaluate.TranslationScorer``, handed the held-out pairs and the cINN and MLP
+        ``n2n.scoring.TranslationScorer``, handed the held-out pairs and the cINN and MLP
         baseline to compare (shapes: a judge reads decoded samples). None, the default: the NLL alone."""
         return None
 

@@ -21,7 +21,7 @@ import torch
 from n2n.extract.datasets.shapes import ATTRIBUTES, COLORS, POSITIONS, SHAPES, SIZES, render
 from n2n.extract.datasets.shapes_judge import DEFAULT_PATH, IMAGE_SIZE, ShapesJudge, accuracy, load_judge
 from n2n.extract.experts import Expert
-from n2n.translate.evaluate import HeldOut, Predictor, ScoreTable
+from n2n.scoring import HeldOut, Predictor, ScoreTable
 
 VALUES = {"color": len(COLORS), "shape": len(SHAPES), "size": len(SIZES), "position": len(POSITIONS)}
 REAL_IMAGES = 500  # held-out items whose real image the judge reads, to show it can be trusted

@@ -1,0 +1,67 @@
+"""What a dataset's scorer is handed and gives back: the contract between n2n-eval and a dataset.
+
+A dataset that knows its ground truth scores translations of it (``ItemDataset.translation_scorer``:
+shapes lets a judge read decoded samples). n2n-eval hands the scorer the run's held-out pairs and
+the translators to compare (``HeldOut``); the scorer returns entries for eval.json and the rows that
+print them (``TranslationScorer``, ``ScoreTable``). These types live at the package's root, below both
+stages, so a dataset (stage 1) imports nothing from the evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from n2n.extract.experts import Expert
+    from n2n.shards import Store
+
+Predictor = Callable[[torch.Tensor, int], torch.Tensor]
+"""(standardised source rows [B, dim], n) -> n target latents per row [B * n, dim], row-major, in the
+target store's units (what the target expert decodes)."""
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """What a dataset's scorer gets: the run's held-out pairs, the predictors to compare, the options.
+
+    Row i of every array is one held-out (source, target) pair; an item's pairs are adjacent (an
+    image with five captions: five pairs sharing ``target_row`` or ``source_row``).
+    """
+
+    key: np.ndarray  # [N] the item key of each pair
+    source_sub: np.ndarray  # [N] which of its item's rows the source latent is (a caption's number; 0 for images)
+    target_sub: np.ndarray  # [N] the same for the target latent
+    target_row: np.ndarray  # [N] the target store's row: equal for pairs that share one target latent
+    source: torch.Tensor  # [N, source dim] standardised source latents: what the predictors take
+    target: torch.Tensor  # [N, target dim] the target latents, in the store's units
+    predictors: dict[str, Predictor]  # "cinn", "linear" and "mlp"
+    target_expert: Callable[[], Expert]  # the target store's expert (to decode), loaded on first call
+    target_store: Store  # the target store (its keys, subs and dataset, e.g. to read captions)
+    source_truth: dict[str, dict] | None  # the attributes each store's dataset recorded (attributes.jsonl), by key
+    target_truth: dict[str, dict] | None
+    options: Any  # n2n-eval's options (translate.evaluate.EvalConfig): samples, max_rows, seed, judge, ...
+    console: Console | None  # for progress; None when progress is off
+
+
+@dataclass
+class ScoreTable:
+    """How a scorer's entries print: (metric, cINN, MLP baseline) rows and a caption under the table."""
+
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+    caption: str = ""
+
+
+class TranslationScorer(Protocol):
+    """What ``ItemDataset.translation_scorer`` returns: scores for eval.json and the rows that print them."""
+
+    def score(self, held_out: HeldOut) -> dict:
+        """Entries added to the report (JSON values); {} when nothing fits this run."""
+
+    def table(self, report: dict) -> ScoreTable:
+        """The rows of the printed table for the entries ``score`` added to ``report`` (none if absent)."""
