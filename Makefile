@@ -70,7 +70,7 @@ lint: dev
 # reference is read from the source by griffe, which finds a package by its folder's name: the repository
 # root is the package folder, so build/docs-src/n2n/ links to the package's own files (not to the root
 # itself, which holds .venv and build/).
-PACKAGE_FILES := __init__.py cli.py errors.py options.py plugins.py cinn parallel shards extract train translate
+PACKAGE_FILES := __init__.py cli.py errors.py options.py plugins.py scoring.py cinn parallel shards extract train translate
 docs: dev
 	rm -rf build/docs-src && mkdir -p build/docs-src/n2n
 	for f in $(PACKAGE_FILES); do ln -s ../../../$$f build/docs-src/n2n/$$f; done

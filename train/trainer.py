@@ -296,8 +296,9 @@ def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, 
             generator = torch.Generator(dev).manual_seed(cfg.seed)
             with torch.no_grad():  # ActNorm's data-dependent init, eagerly, before any compiled graph, on a batch
                 flow(*data.batch(cfg.batch_size, generator, cfg.target_noise))  # like the ones it will train on
-        return _loop(flow, optimizer, generator, data, cfg, step, meta["heldout_bpd"], out, dev, compile, progress,
-                     console, ranks, floor)
+        run = Run(flow, optimizer, generator, data, cfg, out, dev, ranks, console, progress, floor, step,
+                  meta["heldout_bpd"])
+        return train_steps(run, compile)
     finally:
         data.close()
 
@@ -326,94 +327,156 @@ def draw_loss(metrics: Path, out: Path, lines: dict[str, float], console: Consol
     return True
 
 
-def _loop(flow: ConditionalFlow, optimizer: torch.optim.Optimizer, generator: torch.Generator, data: Pairs,
-          cfg: TrainConfig, step: int, heldout: float | None, out: Path, dev: torch.device, compile: bool | None,
-          progress: bool, console: Console, ranks: Ranks, floor: float | None = None) -> dict:
-    """Steps from ``step`` to ``cfg.steps``: a log line every ``log_every`` steps, an evaluation, a
-    checkpoint and the loss plot every ``eval_every``."""
-    ckpt_path, metrics_path = out / CHECKPOINT, out / "metrics.jsonl"
-    # Every rank built the same weights (same seed, same init batch); DDP averages the gradients.
-    model = DistributedDataParallel(flow) if ranks.world > 1 else flow
-    step_fn = make_step(make_loss(model, dev.type == "cuda" if compile is None else compile, console), optimizer)
-    flow.train()
+@dataclasses.dataclass
+class Run:
+    """A run in progress: what its steps change (the flow, its optimizer, the batch generator, the step,
+    the last held-out NLL) beside what they read (the pairs, the settings, where the run is written, the
+    process's place), so that each part of the loop takes one argument."""
 
-    dim = data.dims[1]
+    flow: ConditionalFlow
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    data: Pairs
+    cfg: TrainConfig
+    out: Path
+    dev: torch.device
+    ranks: Ranks
+    console: Console
+    progress: bool
+    floor: float | None  # the linear-Gaussian floor (held-out NLL), where it was measured
+    step: int
+    heldout: float | None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / CHECKPOINT
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def truth_bpd(self) -> float | None:
+        """A synthetic view's analytic NLL in bits/dim; None for real data."""
+        truth = self.data.truth
+        return truth["nll_nats_per_dim"] / math.log(2) if truth is not None else None
+
+    def to_bpd(self, nats: float) -> float:
+        """A mean NLL of standardised targets (nats per pair) as bits/dim in the stores' units."""
+        return bits_per_dim(nats + self.data.target_norm.log_abs_det, self.data.dims[1])
+
+    def save(self) -> None:
+        """The checkpoint at this step (weights, optimizer, generator, statistics), written atomically."""
+        save_checkpoint(self.checkpoint, *checkpoint_state(self.flow, self.optimizer, self.generator, self.data,
+                                                           self.cfg, self.step, self.heldout, self.out, self.floor))
+
+
+class LossPlot:
+    """loss.png, redrawn at checkpoints, unless checkpoints come faster than a plot is worth (a tiny model
+    on a CPU: ~0.2 s a plot), and always at the last; after a failure, one warning and no more plots."""
+
+    def __init__(self, run: Run) -> None:
+        self.path = run.out / LOSS_PLOT
+        self.lines = {label: value for label, value in (("linear-Gaussian floor", run.floor),
+                                                        ("analytic NLL", run.truth_bpd)) if value is not None}
+        self.working, self.next = True, 0.0
+
+    def draw(self, run: Run, last: bool) -> None:
+        if self.working and (last or time.perf_counter() >= self.next):
+            started = time.perf_counter()
+            self.working = draw_loss(run.metrics, self.path, self.lines, run.console)
+            self.next = time.perf_counter() + (time.perf_counter() - started) / PLOT_SHARE
+
+
+def announce(run: Run) -> None:
+    """What is about to be trained: the view, its sizes, the model's, the batch; the floor to go below."""
+    if not run.progress:
+        return
+    data, cfg, ranks = run.data, run.cfg, run.ranks
     shard = f", {ranks.world} processes of {cfg.batch_size // ranks.world}" if ranks.world > 1 else ""
-    if progress:
-        console.print(
-            f"[bold]n2n-train[/] {data.view.path}: {data.dims[0]} -> {dim} dims, {data.train_pairs} train / "
-            f"{len(data.held_target)} held-out pairs, {sum(p.numel() for p in flow.parameters()):,} parameters, "
-            f"device {dev}, batch {cfg.batch_size}{shard}, lr {cfg.learning_rate:.3g}"
-        )
-    truth_bpd = data.truth["nll_nats_per_dim"] / math.log(2) if data.truth is not None else None
-    if progress and floor is not None:
-        analytic = f" (analytic NLL {truth_bpd:.4f})" if truth_bpd is not None else ""
-        console.print(f"linear-Gaussian floor: {floor:.4f} bits/dim held-out{analytic}: the flow must go below it")
-    lines = {label: value for label, value in (("linear-Gaussian floor", floor), ("analytic NLL", truth_bpd))
-             if value is not None}
-    plotting, next_plot = True, 0.0  # until a plot fails: one warning, then the run goes on without them
-    to_bpd = lambda nats: bits_per_dim(nats + data.target_norm.log_abs_det, dim)  # noqa: E731
-    loss_sum, train_bpd = torch.zeros((), device=dev), None
-    t0 = last_time = time.perf_counter()
-    last_step = step
-    log_every = min(cfg.log_every, cfg.eval_every)
-    bar = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(), console=console, disable=not (progress and ranks.main),
+    run.console.print(
+        f"[bold]n2n-train[/] {data.view.path}: {data.dims[0]} -> {data.dims[1]} dims, {data.train_pairs} train / "
+        f"{len(data.held_target)} held-out pairs, {sum(p.numel() for p in run.flow.parameters()):,} parameters, "
+        f"device {run.dev}, batch {cfg.batch_size}{shard}, lr {cfg.learning_rate:.3g}"
     )
-    metrics_file = open(metrics_path, "a") if ranks.main else contextlib.nullcontext()  # noqa: SIM115
+    if run.floor is not None:
+        analytic = f" (analytic NLL {run.truth_bpd:.4f})" if run.truth_bpd is not None else ""
+        run.console.print(f"linear-Gaussian floor: {run.floor:.4f} bits/dim held-out{analytic}: the flow must go "
+                          "below it")
+
+
+def mean_loss(run: Run, loss_sum: torch.Tensor, steps: int) -> float:
+    """The mean loss of the last ``steps`` steps (the global batch's, under DDP, so every rank decides alike),
+    after one host sync; DivergedError if it or a weight is not finite, before anything is saved."""
+    if run.ranks.world > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= run.ranks.world
+    mean = float(loss_sum) / steps
+    params_finite = bool(torch.stack([torch.isfinite(p).all() for p in run.flow.parameters()]).all())
+    if not (math.isfinite(mean) and params_finite):
+        raise DivergedError(f"loss became {mean} by step {run.step}; the last good checkpoint stays in "
+                            f"{run.checkpoint} (lower --lr, or check the stores with n2n-shards verify)")
+    return mean
+
+
+def train_steps(run: Run, compile: bool | None) -> dict:
+    """Steps from ``run.step`` to ``cfg.steps``: a log line every ``log_every`` steps, an evaluation, a
+    checkpoint and the loss plot every ``eval_every``; the summary at the end."""
+    cfg, ranks = run.cfg, run.ranks
+    # Every rank built the same weights (same seed, same init batch); DDP averages the gradients.
+    model = DistributedDataParallel(run.flow) if ranks.world > 1 else run.flow
+    step_fn = make_step(make_loss(model, run.dev.type == "cuda" if compile is None else compile, run.console),
+                        run.optimizer)
+    run.flow.train()
+    announce(run)
+    plot = LossPlot(run)
+    loss_sum, train_bpd = torch.zeros((), device=run.dev), None
+    t0 = last_time = time.perf_counter()
+    last_step = run.step
+    log_every = min(cfg.log_every, cfg.eval_every)
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), console=run.console, disable=not (run.progress and ranks.main))
+    metrics_file = open(run.metrics, "a") if ranks.main else contextlib.nullcontext()  # noqa: SIM115
     with bar, metrics_file as metrics:
-        task = bar.add_task("train", total=cfg.steps, completed=step, info="")
+        task = bar.add_task("train", total=cfg.steps, completed=run.step, info="")
         try:
-            while step < cfg.steps:
-                loss_sum += step_fn(*data.batch(cfg.batch_size, generator, cfg.target_noise, ranks))
-                step += 1
-                evaluate = step % cfg.eval_every == 0 or step == cfg.steps
-                if step % log_every and not evaluate:
+            while run.step < cfg.steps:
+                loss_sum += step_fn(*run.data.batch(cfg.batch_size, run.generator, cfg.target_noise, ranks))
+                run.step += 1
+                evaluate = run.step % cfg.eval_every == 0 or run.step == cfg.steps
+                if run.step % log_every and not evaluate:
                     continue
-                # One host sync per log interval: the mean loss, checked before anything is saved.
-                if ranks.world > 1:  # the global batch's loss, so every rank takes the same decision
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= ranks.world
-                mean_loss = float(loss_sum) / (step - last_step)
-                params_finite = bool(torch.stack([torch.isfinite(p).all() for p in flow.parameters()]).all())
-                if not (math.isfinite(mean_loss) and params_finite):
-                    raise DivergedError(
-                        f"loss became {mean_loss} by step {step}; the last good checkpoint stays in {ckpt_path} "
-                        f"(lower --lr, or check the stores with n2n-shards verify)"
-                    )
+                train_bpd = run.to_bpd(mean_loss(run, loss_sum, run.step - last_step))
                 now = time.perf_counter()
-                rate = (step - last_step) / (now - last_time)
+                rate = (run.step - last_step) / (now - last_time)
                 loss_sum.zero_()
-                last_step, last_time, train_bpd = step, now, to_bpd(mean_loss)
-                record = {"step": step, "train_bpd": train_bpd, "steps_per_s": rate}
+                last_step, last_time = run.step, now
+                record = {"step": run.step, "train_bpd": train_bpd, "steps_per_s": rate}
                 if evaluate and ranks.main:  # the others wait for it in the next step's all-reduce
-                    heldout = record["heldout_bpd"] = heldout_bpd(flow, data, cfg.eval_rows)
-                    save_checkpoint(ckpt_path, *checkpoint_state(flow, optimizer, generator, data, cfg, step, heldout,
-                                                                 out, floor))
+                    run.heldout = record["heldout_bpd"] = heldout_bpd(run.flow, run.data, cfg.eval_rows)
+                    run.save()
                 if ranks.main:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
-                    # Every checkpoint's, unless checkpoints come faster than a plot is worth (a tiny model
-                    # on a CPU: ~0.2 s a plot), and always the last one's.
-                    if evaluate and plotting and (step == cfg.steps or time.perf_counter() >= next_plot):
-                        started = time.perf_counter()
-                        plotting = draw_loss(metrics_path, out / LOSS_PLOT, lines, console)
-                        next_plot = time.perf_counter() + (time.perf_counter() - started) / PLOT_SHARE
-                held = f"  held-out {heldout:.4f}" if heldout is not None else ""
-                bar.update(task, completed=step, info=f"{train_bpd:.4f} bits/dim{held}  {rate:.1f} steps/s")
+                    if evaluate:
+                        plot.draw(run, last=run.step == cfg.steps)
+                held = f"  held-out {run.heldout:.4f}" if run.heldout is not None else ""
+                bar.update(task, completed=run.step, info=f"{train_bpd:.4f} bits/dim{held}  {rate:.1f} steps/s")
         except KeyboardInterrupt:
-            raise TrainError(
-                f"interrupted at step {step}; the last checkpoint is in {ckpt_path}: --resume continues it"
-            ) from None
+            raise TrainError(f"interrupted at step {run.step}; the last checkpoint is in {run.checkpoint}: --resume "
+                             "continues it") from None
     ranks.barrier()  # the last checkpoint is written before any rank reports the run done
-    elapsed = time.perf_counter() - t0
-    summary = {"run": str(out), "step": step, "train_bpd": train_bpd, "heldout_bpd": heldout,
-               "seconds": elapsed, "checkpoint": str(ckpt_path)}
-    if floor is not None:
-        summary["linear_gaussian_bpd"] = floor
-    if truth_bpd is not None and heldout is not None:
-        summary["truth_bpd"] = truth_bpd
-        summary["gap_nats_per_dim"] = (heldout - truth_bpd) * math.log(2)
+    return summarize(run, train_bpd, time.perf_counter() - t0)
+
+
+def summarize(run: Run, train_bpd: float | None, seconds: float) -> dict:
+    """The end of a run: its step, NLLs, time and checkpoint; against a synthetic view's analytic NLL too."""
+    summary = {"run": str(run.out), "step": run.step, "train_bpd": train_bpd, "heldout_bpd": run.heldout,
+               "seconds": seconds, "checkpoint": str(run.checkpoint)}
+    if run.floor is not None:
+        summary["linear_gaussian_bpd"] = run.floor
+    if run.truth_bpd is not None and run.heldout is not None:
+        summary["truth_bpd"] = run.truth_bpd
+        summary["gap_nats_per_dim"] = (run.heldout - run.truth_bpd) * math.log(2)
     return summary
 
