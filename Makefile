@@ -47,6 +47,7 @@ bench: dev
 	$(PY) -m bench.stream
 	$(PY) -m bench.reproducible
 	$(PY) -m bench.ae_decode
+	$(PY) -m bench.translator_sampling
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv

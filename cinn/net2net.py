@@ -76,7 +76,8 @@ def flow_config(params: Mapping[str, Any]) -> FlowConfig:
                       embedding_dim=params["embedding_dim"], embedder="mlp",
                       embedder_depth=params["conditioning_depth"],
                       embedder_hidden_dim=params["conditioning_hidden_dim"],
-                      embedder_norm="batch" if params["conditioner_use_bn"] else "none", coupling="affine")
+                      embedder_norm="batch" if params["conditioner_use_bn"] else "none", coupling="affine",
+                      start_from_floor=False)
 
 
 def net2net_options(data: Mapping[str, Any], where: str = "config") -> dict[str, Any]:

@@ -8,7 +8,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bench import ae_decode, cinn_step, extraction, freia_peer, fused_coupling, reference, reproducible, store_reads
+from bench import (
+    ae_decode,
+    cinn_step,
+    extraction,
+    freia_peer,
+    fused_coupling,
+    reference,
+    reproducible,
+    store_reads,
+    translator_sampling,
+)
 from n2n.cinn import ConditionalFlow, FlowConfig
 
 
@@ -152,3 +162,9 @@ def test_ae_decode_runs_small(tmp_path):
     saved = run_bench(ae_decode.main, "ae_decode", ["--repeat", "1", "--decode-batch", "4", "--train-batch", "2"],
                       tmp_path)
     assert [row["ratio"] > 0 for row in saved["rows"]] == [True, True]
+
+
+def test_translator_sampling_runs_small(tmp_path):
+    saved = run_bench(translator_sampling.main, "translator_sampling", ["--repeat", "1", "--batch", "8"], tmp_path)
+    assert len(saved["rows"]) == 2 and all(row["ratio"] > 0 for row in saved["rows"])
+    assert saved["settings"]["parameters"]["continuous"] > 0

@@ -1,5 +1,6 @@
 """The cINN: exact inverse, exact log-determinant, conditioning, ActNorm init, the loss helper."""
 
+import dataclasses
 import json
 import math
 import re
@@ -142,14 +143,17 @@ def test_nll_of_standard_normal_is_the_gaussian_entropy():
 
 
 def test_net2net_size_parameter_count():
-    flow = ConditionalFlow(268, 768, FlowConfig(n_flows=24, hidden_dim=1024, hidden_depth=2, embedding_dim=268,
-                                                    coupling="affine", embedder="mlp"))
-    n = sum(p.numel() for p in flow.parameters())
+    net2net = FlowConfig(n_flows=24, hidden_dim=1024, hidden_depth=2, embedding_dim=268, coupling="affine",
+                         embedder="mlp", start_from_floor=False)
+    n = sum(p.numel() for p in ConditionalFlow(268, 768, net2net).parameters())
     # 24 blocks x 4 coupling nets of 4 Linear layers each + ActNorms + the embedder.
     net = lambda i, o: (i * 1024 + 1024) + 2 * (1024 * 1024 + 1024) + (1024 * o + o)  # noqa: E731
     embedder = (768 * 268 + 268 + 2 * 268) + 2 * (268 * 268 + 268 + 2 * 268) + (268 * 268 + 268)
     expected = 24 * (2 * net(134 + 268, 134) * 2 + 2 * 268) + embedder
     assert n == expected
+    # Started from the linear-Gaussian law: W [268, 768], b, and the whitening's lower part and diagonal.
+    floored = ConditionalFlow(268, 768, dataclasses.replace(net2net, start_from_floor=True))
+    assert sum(p.numel() for p in floored.parameters()) == expected + 268 * 768 + 268 + 268 * 268 + 268
 
 
 def test_a_checkpoint_with_separate_s_and_t_nets_still_loads():
@@ -180,13 +184,17 @@ def test_a_flow_rebuilds_from_its_dict_and_from_a_header_of_before_flow_config()
     """``to_dict`` is a checkpoint's ``model`` header; headers written before FlowConfig hold the same
     keys less ``coupling`` and ``embedder`` (and n2n's own defaults resolved), and build the flow that
     version built (net2net's coupling and MLP embedder), not today's defaults."""
-    flow, x, c = initialised_flow(n_flows=2, hidden_dim=16, coupling="affine", embedder="mlp", embedder_norm="none")
+    flow, x, c = initialised_flow(n_flows=2, hidden_dim=16, coupling="affine", embedder="mlp", embedder_norm="none",
+                                  start_from_floor=False)
     header = flow.to_dict()
     assert header == {"dim": 12, "cond_dim": 7, "n_flows": 2, "hidden_dim": 16, "hidden_depth": 2, "embedding_dim": 64,
                       "embedder": "mlp", "embedder_depth": 2, "embedder_hidden_dim": None, "embedder_norm": "none",
-                      "coupling": "affine"}
-    # as FlowConfig was written before coupling, embedder and embedder_hidden_dim existed
-    old = {k: v for k, v in header.items() if k not in ("coupling", "embedder", "embedder_hidden_dim")}
+                      "coupling": "affine", "start_from_floor": False, "translator": "coupling", "velocity_blocks": 3,
+                      "velocity_width": 512, "ode_steps": 20, "solver": "heun", "cond_dropout": 0.0}
+    # as FlowConfig was written before coupling, embedder, embedder_hidden_dim and the continuous translator existed
+    new = ("coupling", "embedder", "embedder_hidden_dim", "start_from_floor", "translator", "velocity_blocks",
+           "velocity_width", "ode_steps", "solver", "cond_dropout")
+    old = {k: v for k, v in header.items() if k not in new}
     assert isinstance(ConditionalFlow.from_dict(old).embedder, torch.nn.Linear)  # today's default
     for spec in (header, old):
         twin = ConditionalFlow.from_dict(upgrade_header(spec))

@@ -64,6 +64,28 @@ def test_n2n_eval_writes_the_table_and_eval_png(runs, tmp_path, invoke):
         assert label in result.output
     report = json.loads(out.read_text())
     assert report["figure"] == str(tmp_path / "eval.png")
+    for name in ("cinn", "linear", "procrustes"):  # the Gaussian law: each beats a shuffled pairing
+        scores = report["translation"][name]
+        assert scores["cosine"] > scores["cosine_unrelated"] + 0.2, (name, scores)
     with Image.open(tmp_path / "eval.png") as picture:
         assert picture.format == "PNG" and picture.size[0] > 500
     assert not list(tmp_path.glob(".*tmp*")), "no temp file left behind"
+
+
+def test_n2n_eval_scores_a_continuous_translator_with_the_fields_metrics(runs, tmp_path, invoke):
+    """The continuous translator in the same table: its NLL through the ODE below the floor on the bimodal
+    law, and the rows the field reports (vec2vec's pool, DALLE2-pytorch's unrelated cosine and best of n,
+    the Procrustes baseline)."""
+    _, view = runs["bimodal"]
+    run = n2n.train(view, tmp_path / "continuous", steps=200, translator="continuous", velocity_width=64,
+                    velocity_blocks=2, lr=1e-3, compile=False, progress=False)
+    out = tmp_path / "eval.json"
+    result = invoke(n2n_eval, "--run", run, "--out", out, "--baseline-steps", 20, "--max-rows", 200)
+    assert result.exit_code == 0, result.output
+    for label in ("Procrustes", "among 1024", "best of 16", "unrelated target"):
+        assert label in result.output
+    report = json.loads(out.read_text())
+    assert report["heldout_bpd"] < report["linear_gaussian_bpd"] - 0.1
+    scores = report["translation"]
+    assert scores["procrustes"]["retrieval_pool"]["pool"] == min(1024, scores["candidates"])
+    assert "cosine_best" in scores["cinn"] and "cosine_best" not in scores["mlp"]

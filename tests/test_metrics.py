@@ -270,3 +270,36 @@ def test_subsample():
     assert np.array_equal(subsample(50, 100, seed=3), np.arange(50))
     assert np.array_equal(subsample(100, 100, seed=3), np.arange(100))
     assert len(subsample(0, 10, seed=0)) == 0
+
+
+def test_retrieval_among_a_pool_by_hand_and_at_chance():
+    from n2n.translate.metrics import retrieval_among
+
+    candidates = torch.eye(6)
+    exact = retrieval_among(candidates, torch.arange(6), candidates, pool=4)
+    assert exact == {"top1": 1.0, "mean_rank": 1.0, "pool": 4}
+    # nearer the previous candidate than the truth: the truth ranks second
+    shifted = retrieval_among(0.5 * candidates + candidates.roll(1, 0), torch.arange(6), candidates, pool=6)
+    assert shifted["top1"] == 0.0 and shifted["mean_rank"] == 2.0
+    generator = torch.Generator().manual_seed(0)
+    noise = retrieval_among(torch.randn(2000, 32, generator=generator), torch.randint(0, 3000, (2000,)),
+                            torch.randn(3000, 32, generator=generator), pool=1024)
+    assert noise["pool"] == 1024 and abs(noise["mean_rank"] - 512.5) < 25 and noise["top1"] < 0.01
+
+
+def test_procrustes_recovers_a_rotation_and_pads_the_narrower_side():
+    from n2n.translate.baseline import fit_procrustes
+
+    generator = torch.Generator().manual_seed(0)
+    rotation = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))[0]
+    source = torch.randn(500, 6, generator=generator, dtype=torch.float64)
+    assert torch.allclose(fit_procrustes(source, source @ rotation)(source), source @ rotation, atol=1e-10)
+    wide = fit_procrustes(source[:, :4], (source @ rotation)[:, :5])(source[:, :4])
+    assert wide.shape == (500, 5)
+
+
+def test_best_of_n_picks_the_draw_closest_to_the_reference():
+    from n2n.translate.evaluate import best_of
+
+    draws = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
+    assert torch.equal(best_of(draws, torch.tensor([[0.1, 1.0]])), torch.tensor([[0.0, 1.0]]))

@@ -203,9 +203,9 @@ def test_dry_run_prints_the_net2net_size(tmp_path, n2n_train):
     src = write_store(tmp_path / "bert", keys, rng.standard_normal((4, 768)))
     dst = write_store(tmp_path / "biggan", keys, rng.standard_normal((4, 268)))
     create_view(tmp_path / "bert_biggan", src, dst)
-    net2net = {"embedding_dim": 268, "coupling": "affine", "embedder": "mlp"}  # net2net's own cINN
+    net2net = {"embedding_dim": 268, "coupling": "affine", "embedder": "mlp", "start_from_floor": False}  # its cINN
     result = n2n_train("--shards", tmp_path / "bert_biggan", "--dry-run", "--embedding-dim", 268,
-                       "--coupling", "affine", "--embedder", "mlp")
+                       "--coupling", "affine", "--embedder", "mlp", "--no-start-from-floor")
     assert result.exit_code == 0, result.output
     assert "254,762,152" in result.output  # the count test_cinn derives from the layer shapes
     assert not (tmp_path / "runs").exists()
@@ -215,14 +215,15 @@ def test_dry_run_prints_the_net2net_size(tmp_path, n2n_train):
 
 def test_dry_run_sizes_a_4096_dim_target_without_allocating_it(tmp_path):
     """An SD-VAE's 256 px latent (4096 dims) from CLIP's 512: the default embedding is clamped to 512, and the
-    429M-parameter flow is counted on the meta device (building it for real would take 1.7 GB)."""
+    448M-parameter flow is counted on the meta device (building it for real would take 1.8 GB)."""
     rng = np.random.default_rng(0)
     keys = [f"k{i}" for i in range(4)]
     src = write_store(tmp_path / "clip", keys, rng.standard_normal((4, 512)))
     dst = write_store(tmp_path / "sdvae", keys, rng.standard_normal((4, 4096)))
     create_view(tmp_path / "clip_sdvae", src, dst)
     size = dry_run(tmp_path / "clip_sdvae")
-    assert size["embedding_dim"] == 512 and size["parameters"] == 428_622_336
+    floor_stage = 4096 * 512 + 4096 + 4096 * 4096 + 4096  # W, b, the whitening's lower part and diagonal
+    assert size["embedding_dim"] == 512 and size["parameters"] == 428_622_336 + floor_stage
 
 
 def test_out_of_memory_is_one_line_naming_what_shrinks_the_run(small_view, tmp_path, monkeypatch, n2n_train):
@@ -246,9 +247,9 @@ def test_loss_blowing_up_stops_and_keeps_the_last_good_checkpoint(small_view, tm
     assert n2n_train(*args, "--steps", 10).exit_code == 0
     good = (run / CHECKPOINT).read_bytes()
     # The run goes on and its loss turns NaN at once (as a too-high lr or a broken latent would make it).
-    import n2n.train.trainer as trainer_module
+    import n2n.cinn.flow as flow_module
 
-    monkeypatch.setattr(trainer_module, "nll", lambda z, logdet: (z.sum(1) + logdet) * float("nan"))
+    monkeypatch.setattr(flow_module, "nll", lambda z, logdet: (z.sum(1) + logdet) * float("nan"))
     result = n2n_train(*args, "--steps", 40, "--resume")
     assert result.exit_code == 1
     assert "loss became" in result.output and "lower --lr" in result.output

@@ -137,7 +137,8 @@ def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge,
         assert picture.format == "PNG" and picture.size[1] > picture.size[0] * 0.8
 
 
-def test_eval_image_to_text_scores_retrieval(runs, small_judge, tmp_path, invoke):
+def test_eval_image_to_text_scores_retrieval(runs, small_judge, tmp_path, invoke, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the table's five columns unwrapped, so a row's label reads whole
     result = invoke(n2n_eval, "--run", runs["ae_minilm"], "--judge", small_judge, "--baseline-steps", 20,
                     "--out", tmp_path / "eval.json")
     assert result.exit_code == 0, result.output
@@ -248,8 +249,9 @@ def test_eval_of_a_dataset_without_a_scorer_reports_the_generic_metrics(runs, tm
     assert "held-out NLL" in result.output and "accuracy" not in result.output
 
 
-def test_print_report_of_a_saved_report_prints_the_dataset_rows(runs, capsys):
+def test_print_report_of_a_saved_report_prints_the_dataset_rows(runs, capsys, monkeypatch):
     """What `make demo` does with eval.json: the rows come from the scorer of the run the report names."""
+    monkeypatch.setenv("COLUMNS", "200")  # the table's five columns unwrapped, so a row's label reads whole
     report = json.loads(json.dumps(n2n.evaluate(runs["ae_minilm"], samples=2, baseline_steps=5, progress=False)))
     capsys.readouterr()
     print_report(report)

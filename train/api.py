@@ -18,7 +18,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
-from n2n.cinn import ConditionalFlow, FlowConfig
+from n2n.cinn import FlowConfig, build_flow
 from n2n.options import check_value, flag, split_options, with_config
 from n2n.parallel import Ranks, pick_device
 from n2n.shards import as_path
@@ -178,7 +178,7 @@ def dry_run(view: View | str | os.PathLike | None = None, *, config: str | os.Pa
         raise TrainError("--dry-run sizes a run on a view: give one (--shards)")
     v = view if isinstance(view, View) else open_view(view)
     with torch.device("meta"):  # shapes only: sizing a billion-parameter flow allocates nothing
-        flow = ConditionalFlow(v.target.dim, v.source.dim, flow_config)
+        flow = build_flow(v.target.dim, v.source.dim, flow_config)
     return {**flow.to_dict(), "batch_size": cfg.batch_size, "lr": cfg.learning_rate,
             "parameters": sum(p.numel() for p in flow.parameters()), "pairs": len(v.join())}
 
@@ -188,7 +188,10 @@ def print_summary(summary: dict, console: Console) -> None:
     table = Table(title=f"n2n-train: {summary['run']}", show_header=False)
     table.add_row("steps", str(summary["step"]))
     table.add_row("time", f"{summary['seconds']:.1f} s")
-    table.add_row("train NLL", f"{summary['train_bpd']:.4f} bits/dim")
+    if "train_bpd" in summary:
+        table.add_row("train NLL", f"{summary['train_bpd']:.4f} bits/dim")
+    else:
+        table.add_row("train loss (flow matching)", f"{summary['train_loss']:.4f}")
     if summary["heldout_bpd"] is not None:
         table.add_row("held-out NLL", f"{summary['heldout_bpd']:.4f} bits/dim")
     if summary.get("linear_gaussian_bpd") is not None:

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from n2n.cinn import ConditionalFlow
+from n2n.cinn import ConditionalFlow, ContinuousFlow, flow_from_dict
 from n2n.cinn.flow import upgrade_header
 from n2n.errors import N2NError
 from n2n.shards import as_path, is_remote
@@ -145,16 +145,22 @@ def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 class TrainedFlow:
     """A trained run, ready to sample: target latents given source latents, both in stored units."""
 
-    flow: ConditionalFlow
+    flow: ConditionalFlow | ContinuousFlow
     source_norm: Standardizer
     target_norm: Standardizer
     meta: dict
 
     @torch.no_grad()
-    def sample(self, source: torch.Tensor, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """One target latent per row of ``source`` [B, cond_dim]: z ~ N(0, T^2 I) through the inverse flow."""
+    def sample(self, source: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
+               steps: int | None = None, guidance: float = 1.0) -> torch.Tensor:
+        """One target latent per row of ``source`` [B, cond_dim]: z ~ N(0, T^2 I) through the inverse flow.
+        ``steps`` (the ODE solver's) and ``guidance`` (classifier-free) apply to a continuous translator."""
         c = self.source_norm(source.float())
+        if isinstance(self.flow, ContinuousFlow):
+            return self.target_norm.inverse(self.flow.sample(c, temperature, generator, steps, guidance=guidance))
+        if steps is not None or guidance != 1.0:
+            raise CheckpointError("--steps and --guidance apply to a continuous translator; this run is a coupling "
+                                  "cINN (its samples take one pass): leave them out")
         return self.target_norm.inverse(self.flow.sample(c, temperature, generator))
 
 
@@ -163,7 +169,7 @@ def load_run(run: Path | str, device: str | torch.device = "cpu") -> TrainedFlow
     run = Path(run)
     tensors, meta = load_checkpoint(run / CHECKPOINT if run.is_dir() else run)
     try:
-        flow = ConditionalFlow.from_dict(upgrade_header(meta["model"]))
+        flow = flow_from_dict(upgrade_header(meta["model"]))
         flow.load_state_dict(prefixed(tensors, "model"))
         norms = saved_norms(tensors)
     except (TypeError, KeyError, RuntimeError, N2NError) as e:  # a header or tensors of another model

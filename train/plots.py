@@ -28,7 +28,8 @@ def _points(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_loss(metrics: Path, out: Path, lines: dict[str, float]) -> Path:
     """Draw train and held-out NLL (bits/dim) against step from ``metrics`` (a run's metrics.jsonl:
-    "step", "train_bpd" and, at evaluations, "heldout_bpd") into the PNG ``out``, with a dashed line
+    "step", "train_bpd" or a continuous translator's "train_loss", on an axis of its own, and, at
+    evaluations, "heldout_bpd") into the PNG ``out``, with a dashed line
     for each ``lines`` entry (label: bits/dim, e.g. the linear-Gaussian floor, the analytic NLL).
     The y range follows the curves after their first tenth of steps, so the untrained flow's loss
     does not flatten the rest. Written atomically (a temp file beside ``out``, then ``os.replace``):
@@ -58,11 +59,17 @@ def plot_loss(metrics: Path, out: Path, lines: dict[str, float]) -> Path:
         low, high = min(focus + train), max(focus)
         margin = 0.05 * (high - low) or 0.05 * max(abs(high), 1.0)
         ax.set_ylim(low - margin, high + margin)
+    loss_steps, loss = _points(records, "train_loss")  # a continuous translator's: flow matching's, not an NLL
+    if loss:
+        twin = ax.twinx()
+        twin.plot(loss_steps, loss, color="C0", linewidth=1, alpha=0.6)
+        twin.set_ylabel("train loss (flow matching)", color="C0")
+        ax.plot([], [], color="C0", linewidth=1, alpha=0.6, label="train loss (right axis)")
     ax.set_xlabel("step")
     ax.set_ylabel("NLL (bits/dim)")
     ax.set_title(f"{metrics.absolute().parent.name}: negative log-likelihood")
     ax.grid(alpha=0.3)
-    if train or held or lines:
+    if train or held or lines or loss:
         ax.legend(loc="upper right", fontsize="small")
     return save_png(fig, out)
 

@@ -29,8 +29,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
 
-from n2n.cinn import ConditionalFlow, FlowConfig, bits_per_dim, nll
+from n2n.cinn import ConditionalFlow, ContinuousFlow, FlowConfig, bits_per_dim, build_flow, nll
 from n2n.cinn.flow import upgrade_header
+from n2n.cinn.gaussian import LinearGaussian
 from n2n.errors import N2NError
 from n2n.options import CONFIG_FILE, check_fields, config_text, setting
 from n2n.parallel import Ranks
@@ -47,12 +48,14 @@ from n2n.train.checkpoint import (
     view_record,
 )
 from n2n.train.data import Pairs, Standardizer, load_pairs
-from n2n.train.heldout import FLOOR_ROWS, heldout_bpd, linear_gaussian_bpd
+from n2n.train.heldout import FLOOR_ROWS, fit_floor, floor_bpd, heldout_bpd, linear_gaussian_bpd
 from n2n.train.plots import plot_loss
 from n2n.train.stream import stream_pairs
 
 NET2NET_BASE_LR = 4.5e-6  # net2net scales its learning rate by the batch size
 LOSS_PLOT = "loss.png"  # redrawn in the run folder at checkpoints
+Flow = ConditionalFlow | ContinuousFlow  # the translator kinds (cinn.translators)
+START_ROWS_PER_DIM = 4  # train pairs per source dim that a start from the linear-Gaussian law needs (well_posed)
 PLOT_SHARE = 0.1  # of a run's time, at most, for its loss plot: a redraw waits 1 / PLOT_SHARE times the last one's cost
 
 
@@ -99,44 +102,66 @@ class DivergedError(TrainError):
     exit_code = 1
 
 
-def make_optimizer(flow: ConditionalFlow, lr: float) -> torch.optim.Optimizer:
-    """net2net's Adam(betas=(0.5, 0.9), amsgrad); fused kernels where this torch has them."""
+def make_optimizer(flow: Flow, lr: float) -> torch.optim.Optimizer:
+    """net2net's Adam(betas=(0.5, 0.9), amsgrad) over the trained parameters (a continuous translator's
+    linear-Gaussian stage is fixed); fused kernels where this torch has them."""
+    params = [p for p in flow.parameters() if p.requires_grad]
     try:
-        return torch.optim.Adam(flow.parameters(), lr=lr, betas=(0.5, 0.9), amsgrad=True, fused=True)
+        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9), amsgrad=True, fused=True)
     except (RuntimeError, ValueError):
-        return torch.optim.Adam(flow.parameters(), lr=lr, betas=(0.5, 0.9), amsgrad=True, foreach=True)
+        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9), amsgrad=True, foreach=True)
 
 
-def make_loss(flow: torch.nn.Module, compile: bool, console: Console) -> Callable:
-    """Mean NLL in nats of standardised targets; compiled when asked, eager if compiling fails."""
+class Objective(torch.nn.Module):
+    """The translator's training loss as a module's forward: what DDP wraps, so that its gradient hooks see
+    the one call a step makes, whichever kind of translator computes it."""
 
-    def loss(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        z, logdet = flow(x, c)
-        return nll(z, logdet).mean()
+    def __init__(self, flow: Flow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, *drawn: torch.Tensor) -> torch.Tensor:
+        return self.flow.loss(x, c, *drawn)
+
+
+def make_loss(model: torch.nn.Module, compile: bool, console: Console) -> Callable:
+    """The translator's loss on standardised pairs: the mean NLL in nats for the coupling flow, flow
+    matching's error for the continuous one; compiled when asked, eager if compiling fails. ``model``: an
+    ``Objective`` (the trainer's), a translator, or either under DDP (a coupling flow's forward is its map:
+    the NLL is taken of it, as before ``Objective`` existed)."""
+    inner = getattr(model, "module", model)  # under DDP
+
+    def loss(x: torch.Tensor, c: torch.Tensor, *drawn: torch.Tensor) -> torch.Tensor:
+        if isinstance(inner, Objective):
+            return model(x, c, *drawn)
+        if isinstance(inner, ContinuousFlow):
+            return inner.loss(x, c, *drawn)
+        return nll(*model(x, c)).mean()
 
     if not compile:
         return loss
     compiled = torch.compile(loss)
     current = [compiled]
 
-    def guarded(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def guarded(x: torch.Tensor, c: torch.Tensor, *drawn: torch.Tensor) -> torch.Tensor:
         try:
-            return current[0](x, c)
+            return current[0](x, c, *drawn)
         except Exception as e:  # inductor needs a C++/triton toolchain; training must not depend on it
             if current[0] is loss:
                 raise
             console.print(f"[yellow]warning: torch.compile failed ({type(e).__name__}: {e}); training eagerly")
             current[0] = loss
-            return loss(x, c)
+            return loss(x, c, *drawn)
 
     return guarded
 
 
 def make_step(loss_fn: Callable, optimizer: torch.optim.Optimizer) -> Callable:
-    """One optimiser step on (x, c); returns the loss, left on the device (no host sync per step)."""
+    """One optimiser step on (x, c) and the loss's random inputs; returns the loss, left on the device (no
+    host sync per step)."""
 
-    def step(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        loss = loss_fn(x, c)
+    def step(x: torch.Tensor, c: torch.Tensor, *drawn: torch.Tensor) -> torch.Tensor:
+        loss = loss_fn(x, c, *drawn)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -152,15 +177,18 @@ def out_of_memory(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
-def run_floor(data: Pairs, cfg: TrainConfig, meta: dict, ranks: Ranks, console: Console) -> float | None:
+def run_floor(data: Pairs, cfg: TrainConfig, meta: dict, ranks: Ranks, console: Console,
+              law: LinearGaussian | None = None) -> float | None:
     """The run's linear-Gaussian floor: its checkpoint's where one measured it on the same held-out
-    rows (a resume stays as cheap as it was), else measured now. Only the main process measures it:
-    it is reported and saved, never trained on, and no collective waits on it. Out of memory for it
-    is a warning, not a failed run."""
+    rows (a resume stays as cheap as it was), else ``law``'s (the one the translator starts from), else
+    measured now. Only the main process measures it: it is reported and saved, never trained on, and no
+    collective waits on it. Out of memory for it is a warning, not a failed run."""
     if "linear_gaussian_bpd" in meta and meta["train"].get("eval_rows") == cfg.eval_rows:
         return meta["linear_gaussian_bpd"]
     if not ranks.main:
         return None
+    if law is not None:
+        return floor_bpd(law, data, cfg.eval_rows) if len(data.held_target) and cfg.eval_rows > 0 else None
     try:
         return linear_gaussian_bpd(data, cfg.eval_rows, noise=cfg.target_noise)
     except RuntimeError as err:  # torch.OutOfMemoryError is one
@@ -171,8 +199,23 @@ def run_floor(data: Pairs, cfg: TrainConfig, meta: dict, ranks: Ranks, console: 
         return None
 
 
+def well_posed(data: Pairs, console: Console | None) -> bool:
+    """Whether the train pairs pin a linear-Gaussian law down well enough to start from it: at least
+    START_ROWS_PER_DIM per source dimension. With fewer, least squares fits the train pairs almost exactly
+    (with no more pairs than source dims, exactly), the residual covariance collapses, and a translator
+    started there would sample one point per source; it then starts at N(0, I), with a warning."""
+    rows = min(data.train_pairs, FLOOR_ROWS)
+    if rows >= START_ROWS_PER_DIM * (data.dims[0] + 1):
+        return True
+    if console is not None:
+        console.print(f"[yellow]warning: {rows} train pairs for a {data.dims[0]}-d source are too few to start from "
+                      f"the linear-Gaussian law (it would fit them exactly; {START_ROWS_PER_DIM} per source dim "
+                      "wanted): starting at N(0, I)")
+    return False
+
+
 def checkpoint_state(
-    flow: ConditionalFlow, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+    flow: Flow, optimizer: torch.optim.Optimizer, generator: torch.Generator,
     data: Pairs, cfg: TrainConfig, step: int, heldout: float | None, out: Path, floor: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """A checkpoint's tensors and header (train.checkpoint describes both)."""
@@ -217,7 +260,7 @@ def check_fits(meta: dict, view: Path | str, checkpoint: Path) -> None:
         )
 
 
-def restore(flow: ConditionalFlow, tensors: dict[str, torch.Tensor], meta: dict, cfg: TrainConfig,
+def restore(flow: Flow, tensors: dict[str, torch.Tensor], meta: dict, cfg: TrainConfig,
             device: torch.device) -> tuple[torch.optim.Optimizer, torch.Generator]:
     """Load a checkpoint's weights into ``flow`` (on ``device``) and rebuild its optimizer and batch generator."""
     flow.load_state_dict(prefixed(tensors, "model"))
@@ -276,12 +319,18 @@ def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, 
     data = open_data(view, cfg, saved_norms(tensors) if resume else None, dev, stream, step + 1 if resume else 0,
                      console)
     try:
-        floor = run_floor(data, cfg, meta, ranks, console)  # draws from no generator the run trains with
+        # The law a new translator starts from; like the floor, it draws from no generator the run trains with.
+        law = fit_floor(data, noise=cfg.target_noise) if flow_config.start_from_floor and not resume else None
+        floor = run_floor(data, cfg, meta, ranks, console, law)
+        if law is not None and not well_posed(data, console if ranks.main else None):
+            law = None
         torch.manual_seed(cfg.seed)  # the initial weights (a resumed run loads its own)
         cond_dim, dim = data.dims
-        flow = ConditionalFlow(dim, cond_dim, flow_config)
+        flow = build_flow(dim, cond_dim, flow_config)
         if init_from is not None and not resume:
             start_from_net2net(flow, init_from)
+        if law is not None:
+            flow.start_from(law)
         flow = flow.to(dev)
         if ranks.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -294,8 +343,10 @@ def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, 
         else:
             optimizer = make_optimizer(flow, cfg.learning_rate)
             generator = torch.Generator(dev).manual_seed(cfg.seed)
-            with torch.no_grad():  # ActNorm's data-dependent init, eagerly, before any compiled graph, on a batch
-                flow(*data.batch(cfg.batch_size, generator, cfg.target_noise))  # like the ones it will train on
+            batch = data.batch(cfg.batch_size, generator, cfg.target_noise)  # drawn whatever the kind: one stream
+            if flow.needs_init:
+                with torch.no_grad():  # ActNorm's data-dependent init, eagerly, before any compiled graph, on a batch
+                    flow(*batch)  # like the ones it will train on
         run = Run(flow, optimizer, generator, data, cfg, out, dev, ranks, console, progress, floor, step,
                   meta["heldout_bpd"])
         return train_steps(run, compile)
@@ -303,9 +354,14 @@ def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, 
         data.close()
 
 
-def start_from_net2net(flow: ConditionalFlow, checkpoint: Path | str) -> None:
+def start_from_net2net(flow: Flow, checkpoint: Path | str) -> None:
     """Load a net2net checkpoint's flow into ``flow`` (net2net's architecture: affine, mlp embedder)."""
     from n2n.cinn.net2net import Net2NetError, load_state_dict, n2n_state_dict
+
+    if not isinstance(flow, ConditionalFlow) or flow.floor is not None:
+        raise TrainError(f"--init-from {checkpoint}: a net2net flow is a coupling translator that starts at N(0, I); "
+                         "train it with --translator coupling --no-start-from-floor (its YAML through --config sets "
+                         "both)")
 
     try:
         flow.load_state_dict(n2n_state_dict(load_state_dict(checkpoint), flow))
@@ -333,7 +389,7 @@ class Run:
     the last held-out NLL) beside what they read (the pairs, the settings, where the run is written, the
     process's place), so that each part of the loop takes one argument."""
 
-    flow: ConditionalFlow
+    flow: Flow
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     data: Pairs
@@ -361,9 +417,18 @@ class Run:
         truth = self.data.truth
         return truth["nll_nats_per_dim"] / math.log(2) if truth is not None else None
 
-    def to_bpd(self, nats: float) -> float:
-        """A mean NLL of standardised targets (nats per pair) as bits/dim in the stores' units."""
-        return bits_per_dim(nats + self.data.target_norm.log_abs_det, self.data.dims[1])
+    @property
+    def train_key(self) -> str:
+        """The training loss's name in metrics.jsonl: train_bpd (an NLL, coupling) or train_loss (flow matching's
+        mean squared error, continuous)."""
+        return "train_loss" if isinstance(self.flow, ContinuousFlow) else "train_bpd"
+
+    def train_value(self, loss: float) -> float:
+        """A mean training loss as logged: an NLL of standardised targets (nats per pair) as bits/dim in the
+        stores' units; flow matching's error as it is."""
+        if self.train_key == "train_loss":
+            return loss
+        return bits_per_dim(loss + self.data.target_norm.log_abs_det, self.data.dims[1])
 
     def save(self) -> None:
         """The checkpoint at this step (weights, optimizer, generator, statistics), written atomically."""
@@ -424,13 +489,14 @@ def train_steps(run: Run, compile: bool | None) -> dict:
     checkpoint and the loss plot every ``eval_every``; the summary at the end."""
     cfg, ranks = run.cfg, run.ranks
     # Every rank built the same weights (same seed, same init batch); DDP averages the gradients.
-    model = DistributedDataParallel(run.flow) if ranks.world > 1 else run.flow
+    objective = Objective(run.flow)
+    model = DistributedDataParallel(objective) if ranks.world > 1 else objective
     step_fn = make_step(make_loss(model, run.dev.type == "cuda" if compile is None else compile, run.console),
                         run.optimizer)
     run.flow.train()
     announce(run)
     plot = LossPlot(run)
-    loss_sum, train_bpd = torch.zeros((), device=run.dev), None
+    loss_sum, train = torch.zeros((), device=run.dev), None
     t0 = last_time = time.perf_counter()
     last_step = run.step
     log_every = min(cfg.log_every, cfg.eval_every)
@@ -441,17 +507,18 @@ def train_steps(run: Run, compile: bool | None) -> dict:
         task = bar.add_task("train", total=cfg.steps, completed=run.step, info="")
         try:
             while run.step < cfg.steps:
-                loss_sum += step_fn(*run.data.batch(cfg.batch_size, run.generator, cfg.target_noise, ranks))
+                x, c = run.data.batch(cfg.batch_size, run.generator, cfg.target_noise, ranks)
+                loss_sum += step_fn(x, c, *rank_part(run.flow.draw(cfg.batch_size, run.generator), ranks))
                 run.step += 1
                 evaluate = run.step % cfg.eval_every == 0 or run.step == cfg.steps
                 if run.step % log_every and not evaluate:
                     continue
-                train_bpd = run.to_bpd(mean_loss(run, loss_sum, run.step - last_step))
+                train = run.train_value(mean_loss(run, loss_sum, run.step - last_step))
                 now = time.perf_counter()
                 rate = (run.step - last_step) / (now - last_time)
                 loss_sum.zero_()
                 last_step, last_time = run.step, now
-                record = {"step": run.step, "train_bpd": train_bpd, "steps_per_s": rate}
+                record = {"step": run.step, run.train_key: train, "steps_per_s": rate}
                 if evaluate and ranks.main:  # the others wait for it in the next step's all-reduce
                     run.heldout = record["heldout_bpd"] = heldout_bpd(run.flow, run.data, cfg.eval_rows)
                     run.save()
@@ -461,17 +528,29 @@ def train_steps(run: Run, compile: bool | None) -> dict:
                     if evaluate:
                         plot.draw(run, last=run.step == cfg.steps)
                 held = f"  held-out {run.heldout:.4f}" if run.heldout is not None else ""
-                bar.update(task, completed=run.step, info=f"{train_bpd:.4f} bits/dim{held}  {rate:.1f} steps/s")
+                shown = f"{train:.4f} bits/dim" if run.train_key == "train_bpd" else f"loss {train:.4f}"
+                bar.update(task, completed=run.step, info=f"{shown}{held}  {rate:.1f} steps/s")
         except KeyboardInterrupt:
             raise TrainError(f"interrupted at step {run.step}; the last checkpoint is in {run.checkpoint}: --resume "
                              "continues it") from None
     ranks.barrier()  # the last checkpoint is written before any rank reports the run done
-    return summarize(run, train_bpd, time.perf_counter() - t0)
+    return summarize(run, train, time.perf_counter() - t0)
 
 
-def summarize(run: Run, train_bpd: float | None, seconds: float) -> dict:
-    """The end of a run: its step, NLLs, time and checkpoint; against a synthetic view's analytic NLL too."""
-    summary = {"run": str(run.out), "step": run.step, "train_bpd": train_bpd, "heldout_bpd": run.heldout,
+def rank_part(drawn: tuple[torch.Tensor, ...], ranks: Ranks) -> tuple[torch.Tensor, ...]:
+    """This rank's slice of random inputs drawn for the global batch (as ``train.data.rank_batch`` slices the
+    pairs), so that a step is the same for any number of processes."""
+    if ranks.world == 1:
+        return drawn
+    size = len(drawn[0])
+    part = slice(ranks.rank * size // ranks.world, (ranks.rank + 1) * size // ranks.world)
+    return tuple(t[part] for t in drawn)
+
+
+def summarize(run: Run, train: float | None, seconds: float) -> dict:
+    """The end of a run: its step, NLLs (the continuous translator's training loss is flow matching's, not
+    an NLL), time and checkpoint; against a synthetic view's analytic NLL too."""
+    summary = {"run": str(run.out), "step": run.step, run.train_key: train, "heldout_bpd": run.heldout,
                "seconds": seconds, "checkpoint": str(run.checkpoint)}
     if run.floor is not None:
         summary["linear_gaussian_bpd"] = run.floor

@@ -3,10 +3,13 @@
 Trained on the same view, split and standardisation as the cINN, with MSE. It can only predict
 the conditional mean: right where the caption pins the image down, and one blurred average
 where the caption leaves attributes open (zero diversity by construction). The other baseline,
-the linear least-squares map, is the mean of the linear-Gaussian floor (``train.trainer.fit_floor``).
+the linear least-squares map, is the mean of the linear-Gaussian floor (``train.heldout.fit_floor``); the
+orthogonal Procrustes map (``fit_procrustes``) is the closed form of Maiorca et al. 2023.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,3 +35,16 @@ def train_mlp(data: PairedLatents, steps: int = 2000, batch_size: int = 256, hid
         loss.backward()
         optimizer.step()
     return mlp.eval()
+
+
+def fit_procrustes(source: torch.Tensor, target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The orthogonal Procrustes map of Maiorca et al. 2023 on standard-scaled latents: the rotation R
+    minimising |[source, 0] R - [target, 0]| (the narrower side zero-padded to the wider), R = U V^T from
+    the SVD of the padded cross-covariance. Returns source [N, ds] -> target [N, dt], both standardised
+    (as n2n's pairs are): a closed-form translator that can only rotate, the baseline below least squares."""
+    width = max(source.shape[1], target.shape[1])
+    pad = lambda x: torch.nn.functional.pad(x.double(), (0, width - x.shape[1]))  # noqa: E731
+    u, _, vh = torch.linalg.svd(pad(source).T @ pad(target))
+    rotation = u @ vh
+    dt = target.shape[1]
+    return lambda c: (pad(c) @ rotation)[:, :dt].to(c.dtype)

@@ -60,13 +60,14 @@ def write_atomic_npy(array: np.ndarray, out: Path) -> None:
               help="Local weights of the target expert, when they are not where its store says.")
 @reports_errors
 def main(run: Path, texts: tuple[str, ...], text_file: Path | None, images: tuple[Path, ...], n: int,
-         temperature: float, seed: int, out: Path, source_weights: Path | None, target_weights: Path | None) -> None:
+         temperature: float, seed: int, steps: int | None, guidance: float, out: Path, source_weights: Path | None,
+         target_weights: Path | None) -> None:
     """Translate inputs with a trained run: encode with the source expert, sample the cINN n times,
     decode with the target expert.
 
     Example: n2n-translate --run runs/minilm_ae --text "a small red circle in the top left" -n 8 --out grid.png
     """
-    SamplingConfig(n, temperature, seed)  # each checked, before the experts load
+    SamplingConfig(n, temperature, seed, steps, guidance)  # each checked, before the experts load
     if out.suffix not in (".png", ".npy"):
         raise TranslateError(f"--out {out}: write a .png grid or a .npy of latents")
     import transformers  # here: it takes a second to import, and a bad option needs none of it
@@ -75,12 +76,13 @@ def main(run: Path, texts: tuple[str, ...], text_file: Path | None, images: tupl
     inputs, labels = read_inputs(texts, text_file, images)
     translator = Translator.load(run, source_weights=source_weights, target_weights=target_weights,
                                  console=console())
-    latents = translator.sample(inputs, n, temperature, seed)
+    latents = translator.sample(inputs, n, temperature, seed, steps, guidance)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         write_atomic_npy(latents.numpy(), out)
         write_json_atomic(out.with_suffix(".json"), {"inputs": labels, "n": n, "temperature": temperature,
-                                                     "seed": seed, "run": str(run)})
+                                                     "seed": seed, "steps": steps, "guidance": guidance,
+                                                     "run": str(run)})
     else:
         write_atomic_image(image_grid(translator.decode(latents), labels), out)
     console().print(f"wrote {out} ({len(inputs)} inputs x {n} samples)")

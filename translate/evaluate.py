@@ -9,7 +9,11 @@ translator, on up to ``max_rows`` held-out pairs:
 - retrieval: the rank of the pair's true target among the distinct held-out targets (cosine), from
   one sample and from the mean of ``samples`` samples: top-1, top-5, median rank; mean cosine;
 - distribution: the Fréchet distance between one prediction per pair and the true targets, and k-NN
-  precision / recall (Kynkäänniemi et al. 2019) of those predictions (``translate.metrics``).
+  precision / recall (Kynkäänniemi et al. 2019) of those predictions (``translate.metrics``);
+- what the field reports beside: retrieval among 1024 candidates (top-1, mean rank; vec2vec), the
+  cosine to an unrelated target (a shuffled pair; DALLE2-pytorch's prior panel), the cINN's best of
+  ``samples`` (the sample closest to the MLP's prediction, as DALLE2-pytorch picks from its prior),
+  and a fourth translator, the orthogonal Procrustes map after standard scaling (Maiorca et al. 2023).
 
 What else is worth measuring depends on the data, so the dataset of the run's stores adds it
 (``ItemDataset.translation_scorer``): shapes, whose ground truth is known, lets a judge read the
@@ -40,8 +44,8 @@ from n2n.scoring import HeldOut, Predictor, ScoreTable, TranslationScorer
 from n2n.shards import as_path, write_json_atomic
 from n2n.train.checkpoint import CHECKPOINT, TrainedFlow, load_run, read_meta, run_view
 from n2n.train.data import PairedLatents, load_pairs
-from n2n.train.heldout import fit_floor, floor_bpd, heldout_bpd
-from n2n.translate.baseline import train_mlp
+from n2n.train.heldout import FLOOR_ROWS, fit_floor, floor_bpd, floor_pairs, heldout_bpd
+from n2n.translate.baseline import fit_procrustes, train_mlp
 from n2n.translate.figures import eval_figure, gallery
 from n2n.translate.metrics import (
     LinearGaussian,
@@ -49,6 +53,7 @@ from n2n.translate.metrics import (
     mean_cosine,
     precision_recall,
     retrieval,
+    retrieval_among,
     subsample,
 )
 from n2n.translate.pipeline import expert_of
@@ -133,46 +138,75 @@ def held_out(translator: TrainedFlow, data: PairedLatents, cfg: EvalConfig, floo
 # ---------------------------------------------------------------- every view's part
 
 
-TRANSLATORS = {"cinn": "cINN", "linear": "linear LS", "mlp": "MLP"}
+TRANSLATORS = {"cinn": "cINN", "linear": "linear LS", "mlp": "MLP", "procrustes": "Procrustes"}
+POOL = 1024  # candidates of vec2vec's retrieval
 
 
-def translation_scores(held: HeldOut) -> dict:
-    """Retrieval, cosine, Fréchet distance and precision/recall of every predictor (see the module
-    docstring), on a seeded subsample of ``max_rows`` held-out pairs; candidates are all distinct
-    held-out targets."""
+def translation_scores(held: HeldOut, baselines: dict[str, Predictor] | None = None) -> dict:
+    """Retrieval, cosine, Fréchet distance and precision/recall of every predictor and of ``baselines``
+    (translators scored here only, not by the dataset: Procrustes), see the module docstring, on a seeded
+    subsample of ``max_rows`` held-out pairs; candidates are all distinct held-out targets."""
     cfg = held.options
     rows = torch.from_numpy(subsample(len(held.key), cfg.max_rows, cfg.seed))
     distinct, first, truth = np.unique(held.target_row, return_index=True, return_inverse=True)
     candidates, target = held.target[torch.from_numpy(first)].float(), held.target[rows].float()
     truth, source, n = truth[rows.numpy()], held.source[rows], cfg.samples
+    unrelated = target[torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))]
     report: dict = {"pairs": len(rows), "candidates": len(distinct), "samples": n}
-    for name, predict in held.predictors.items():
+    predictions = {}
+    for name, predict in {**held.predictors, **(baselines or {})}.items():
         one = predict(source, 1).float()
-        mean = predict(source, n).float().reshape(len(rows), n, -1).mean(1)
-        first_sample, mean_of_n = retrieval(one, truth, candidates), retrieval(mean, truth, candidates)
-        report[name] = {"retrieval": first_sample, "retrieval_mean": mean_of_n, "cosine": mean_cosine(one, target),
-                        "cosine_mean": mean_cosine(mean, target), "frechet": frechet_distance(one, target),
-                        **precision_recall(target, one)}
+        draws = predict(source, n).float().reshape(len(rows), n, -1)
+        mean = draws.mean(1)
+        predictions[name] = draws
+        report[name] = {"retrieval": retrieval(one, truth, candidates),
+                        "retrieval_mean": retrieval(mean, truth, candidates),
+                        "retrieval_pool": retrieval_among(one, truth, candidates, POOL, cfg.seed),
+                        "cosine": mean_cosine(one, target), "cosine_mean": mean_cosine(mean, target),
+                        "cosine_unrelated": mean_cosine(one, unrelated),
+                        "cosine_mean_unrelated": mean_cosine(mean, unrelated),
+                        "frechet": frechet_distance(one, target), **precision_recall(target, one)}
+    if "cinn" in predictions and "mlp" in predictions:
+        best = best_of(predictions["cinn"], predictions["mlp"][:, 0])
+        report["cinn"] |= {"retrieval_best": retrieval(best, truth, candidates),
+                           "cosine_best": mean_cosine(best, target)}
     return report
 
 
+def best_of(draws: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Of ``draws`` [N, n, d], the one per row with the highest cosine to ``reference`` [N, d]."""
+    cosine = torch.nn.functional.cosine_similarity(draws, reference[:, None], dim=2)
+    return draws[torch.arange(len(draws)), cosine.argmax(1)]
+
+
 def translation_rows(report: dict) -> list[tuple[str, ...]]:
-    """The printed rows of ``translation_scores``: (metric, cINN, linear LS, MLP)."""
+    """The printed rows of ``translation_scores``: (metric, cINN, linear LS, MLP, Procrustes)."""
     scores = report.get("translation")
     if not scores:
         return []
     n = scores["samples"]
 
     def row(label: str, pick: Callable[[dict], float], fmt: str) -> tuple[str, ...]:
-        return (label, *(format(pick(scores[name]), fmt) for name in TRANSLATORS))
+        def cell(name: str) -> str:
+            try:
+                return format(pick(scores[name]), fmt)
+            except KeyError:  # a score this translator does not have (best of n: the cINN's), or an older report
+                return ""
+        return (label, *(cell(name) for name in TRANSLATORS))
 
     return [
         row("retrieval top-1, one sample", lambda s: s["retrieval"]["top1"], ".1%"),
         row("retrieval top-5, one sample", lambda s: s["retrieval"]["top5"], ".1%"),
         row("median rank, one sample", lambda s: s["retrieval"]["median_rank"], ".0f"),
         row(f"median rank, mean of {n} samples", lambda s: s["retrieval_mean"]["median_rank"], ".0f"),
+        row(f"retrieval top-1 among {POOL}, one sample", lambda s: s["retrieval_pool"]["top1"], ".1%"),
+        row(f"mean rank among {POOL}, one sample", lambda s: s["retrieval_pool"]["mean_rank"], ".1f"),
+        row(f"retrieval top-1, best of {n} (closest to the MLP)", lambda s: s["retrieval_best"]["top1"], ".1%"),
         row("cosine to the truth, one sample", lambda s: s["cosine"], ".3f"),
         row(f"cosine to the truth, mean of {n}", lambda s: s["cosine_mean"], ".3f"),
+        row(f"cosine to the truth, best of {n}", lambda s: s["cosine_best"], ".3f"),
+        row("cosine to an unrelated target, one sample", lambda s: s["cosine_unrelated"], ".3f"),
+        row(f"cosine to an unrelated target, mean of {n}", lambda s: s["cosine_mean_unrelated"], ".3f"),
         row("Fréchet distance to the true targets", lambda s: s["frechet"], ".3g"),
         row("precision (k-NN, k=3)", lambda s: s["precision"], ".3f"),
         row("recall (k-NN, k=3)", lambda s: s["recall"], ".3f"),
@@ -222,7 +256,7 @@ def evaluate(run: str | os.PathLike | None = None, *, config: str | os.PathLike 
                     "heldout_bpd": heldout_bpd(translator.flow, data, rows=rows),
                     "linear_gaussian_bpd": floor_bpd(floor, data, rows)}
     held = held_out(translator, data, cfg, floor, quiet=not progress)
-    report["translation"] = translation_scores(held)
+    report["translation"] = translation_scores(held, {"procrustes": procrustes_predictor(data, cfg)})
     scorer = scorer_of(meta)
     if scorer is not None:
         report |= scorer.score(held)
@@ -230,6 +264,14 @@ def evaluate(run: str | os.PathLike | None = None, *, config: str | os.PathLike 
     if figure is not None:
         report["figure"] = str(draw(report, held, Path(figure)))
     return report
+
+
+def procrustes_predictor(data: PairedLatents, cfg: EvalConfig) -> Predictor:
+    """The orthogonal Procrustes map (``baseline.fit_procrustes``) fitted on the floor's train pairs, as a
+    predictor of target latents in stored units (n copies of one prediction)."""
+    source, target = floor_pairs(data, FLOOR_ROWS, cfg.seed)
+    rotate = fit_procrustes(source, target)
+    return lambda c, n: data.target_norm.inverse(rotate(c)).repeat_interleave(n, 0)
 
 
 def read_texts(held: HeldOut) -> dict:
@@ -278,12 +320,12 @@ def print_report(report: dict) -> None:
 
 
 def report_rows(report: dict, scores: ScoreTable) -> list[tuple[str, ...]]:
-    """Every row of the report's table: (metric, cINN, linear LS, MLP); the linear column of the NLL row is
+    """Every row of the report's table: (metric, cINN, linear LS, MLP, Procrustes); the linear column of the NLL row is
     the linear-Gaussian floor, and the dataset's rows (``scores``: cINN, MLP) leave it empty."""
     floor = report.get("linear_gaussian_bpd")
-    rows = [("held-out NLL (bits/dim)", f"{report['heldout_bpd']:.4f}", "" if floor is None else f"{floor:.4f}", ""),
-            *translation_rows(report)]
-    return rows + [(metric, cinn, "", mlp) for metric, cinn, mlp in scores.rows]
+    rows = [("held-out NLL (bits/dim)", f"{report['heldout_bpd']:.4f}", "" if floor is None else f"{floor:.4f}", "",
+             ""), *translation_rows(report)]
+    return rows + [(metric, cinn, "", mlp, "") for metric, cinn, mlp in scores.rows]
 
 
 def dataset_table(report: dict) -> ScoreTable:

@@ -75,6 +75,27 @@ def retrieval(predictions: Tensor, truth_rows: Tensor | np.ndarray, candidates: 
             "candidates": len(candidates)}
 
 
+def retrieval_among(predictions: Tensor, truth_rows: Tensor | np.ndarray, candidates: Tensor, pool: int = 1024,
+                    seed: int = 0) -> dict:
+    """Retrieval as vec2vec reports it: each prediction's true target among ``pool`` candidates, itself and
+    ``pool - 1`` others of one seeded draw (all candidates where there are fewer).
+
+    A fixed pool makes the number comparable across views of any size, where the rank among all held-out
+    targets (``retrieval``) grows with the view. Ties count against the prediction, as in ``ranks``.
+    Returns {"top1", "mean_rank", "pool"}."""
+    truth = torch.as_tensor(truth_rows, dtype=torch.long)
+    size = min(pool, len(candidates))
+    members = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:size]
+    unit = torch.nn.functional.normalize(predictions.double(), dim=1)
+    bank = torch.nn.functional.normalize(candidates.double(), dim=1)
+    sims = (unit @ bank[members].T).nan_to_num(nan=-2.0)  # [N, pool]
+    true = (unit * bank[truth]).sum(1).nan_to_num(nan=-2.0)
+    others = members[None] != truth[:, None]  # the pool less each row's truth ...
+    others[~(~others).any(1), -1] = False  # ... or less its last member, where the truth was not in it
+    r = 1 + ((sims >= true[:, None]) & others).sum(1).double()
+    return {"top1": float((r <= 1).double().mean()), "mean_rank": float(r.mean()), "pool": size}
+
+
 def mean_cosine(predictions: Tensor, truth: Tensor) -> float:
     """Mean row-wise cosine similarity of predictions [N, d] to their targets [N, d] (1 = same directions)."""
     if predictions.shape != truth.shape or len(truth) == 0:

@@ -61,6 +61,11 @@ class SamplingConfig:
     n: int = setting(8, "Samples per input.", min=1)
     temperature: float = setting(1.0, "z ~ N(0, T^2 I): lower is more typical, less diverse.", min=0)
     seed: int = setting(0, "Seed of the samples: the same seed gives the same output.", min=0)
+    steps: int | None = setting(None, "ODE solver steps of a continuous translator: fewer are faster, more follow "
+                                      "its paths closer.  [default: the run's --ode-steps]", min=1)
+    guidance: float = setting(1.0, "Classifier-free guidance scale of a continuous translator trained with "
+                                   "--cond-dropout: above 1 follows the caption more, at the cost of diversity.",
+                              min=0)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -122,14 +127,16 @@ class Translator:
 
     @torch.no_grad()
     def sample(self, inputs: Sequence[object] | torch.Tensor, n: int = SamplingConfig.n,
-               temperature: float = SamplingConfig.temperature, seed: int = SamplingConfig.seed) -> torch.Tensor:
+               temperature: float = SamplingConfig.temperature, seed: int = SamplingConfig.seed,
+               steps: int | None = SamplingConfig.steps, guidance: float = SamplingConfig.guidance) -> torch.Tensor:
         """n target latents per input: [len(inputs), n, dim] on the CPU. ``inputs`` may also be source
         latents [B, cond_dim] already encoded. z ~ N(0, T^2 I) through the inverse flow."""
-        SamplingConfig(n, temperature, seed)  # each checked, before any work
+        SamplingConfig(n, temperature, seed, steps, guidance)  # each checked, before any work
         source = inputs if isinstance(inputs, torch.Tensor) else self.encode(inputs)
         device = next(self.flow.flow.parameters()).device
         generator = torch.Generator(device).manual_seed(seed)
-        latents = self.flow.sample(source.to(device).repeat_interleave(n, dim=0), temperature, generator)
+        latents = self.flow.sample(source.to(device).repeat_interleave(n, dim=0), temperature, generator, steps,
+                                   guidance)
         return latents.view(len(source), n, -1).cpu()
 
     @torch.no_grad()
@@ -143,9 +150,10 @@ class Translator:
         return images.view(*latents.shape[:-1], *images.shape[1:])
 
     def translate(self, inputs: Sequence[object], n: int = SamplingConfig.n,
-                  temperature: float = SamplingConfig.temperature, seed: int = SamplingConfig.seed) -> torch.Tensor:
+                  temperature: float = SamplingConfig.temperature, seed: int = SamplingConfig.seed,
+                  steps: int | None = SamplingConfig.steps, guidance: float = SamplingConfig.guidance) -> torch.Tensor:
         """Images [len(inputs), n, 3, H, W] in [0, 1]: ``n`` samples per input, decoded."""
-        return self.decode(self.sample(inputs, n, temperature, seed))
+        return self.decode(self.sample(inputs, n, temperature, seed, steps, guidance))
 
 
 def run_stores(meta: dict, run: Path) -> tuple[Path | None, Path | None]:
