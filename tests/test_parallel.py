@@ -284,6 +284,21 @@ def test_two_processes_train_the_one_process_run_and_resume_with_one(gaussian_vi
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4) for k in wa)
 
 
+def test_two_processes_train_the_continuous_translators_one_process_run(gaussian_view, tmp_path):
+    """The continuous translator's random inputs (noise, times, dropped conditions) are drawn for the
+    global batch and sliced per rank, as the pairs are: two processes follow the one-process run."""
+    args = ["--translator", "continuous", "--velocity-width", "32", "--velocity-blocks", "1", "--cond-dropout", "0.2",
+            "--steps", 30, *TRAIN]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (done := n2n_train("--shards", gaussian_view, "--out", one, *args)).returncode == 0, done.stderr
+    assert (done := n2n_train("--shards", gaussian_view, "--out", two, *args, nproc=2)).returncode == 0, done.stderr
+    losses = [np.array([json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()])
+              for run in (one, two)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=0, atol=1e-4)
+    wa, wb = weights(one), weights(two)
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4) for k in wa)
+
+
 def test_the_global_batch_must_split_over_the_processes(gaussian_view, tmp_path):
     done = n2n_train("--shards", gaussian_view, "--out", tmp_path / "r", "--steps", 5, *TRAIN,
                      "--batch-size", "63", nproc=2)  # the last --batch-size counts

@@ -540,7 +540,7 @@ def train_steps(run: Run, compile: bool | None) -> dict:
 def rank_part(drawn: tuple[torch.Tensor, ...], ranks: Ranks) -> tuple[torch.Tensor, ...]:
     """This rank's slice of random inputs drawn for the global batch (as ``train.data.rank_batch`` slices the
     pairs), so that a step is the same for any number of processes."""
-    if ranks.world == 1:
+    if ranks.world == 1 or not drawn:  # a coupling flow draws nothing
         return drawn
     size = len(drawn[0])
     part = slice(ranks.rank * size // ranks.world, (ranks.rank + 1) * size // ranks.world)
