@@ -61,6 +61,7 @@ def plot_loss(metrics: Path, out: Path, lines: dict[str, float]) -> Path:
         ax.set_ylim(low - margin, high + margin)
     loss_steps, loss = _points(records, "train_loss")  # a continuous translator's: flow matching's, not an NLL
     if loss:
+        fig.subplots_adjust(right=0.88)  # room for the right axis's ticks and label
         twin = ax.twinx()
         twin.plot(loss_steps, loss, color="C0", linewidth=1, alpha=0.6)
         twin.set_ylabel("train loss (flow matching)", color="C0")
