@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from n2n.cinn.floor import LinearGaussianStage
-from n2n.cinn.flow import FlowConfig, make_embedder, resolve
+from n2n.cinn.flow import FlowConfig, make_embedder, resolve, shape_of
 from n2n.cinn.gaussian import LinearGaussian
 
 EXACT_DIVERGENCE_DIMS = 64  # up to this many target dims the divergence is exact (one backward pass per dim)
@@ -112,10 +112,7 @@ class ContinuousFlow(nn.Module):
 
     def __init__(self, dim: int, cond_dim: int, config: FlowConfig | None = None, **options: Any) -> None:
         super().__init__()
-        if config is not None and options:
-            raise TypeError(f"ContinuousFlow: give config= or FlowConfig's fields as keywords, not both "
-                            f"({', '.join(options)})")
-        self.config = resolve(dim, config or FlowConfig(**{"translator": "continuous", **options}))
+        self.config = resolve(dim, shape_of("ContinuousFlow", config, options, translator="continuous"))
         self.dim, self.cond_dim = dim, cond_dim
         self.embedder = make_embedder(cond_dim, self.config)
         # Fixed, not trained: flow matching's loss is measured in the stage's units, so an optimizer free to
@@ -207,8 +204,7 @@ class ContinuousFlow(nn.Module):
             probe = torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
 
         def with_divergence(t: float, state: State) -> State:
-            velocity, divergence = velocity_and_divergence(lambda y: v(y, t), state[0], probe)
-            return velocity, divergence
+            return velocity_and_divergence(lambda y: v(y, t), state[0], probe)
 
         z, integral = integrate(with_divergence, (x, x.new_zeros(x.shape[0])), 1.0, 0.0,
                                 steps or self.config.ode_steps, solver or self.config.solver)

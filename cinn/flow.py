@@ -330,6 +330,14 @@ def upgrade_header(model: dict[str, Any]) -> dict[str, Any]:
     return {**LEGACY, **model}
 
 
+def shape_of(kind: str, config: FlowConfig | None, options: dict[str, Any], **defaults: Any) -> FlowConfig:
+    """A translator's ``config=``, or FlowConfig made of its keyword ``options`` over ``defaults`` (both kinds
+    take either, as flow libraries do); both at once is a TypeError naming the keywords."""
+    if config is not None and options:
+        raise TypeError(f"{kind}: give config= or FlowConfig's fields as keywords, not both ({', '.join(options)})")
+    return config or FlowConfig(**{**defaults, **options})
+
+
 def resolve(dim: int, config: FlowConfig) -> FlowConfig:
     """``config`` with its embedding width resolved for a target of ``dim``."""
     low, high = EMBEDDING_RANGE
@@ -377,10 +385,7 @@ class ConditionalFlow(nn.Module):
 
     def __init__(self, dim: int, cond_dim: int, config: FlowConfig | None = None, **options: Any) -> None:
         super().__init__()
-        if config is not None and options:
-            raise TypeError(f"ConditionalFlow: give config= or FlowConfig's fields as keywords, not both "
-                            f"({', '.join(options)})")
-        self.config = resolve(dim, config or FlowConfig(**options))
+        self.config = resolve(dim, shape_of(type(self).__name__, config, options))
         self.dim, self.cond_dim = dim, cond_dim
         self.embedder = make_embedder(cond_dim, self.config)
         # Before the blocks, on the raw condition: the law it starts from is linear in c, not in h.

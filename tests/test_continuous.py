@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.func import jacrev, vmap
 
+from n2n import N2NError
 from n2n.cinn import ContinuousFlow, FlowConfig, build_flow, flow_from_dict, nll
 from n2n.cinn.continuous import integrate, velocity_and_divergence
 from n2n.shards.synthetic import write_synthetic
@@ -177,7 +178,7 @@ def test_sampling_options_of_a_continuous_translator_are_refused_for_a_coupling_
     translator = load_run(tmp_path / "r")
     with pytest.raises(CheckpointError, match="continuous translator"):
         translator.sample(torch.randn(2, 6), guidance=2.0)
-    with pytest.raises(Exception, match="steps"):
+    with pytest.raises(N2NError, match=r"steps \(--steps\) = 0"):
         SamplingConfig(steps=0)
 
 
@@ -210,6 +211,12 @@ def test_a_continuous_runs_loss_plot_shows_its_loss_and_held_out_nll(tmp_path):
                                                                               if s % 50 == 0 else {})}) + "\n"
                                for s in range(10, 210, 10)))
     plot_loss(metrics, tmp_path / "loss.png", {"linear-Gaussian floor": 1.0})
+    held_only = tmp_path / "held.jsonl"  # the same records less the training loss
+    held_only.write_text("".join(line.replace('"train_loss"', '"other"') + "\n"
+                                 for line in metrics.read_text().splitlines()))
+    plot_loss(held_only, tmp_path / "held.png", {"linear-Gaussian floor": 1.0})
     from PIL import Image
 
-    assert Image.open(tmp_path / "loss.png").size == (700, 420)
+    with Image.open(tmp_path / "loss.png") as drawn, Image.open(tmp_path / "held.png") as without:
+        assert drawn.size == (700, 420)
+        assert np.asarray(drawn).tobytes() != np.asarray(without).tobytes()  # the loss curve and its axis are drawn
