@@ -48,6 +48,7 @@ bench: dev
 	$(PY) -m bench.reproducible
 	$(PY) -m bench.ae_decode
 	$(PY) -m bench.translator_sampling
+	$(PY) -m bench.time_to_quality  # needs make demo's view (shards/ae_minilm)
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv

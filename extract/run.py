@@ -53,8 +53,9 @@ from n2n.shards.parts import commit_parts, existing_ranges, open_parts, part_met
 ERRORS = "errors.jsonl"
 ATTRIBUTES = "attributes.jsonl"
 WEIGHTS_FROM_STORE = "weights_from_store"
-# entries of a store's expert/dataset meta that same_origin ignores (stores written before "options" resume)
-RECORDS = (WEIGHTS_FROM_STORE, "plugin", "options")
+# entries of a store's expert/dataset meta that same_origin ignores (stores written before "options" and "space"
+# resume)
+RECORDS = (WEIGHTS_FROM_STORE, "plugin", "options", "space")
 
 
 class ExtractError(N2NError):
@@ -237,11 +238,18 @@ def store_meta(cfg: ExtractConfig, expert: Expert, dataset: ItemDataset, layer: 
                path: Path) -> dict:
     """What a store records of its origin: a view refuses to pair stores that do not belong together."""
     return {
-        "expert": {**expert.identity(), "layer": layer, **weights_from_store(expert.weights, path)},
+        "expert": {**expert.identity(), "layer": layer, **shared_space(expert, layer),
+                   **weights_from_store(expert.weights, path)},
         "dataset": {**dataset.describe(), "limit": cfg.limit, "options": cfg.data_options},
         "split": cfg.split,
         "extraction": {"batch_size": cfg.batch_size, "items": limit, "dtype": cfg.dtype},
     }
+
+
+def shared_space(expert: Expert, layer: str) -> dict:
+    """``{"space": name}`` where the layer's latents share a space with another expert's (``Expert.space``)."""
+    space = expert.space(layer)
+    return {"space": space} if space is not None else {}
 
 
 def weights_from_store(weights: str | None, store: Path) -> dict:

@@ -17,6 +17,7 @@ from bench import (
     reference,
     reproducible,
     store_reads,
+    time_to_quality,
     translator_sampling,
 )
 from n2n.cinn import ConditionalFlow, FlowConfig
@@ -168,3 +169,20 @@ def test_translator_sampling_runs_small(tmp_path):
     saved = run_bench(translator_sampling.main, "translator_sampling", ["--repeat", "1", "--batch", "8"], tmp_path)
     assert len(saved["rows"]) == 2 and all(row["ratio"] > 0 for row in saved["rows"])
     assert saved["settings"]["parameters"]["continuous"] > 0
+
+
+def test_time_to_quality_races_both_kinds_from_one_config(tmp_path):
+    from n2n.shards.synthetic import write_synthetic
+
+    view = write_synthetic(tmp_path / "shards", "gaussian", n=600, src_dim=5, dst_dim=4)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("holdout: 0.1\nn_flows: 2\nhidden_dim: 8\nembedding_dim: 8\nvelocity_width: 16\n"
+                      "velocity_blocks: 1\nbatch_size: 32\n")
+    saved = run_bench(time_to_quality.main, "time_to_quality", ["--view", view, "--config", config, "--budget",
+                                                                "0.001", "--rows", "30", "--coupling-chunk", "3",
+                                                                "--continuous-chunk", "5"], tmp_path)
+    assert [point["steps"] for point in saved["raw"]["coupling"]["curve"]] == [3]
+    assert [point["steps"] for point in saved["raw"]["continuous"]["curve"]] == [5]
+    assert saved["settings"]["rows"] == 30 and saved["rows"][0]["met"] in (True, False)
+    refused = CliRunner().invoke(time_to_quality.main, ["--view", tmp_path])
+    assert refused.exit_code == 2 and "run make demo first" in refused.output

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import SMALL, save_tiny_clip, save_tiny_sdvae
 from PIL import Image
 
@@ -63,3 +64,33 @@ def test_unclip_prior_and_back_through_the_api(tmp_path, models):
     picture = Image.new("RGB", (32, 32), "blue")
     captions = n2n.Translator.load(back).sample([picture], n=2, seed=0)
     assert tuple(captions.shape) == (1, 2, 16)
+
+
+def test_eval_scores_the_source_itself_where_both_stores_share_a_space(tmp_path, models, capsys):
+    """CLIP's projected text and image latents lie in one space (each store records it): n2n-eval adds the
+    source latent itself as a translator, the baseline a prior must beat; its pooled layers do not share one."""
+    common = {"out": tmp_path / "shards", "limit": ITEMS, "num_workers": 0, "batch_size": 16,
+              "data_options": {"size": 32}, "progress": False}
+    text = n2n.extract(f"clip:{models['clip']}@text", "shapes", **common)
+    image = n2n.extract(f"clip:{models['clip']}@image", "shapes", **common)
+    pooled = n2n.extract(f"clip:{models['clip']}@image-pooled", "shapes", **common)
+    assert text.meta["expert"]["space"] == image.meta["expert"]["space"] == f"clip:{models['clip']}"
+    assert "space" not in pooled.meta["expert"]
+    view = n2n.pair(text, image)
+    run = n2n.train(view, tmp_path / "prior", steps=10, n_flows=2, hidden_dim=16, holdout=0.25, compile=False,
+                    progress=False)
+    report = n2n.evaluate(run, samples=2, baseline_steps=10, progress=False, figure=tmp_path / "eval.png")
+    from n2n.train.data import load_pairs
+    from n2n.translate.metrics import mean_cosine
+
+    data = load_pairs(view.path, 0.25)
+    own = mean_cosine(data.source_norm.inverse(data.held_source[:]),
+                      data.held_target.latents[torch.from_numpy(data.held_rows[1])].float())
+    assert report["translation"]["source"]["cosine"] == pytest.approx(own, abs=1e-5)
+    from n2n.translate.evaluate import print_report
+
+    print_report(report)
+    assert "source itself" in capsys.readouterr().out
+    other = n2n.train(n2n.pair(pooled, text), tmp_path / "pooled", steps=10, n_flows=2, hidden_dim=16, holdout=0.25,
+                      compile=False, progress=False)
+    assert "source" not in n2n.evaluate(other, samples=2, baseline_steps=10, progress=False)["translation"]

@@ -13,7 +13,8 @@ translator, on up to ``max_rows`` held-out pairs:
 - what the field reports beside: retrieval among 1024 candidates (top-1, mean rank; vec2vec), the
   cosine to an unrelated target (a shuffled pair; DALLE2-pytorch's prior panel), the cINN's best of
   ``samples`` (the sample closest to the MLP's prediction, as DALLE2-pytorch picks from its prior),
-  and a fourth translator, the orthogonal Procrustes map after standard scaling (Maiorca et al. 2023).
+  and a fourth translator, the orthogonal Procrustes map after standard scaling (Maiorca et al. 2023);
+  where source and target lie in one space (CLIP's text and image towers), the source itself as a fifth.
 
 What else is worth measuring depends on the data, so the dataset of the run's stores adds it
 (``ItemDataset.translation_scorer``): shapes, whose ground truth is known, lets a judge read the
@@ -138,7 +139,14 @@ def held_out(translator: TrainedFlow, data: PairedLatents, cfg: EvalConfig, floo
 # ---------------------------------------------------------------- every view's part
 
 
-TRANSLATORS = {"cinn": "cINN", "linear": "linear LS", "mlp": "MLP", "procrustes": "Procrustes"}
+TRANSLATORS = {"cinn": "cINN", "linear": "linear LS", "mlp": "MLP", "procrustes": "Procrustes",
+               "source": "source itself"}  # the last only where source and target share a space
+
+
+def columns(report: dict) -> list[str]:
+    """The translators of a report's table: every one scored (the source itself only in a shared space)."""
+    scores = report.get("translation") or {}
+    return [name for name in TRANSLATORS if name != "source" or name in scores]
 POOL = 1024  # candidates of vec2vec's retrieval
 
 
@@ -180,7 +188,7 @@ def best_of(draws: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def translation_rows(report: dict) -> list[tuple[str, ...]]:
-    """The printed rows of ``translation_scores``: (metric, cINN, linear LS, MLP, Procrustes)."""
+    """The printed rows of ``translation_scores``: (metric, one cell per translator of ``columns``)."""
     scores = report.get("translation")
     if not scores:
         return []
@@ -192,7 +200,7 @@ def translation_rows(report: dict) -> list[tuple[str, ...]]:
                 return format(pick(scores[name]), fmt)
             except KeyError:  # a score this translator does not have (best of n: the cINN's), or an older report
                 return ""
-        return (label, *(cell(name) for name in TRANSLATORS))
+        return (label, *(cell(name) for name in columns(report)))
 
     return [
         row("retrieval top-1, one sample", lambda s: s["retrieval"]["top1"], ".1%"),
@@ -256,7 +264,8 @@ def evaluate(run: str | os.PathLike | None = None, *, config: str | os.PathLike 
                     "heldout_bpd": heldout_bpd(translator.flow, data, rows=rows),
                     "linear_gaussian_bpd": floor_bpd(floor, data, rows)}
     held = held_out(translator, data, cfg, floor, quiet=not progress)
-    report["translation"] = translation_scores(held, {"procrustes": procrustes_predictor(data, cfg)})
+    report["translation"] = translation_scores(held, {"procrustes": procrustes_predictor(data, cfg),
+                                                      **source_predictor(data)})
     scorer = scorer_of(meta)
     if scorer is not None:
         report |= scorer.score(held)
@@ -272,6 +281,17 @@ def procrustes_predictor(data: PairedLatents, cfg: EvalConfig) -> Predictor:
     source, target = floor_pairs(data, FLOOR_ROWS, cfg.seed)
     rotate = fit_procrustes(source, target)
     return lambda c, n: data.target_norm.inverse(rotate(c)).repeat_interleave(n, 0)
+
+
+def source_predictor(data: PairedLatents) -> dict[str, Predictor]:
+    """``{"source": the source latent itself}`` where source and target lie in one space (both stores record
+    the same ``Expert.space``, as CLIP's two towers do): the translator that does nothing, which a
+    translator between them must beat (DALLE2-pytorch's prior panel reports it); else {}."""
+    source, target = data.view.source, data.view.target
+    space, target_space = ((store.meta.get("expert") or {}).get("space") for store in (source, target))
+    if space is None or space != target_space or source.dim != target.dim:
+        return {}
+    return {"source": lambda c, n: data.source_norm.inverse(c).repeat_interleave(n, 0)}
 
 
 def read_texts(held: HeldOut) -> dict:
@@ -300,16 +320,16 @@ def draw(report: dict, held: HeldOut, out: Path) -> Path:
         note = f"no samples drawn: {err}"
     pairs = report["translation"]["pairs"]
     title = f"n2n-eval {Path(report['run']).name} (step {report['step']}): {pairs} held-out pairs"
-    return eval_figure(title, tuple(TRANSLATORS.values()), report_rows(report, dataset_table(report)), images, note,
-                       out, lines)
+    names = tuple(TRANSLATORS[name] for name in columns(report))
+    return eval_figure(title, names, report_rows(report, dataset_table(report)), images, note, out, lines)
 
 
 def print_report(report: dict) -> None:
     """The report as a table on stdout; the rows beyond the NLL are those of the run's dataset's scorer."""
     table = Table(title=f"n2n-eval {report['run']} (step {report['step']})")
     table.add_column("metric")
-    for name in TRANSLATORS.values():
-        table.add_column(name, justify="right")
+    for name in columns(report):
+        table.add_column(TRANSLATORS[name], justify="right")
     scores = dataset_table(report)
     for row in report_rows(report, scores):
         table.add_row(*row)
@@ -320,12 +340,18 @@ def print_report(report: dict) -> None:
 
 
 def report_rows(report: dict, scores: ScoreTable) -> list[tuple[str, ...]]:
-    """Every row of the report's table: (metric, cINN, linear LS, MLP, Procrustes); the linear column of the NLL row is
-    the linear-Gaussian floor, and the dataset's rows (``scores``: cINN, MLP) leave it empty."""
+    """Every row of the report's table: (metric, one cell per translator of ``columns``); the linear column of
+    the NLL row is the linear-Gaussian floor, and the dataset's rows (``scores``: cINN, MLP) leave the others
+    empty."""
     floor = report.get("linear_gaussian_bpd")
-    rows = [("held-out NLL (bits/dim)", f"{report['heldout_bpd']:.4f}", "" if floor is None else f"{floor:.4f}", "",
-             ""), *translation_rows(report)]
-    return rows + [(metric, cinn, "", mlp, "") for metric, cinn, mlp in scores.rows]
+    names = columns(report)
+
+    def row(metric: str, **cells: str) -> tuple[str, ...]:
+        return (metric, *(cells.get(name, "") for name in names))
+
+    nll = row("held-out NLL (bits/dim)", cinn=f"{report['heldout_bpd']:.4f}",
+              linear="" if floor is None else f"{floor:.4f}")
+    return [nll, *translation_rows(report), *(row(metric, cinn=cinn, mlp=mlp) for metric, cinn, mlp in scores.rows)]
 
 
 def dataset_table(report: dict) -> ScoreTable:

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 
 from n2n.errors import N2NError
-from n2n.extract.experts import Expert, ExpertError, load_expert
+from n2n.extract.experts import Expert, expert_of
 from n2n.options import check_fields, setting
 from n2n.shards.view import view_stores
 from n2n.train.checkpoint import TrainedFlow, load_run, run_view
@@ -24,33 +24,6 @@ from n2n.train.checkpoint import TrainedFlow, load_run, run_view
 
 class TranslateError(N2NError):
     """Bad input for a run (wrong modality, empty text); the message names it and the fix."""
-
-
-def expert_of(identity: dict, side: str, weights: Path | None, console: Console | None = None,
-              store: Path | None = None) -> Expert:
-    """Load the expert that wrote one side's store; ``weights`` overrides where its weights come from.
-
-    Without it, the weights are looked for where extraction found them, then (a moved or copied
-    project folder) where they lie relative to the store's current folder ``store``.
-    """
-    info = identity.get("expert") or {}
-    spec = info.get("spec")
-    if not spec:
-        raise TranslateError(f"the {side} store {identity.get('path')} names no expert (a synthetic store?); "
-                             "nothing to encode or decode with")
-    candidates = [Path(info["weights"])] if info.get("weights") else []
-    if store is not None and info.get("weights_from_store"):
-        candidates.append(Path(os.path.normpath(Path(store) / info["weights_from_store"])))
-    source = weights or next((c for c in candidates if c.exists()), None)
-    try:
-        expert = load_expert(spec, source, plugin=info.get("plugin"), options=info.get("options"))
-    except ExpertError as e:
-        hint = "" if "install" in str(e) or "register" in str(e) else f" (give its weights with --{side}-weights PATH)"
-        raise ExpertError(f"{side} expert {spec}: {e}{hint}") from e
-    if info.get("digest") and expert.identity()["digest"] != info["digest"] and console is not None:
-        console.print(f"[yellow]warning: the {side} expert's weights differ from those its store was extracted "
-                      f"with ({spec}); translations may be off")
-    return expert
 
 
 @dataclass(frozen=True)

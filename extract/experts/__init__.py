@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import re
 import shutil
 import uuid
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from rich.console import Console
 
 from n2n import plugins
 from n2n.errors import N2NError
@@ -86,6 +88,33 @@ def load_expert(spec: str, weights: str | Path | None = None, plugin: str | None
         raise ExpertError(f"expert {match['name']!r}: the {found.where} returned a {type(expert).__name__}, "
                           "not an n2n.Expert")
     expert.plugin, expert.options = found.dist, options
+    return expert
+
+
+def expert_of(identity: dict, side: str, weights: Path | None, console: Console | None = None,
+              store: Path | None = None) -> Expert:
+    """Load the expert that wrote one side's store; ``weights`` overrides where its weights come from.
+
+    Without it, the weights are looked for where extraction found them, then (a moved or copied
+    project folder) where they lie relative to the store's current folder ``store``.
+    """
+    info = identity.get("expert") or {}
+    spec = info.get("spec")
+    if not spec:
+        raise ExpertError(f"the {side} store {identity.get('path')} names no expert (a synthetic store?); "
+                          "nothing to encode or decode with")
+    candidates = [Path(info["weights"])] if info.get("weights") else []
+    if store is not None and info.get("weights_from_store"):
+        candidates.append(Path(os.path.normpath(Path(store) / info["weights_from_store"])))
+    source = weights or next((c for c in candidates if c.exists()), None)
+    try:
+        expert = load_expert(spec, source, plugin=info.get("plugin"), options=info.get("options"))
+    except ExpertError as e:
+        hint = "" if "install" in str(e) or "register" in str(e) else f" (give its weights with --{side}-weights PATH)"
+        raise ExpertError(f"{side} expert {spec}: {e}{hint}") from e
+    if info.get("digest") and expert.identity()["digest"] != info["digest"] and console is not None:
+        console.print(f"[yellow]warning: the {side} expert's weights differ from those its store was extracted "
+                      f"with ({spec}); translations may be off")
     return expert
 
 
@@ -185,7 +214,8 @@ class Expert(ABC):
     - implements ``preprocess()``: the JSON-able settings that shape the network's inputs (image
       size, tokenizer, normalisation), recorded in every store so that latents made from
       differently prepared inputs never pair;
-    - generators implement ``decode(latent)``: images [B, 3, H, W] in [0, 1].
+    - generators implement ``decode(latent)``: images [B, 3, H, W] in [0, 1];
+    - an expert whose latents share a space with another's (CLIP's two towers) overrides ``space``.
 
     ``identity`` is not overridden: it adds the weights' digest and the providing distribution.
     """
@@ -247,6 +277,13 @@ class Expert(ABC):
         """Images [B, 3, H, W] in [0, 1] from latents; only generators (sdvae, biggan, ae) can."""
         raise ExpertError(f"expert {self.spec} cannot decode: it has no generator (generators: sdvae, biggan, ae)")
 
+    def space(self, layer: str) -> str | None:
+        """The embedding space ``layer``'s latents lie in where another expert's latents lie in it too and
+        compare with them directly (CLIP's projected text and image embeddings: one space, one name);
+        None for a space of the expert's own. Each store records it; n2n-eval then scores the source latent
+        itself as a translator into a target of the same space, the baseline a translator must beat."""
+        return None
+
     def identity(self) -> dict:
         """What makes two stores' latents comparable (spec, weights source and digest, preprocessing),
         and the distribution that provides the family, so a store says what to install to rebuild it.
@@ -256,7 +293,7 @@ class Expert(ABC):
                 "preprocess": self.preprocess(), **options, "plugin": self.plugin}
 
 
-__all__ = ["Expert", "ExpertError", "known_experts", "load_expert"]
+__all__ = ["Expert", "ExpertError", "expert_of", "known_experts", "load_expert"]
 
 
 def save_model_folder(module: torch.nn.Module, config: dict, path: str | Path, weights: str = "model.safetensors",

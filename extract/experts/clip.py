@@ -67,6 +67,10 @@ class ClipExpert(Expert):
             latents[self.modality] = F.normalize(self.network.projection(pooled).float(), dim=-1)
         return {layer: latents[layer] for layer in layers}
 
+    def space(self, layer: str) -> str | None:
+        """Both towers' projected layers lie in the checkpoint's one joint space; the pooled layers do not."""
+        return self.spec.rsplit("@", 1)[0] if layer in ("text", "image") else None
+
     def described(self, settings: dict) -> dict:
         """``settings`` and what each of the tower's layers is (in one order, whichever the spec chose),
         so a store records which latent it holds."""
