@@ -7,11 +7,13 @@ x_t = (1 - t) x0 + t x it regresses v(x_t, t, c) onto x - x0 (conditional flow m
 2023; rectified flow, Liu et al. 2023), one velocity evaluation per pair. The paths run in the
 standardised target units, not in the law's whitened ones: whitening would weight the error of each
 direction by the inverse of its residual variance, and so spend the net on the directions that
-matter least (measured on the demo's image -> text view: 0.1 bits/dim and a third of the retrieval
-lost). Sampling integrates from z to t = 1 with a fixed-step solver; the reverse map
-(x -> z) integrates back, so the translator is invertible like the coupling cINN, and its NLL is
-exact up to the solver: log p(x | c) = log N(z) - integral of div v dt (the instantaneous change of
-variables; the divergence exactly where the target is small, else Hutchinson's estimator).
+matter least (measured on the demo's image -> text view: the mean of 16 samples ranked the true caption
+31st instead of 25th, and the samples' Fréchet distance was 0.064 instead of 0.053).
+
+Sampling integrates from x0 to t = 1 with a fixed-step solver; the reverse map (x -> x0 -> z) integrates
+back, so the translator is invertible like the coupling cINN, and its NLL is exact up to the solver:
+log p(x | c) = log p(x0 | c) - integral of div v dt (the instantaneous change of variables; the
+divergence exactly where the target is small, else Hutchinson's estimator).
 
 Both kinds share the interface the trainer and the translator use: ``forward(x, c) -> (z, log|det|)``,
 ``reverse(z, c)``, ``sample(c, temperature, generator)``, ``loss(x, c, *draw(size, generator))`` and

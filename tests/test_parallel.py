@@ -275,6 +275,7 @@ def test_two_processes_train_the_one_process_run_and_resume_with_one(gaussian_vi
     done = n2n_train("--shards", gaussian_view, "--out", two, "--steps", 40, *TRAIN, *stream, nproc=2)
     assert done.returncode == 0, done.stderr
     assert "2 processes of 32" in " ".join(done.stderr.split())
+    assert len(list(two.glob("events.out.tfevents*"))) == 1  # rank 0 alone logs
     done = n2n_train("--shards", gaussian_view, "--out", two, "--steps", 60, *TRAIN, *stream, "--resume")
     assert done.returncode == 0, done.stderr
     a, b = curve(one), curve(two)

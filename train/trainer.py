@@ -49,7 +49,9 @@ from n2n.train.checkpoint import (
 )
 from n2n.train.data import Pairs, Standardizer, load_pairs
 from n2n.train.heldout import FLOOR_ROWS, fit_floor, floor_bpd, heldout_bpd, linear_gaussian_bpd
+from n2n.train.loggers import LOGGERS, Logger, open_logger
 from n2n.train.plots import plot_loss
+from n2n.train.samples import SampleGrid, sample_grid
 from n2n.train.stream import stream_pairs
 
 NET2NET_BASE_LR = 4.5e-6  # net2net scales its learning rate by the batch size
@@ -79,6 +81,12 @@ class TrainConfig:
         0.0, "Gaussian noise (standardised units) on training targets: dequantises targets that are point masses "
              "given their source (e.g. 0.05 for a renderer's latents). Held-out NLL stays clean.", min=0)
 
+    logger: str = setting("tensorboard", "Where the curves go beside metrics.jsonl: tensorboard (event files in the "
+                                         "run folder: tensorboard --logdir runs), wandb (pip install 'n2n[wandb]'), "
+                                         "csv (metrics.csv) or none.", choices=LOGGERS)
+    log_images: int = setting(8, "Held-out sources whose samples the logger shows, decoded, at every checkpoint "
+                                 "(where the target expert decodes; 0: none).", min=0)
+
     def __post_init__(self) -> None:
         check_fields(self)
 
@@ -88,7 +96,7 @@ class TrainConfig:
 
 
 # Settings a resumed run may change: how long it runs and what it reports, not its trajectory.
-ON_RESUME = ("steps", "eval_every", "log_every", "eval_rows")
+ON_RESUME = ("steps", "eval_every", "log_every", "eval_rows", "logger", "log_images")
 
 
 class TrainError(N2NError):
@@ -349,7 +357,16 @@ def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, 
                     flow(*batch)  # like the ones it will train on
         run = Run(flow, optimizer, generator, data, cfg, out, dev, ranks, console, progress, floor, step,
                   meta["heldout_bpd"])
-        return train_steps(run, compile)
+        if ranks.main:  # rank 0 alone logs
+            run.logger = open_logger(cfg.logger, out, step if resume else None)
+        try:
+            if ranks.main and not resume and config is not None:
+                run.logger.hparams({**config, **dataclasses.asdict(flow.config)})
+            if ranks.main and cfg.logger in ("tensorboard", "wandb"):
+                run.grid = sample_grid(data, cfg.log_images, console)
+            return train_steps(run, compile)
+        finally:
+            run.logger.close()
     finally:
         data.close()
 
@@ -402,6 +419,8 @@ class Run:
     floor: float | None  # the linear-Gaussian floor (held-out NLL), where it was measured
     step: int
     heldout: float | None
+    logger: Logger = dataclasses.field(default_factory=Logger)  # rank 0's (train.loggers); the others log nothing
+    grid: SampleGrid | None = None  # the samples the logger shows at checkpoints, where the target decodes
 
     @property
     def checkpoint(self) -> Path:
@@ -525,8 +544,10 @@ def train_steps(run: Run, compile: bool | None) -> dict:
                 if ranks.main:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                    log(run, record, rate)
                     if evaluate:
                         plot.draw(run, last=run.step == cfg.steps)
+                        log_samples(run)
                 held = f"  held-out {run.heldout:.4f}" if run.heldout is not None else ""
                 shown = f"{train:.4f} bits/dim" if run.train_key == "train_bpd" else f"loss {train:.4f}"
                 bar.update(task, completed=run.step, info=f"{shown}{held}  {rate:.1f} steps/s")
@@ -535,6 +556,35 @@ def train_steps(run: Run, compile: bool | None) -> dict:
                              "continues it") from None
     ranks.barrier()  # the last checkpoint is written before any rank reports the run done
     return summarize(run, train, time.perf_counter() - t0)
+
+
+def log(run: Run, record: dict, rate: float) -> None:
+    """A metrics line to the run's logger, with what the logger shows beside it: the learning rate, the last
+    step's gradient norm and, at a checkpoint, the linear-Gaussian floor."""
+    kind = "bpd" if run.train_key == "train_bpd" else "loss"
+    grads = [p.grad for p in run.flow.parameters() if p.grad is not None]
+    values = {f"train/{kind}": record[run.train_key], "train/steps_per_s": rate,
+              "train/lr": run.optimizer.param_groups[0]["lr"]}
+    if grads:
+        values["train/grad_norm"] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    if record.get("heldout_bpd") is not None:
+        values["heldout/bpd"] = record["heldout_bpd"]
+        if run.floor is not None:
+            values["heldout/linear_gaussian_bpd"] = run.floor
+    run.logger.scalars(run.step, values)
+
+
+def log_samples(run: Run) -> None:
+    """The checkpoint's sample grid to the logger; a failure (a decoder out of memory) is one warning, and no
+    more grids."""
+    if run.grid is None:
+        return
+    try:
+        run.logger.image(run.step, "samples", run.grid.draw(run.flow))
+    except Exception as e:
+        run.console.print(f"[yellow]warning: could not draw the samples for the logger ({type(e).__name__}: {e}); "
+                          "training goes on without them")
+        run.grid = None
 
 
 def rank_part(drawn: tuple[torch.Tensor, ...], ranks: Ranks) -> tuple[torch.Tensor, ...]:

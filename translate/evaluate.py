@@ -42,10 +42,11 @@ from n2n.errors import N2NError
 from n2n.extract.datasets import DatasetError, dataset_class
 from n2n.options import check_fields, click_options, config_option, setting, split_options, with_config
 from n2n.scoring import HeldOut, Predictor, ScoreTable, TranslationScorer
-from n2n.shards import as_path, write_json_atomic
+from n2n.shards import as_path, is_remote, write_json_atomic
 from n2n.train.checkpoint import CHECKPOINT, TrainedFlow, load_run, read_meta, run_view
 from n2n.train.data import PairedLatents, load_pairs
 from n2n.train.heldout import FLOOR_ROWS, fit_floor, floor_bpd, floor_pairs, heldout_bpd
+from n2n.train.loggers import open_logger
 from n2n.translate.baseline import fit_procrustes, train_mlp
 from n2n.translate.figures import eval_figure, gallery
 from n2n.translate.metrics import (
@@ -76,6 +77,8 @@ class EvalConfig:
     judge: Path | None = setting(None, "A model the dataset scores with, where it has one (shapes: the attribute "
                                        "judge, trained there first if missing) [default: the dataset's own, "
                                        "experts/judge-shapes for shapes].")
+    log: bool = setting(True, "Also log the scores to the run's logger (its n2n-train --logger: TensorBoard by "
+                              "default), at the run's step.")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -272,7 +275,31 @@ def evaluate(run: str | os.PathLike | None = None, *, config: str | os.PathLike 
     report |= read_texts(held)
     if figure is not None:
         report["figure"] = str(draw(report, held, Path(figure)))
+    if cfg.log:
+        log_report(Path(run), meta, report)
     return report
+
+
+def log_report(run: Path, meta: dict, report: dict) -> None:
+    """Every number of ``report`` to the run's logger as ``eval/...`` at the run's step, so that the scores sit
+    beside the training curves (TensorBoard, W&B). Runs trained before loggers existed log nothing."""
+    name = meta["train"].get("logger", "none")
+    if name == "none" or is_remote(run):
+        return
+    logger = open_logger(name, run if run.is_dir() else run.parent)
+    try:
+        logger.scalars(report["step"], {k: v for k, v in numbers(report, "eval") if k != "eval/step"})
+    finally:
+        logger.close()
+
+
+def numbers(entry: object, prefix: str) -> list[tuple[str, float]]:
+    """The numeric leaves of a report as (``prefix/key/.../key``, value); texts and lists left out."""
+    if isinstance(entry, bool) or not isinstance(entry, dict | int | float):
+        return []
+    if not isinstance(entry, dict):
+        return [(prefix, float(entry))]
+    return [leaf for key, value in entry.items() for leaf in numbers(value, f"{prefix}/{key}")]
 
 
 def procrustes_predictor(data: PairedLatents, cfg: EvalConfig) -> Predictor:

@@ -49,10 +49,15 @@ def uniform_entropy(n_values: int, n_samples: int, trials: int = 4000, seed: int
 
 @torch.no_grad()
 def judged(judge: ShapesJudge, target: Expert, latents: torch.Tensor, chunk: int = 512) -> dict[str, list[str]]:
-    """The judge's reading of decoded latents."""
+    """The judge's reading of decoded latents, resized to the judge's input where the decoder draws another size
+    (an autoencoder trained at 32 px)."""
     out: dict[str, list[str]] = {a: [] for a in ATTRIBUTES}
     for i in range(0, len(latents), chunk):
-        for attr, values in judge.predict(target.decode(latents[i : i + chunk]).float()).items():
+        images = target.decode(latents[i : i + chunk]).float()
+        if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+            images = torch.nn.functional.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
+                                                     antialias=True, align_corners=False).clamp(0, 1)
+        for attr, values in judge.predict(images).items():
             out[attr] += values
     return out
 
