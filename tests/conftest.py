@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from click.testing import CliRunner, Result  # noqa: E402
 
-import n2n  # noqa: E402, F401  before any matrix product: MKL's reproducible mode, as in the commands
+import n2n  # noqa: E402  before any matrix product: MKL's reproducible mode, as in the commands
 
 # Latents written with other thread or process counts: the same bits where torch multiplies with MKL in
 # the strict reproducible mode that `import n2n` sets; elsewhere (another BLAS, or MKL_CBWR set to another
@@ -338,3 +338,19 @@ def write_tar():
 def write_coco():
     """``write_coco(root, year=2017, split="train")``: see _write_coco."""
     return _write_coco
+
+
+@pytest.fixture(scope="session")
+def ae_view(tmp_path_factory) -> Path:
+    """Image -> image between two 1-block autoencoders over 96 shapes (32 px): a view whose source expert
+    reads images and whose target decodes, built in a second."""
+    from n2n.extract.train_ae import ConvAutoencoder, save_autoencoder
+
+    root = tmp_path_factory.mktemp("ae-view")
+    stores = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        expert = save_autoencoder(ConvAutoencoder(image_size=32, channels=(4,), latent_dim=8), root / f"ae{seed}")
+        stores.append(n2n.extract(f"ae:{expert}", "shapes", out=root / "shards", limit=96, batch_size=32,
+                                  num_workers=0, progress=False))
+    return n2n.pair(*stores, name="ae_ae").path

@@ -7,28 +7,18 @@ import csv
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
 import n2n
-from n2n.extract.train_ae import ConvAutoencoder, save_autoencoder
 from n2n.train.loggers import WANDB_ID
 
 TINY = {"n_flows": 2, "hidden_dim": 16, "batch_size": 32, "compile": False, "progress": False, "log_every": 5}
 
 
 @pytest.fixture(scope="module")
-def view(tmp_path_factory) -> Path:
-    """Image -> image between two 1-block autoencoders over 96 shapes: the target decodes, in a second."""
-    root = tmp_path_factory.mktemp("logger-view")
-    stores = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        expert = save_autoencoder(ConvAutoencoder(image_size=32, channels=(4,), latent_dim=8), root / f"ae{seed}")
-        stores.append(n2n.extract(f"ae:{expert}", "shapes", out=root / "shards", limit=96, batch_size=32,
-                                  num_workers=0, progress=False))
-    return n2n.pair(*stores, name="ae_ae").path
+def view(ae_view) -> Path:
+    return ae_view
 
 
 def events(folder: Path) -> EventAccumulator:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from n2n.cinn import ConditionalFlow, ContinuousFlow, flow_from_dict
 from n2n.cinn.flow import upgrade_header
 from n2n.errors import N2NError
-from n2n.shards import as_path, is_remote
+from n2n.shards import as_path, is_remote, write_text_atomic
 from n2n.shards.view import VIEW_NAME
 from n2n.train.data import Standardizer
 
@@ -116,7 +116,11 @@ def view_record(view: Path | str, run: Path | str) -> str:
 def run_view(meta: dict, run: Path | str) -> Path:
     """The view a run was trained on (``run``: its folder or checkpoint file): the header's record
     resolved against the run folder, a URL as it is, or an absolute path as runs before relative
-    records wrote it. Every reader of ``meta["view"]`` resolves it here."""
+    records wrote it. Every reader of ``meta["view"]`` resolves it here; a pretrained translator
+    (``save_pretrained``) records none."""
+    if "view" not in meta:
+        raise CheckpointError(f"{run} is a saved translator: it records no view; give the view to use (--shards, a "
+                              "view of the same two experts)")
     recorded, run = meta["view"], Path(run)
     if "://" in recorded:
         return as_path(recorded)
@@ -164,10 +168,55 @@ class TrainedFlow:
         return self.target_norm.inverse(self.flow.sample(c, temperature, generator))
 
 
+# A translator saved for sharing (Translator.save_pretrained; the Hugging Face Hub's layout): the weights and
+# standardisation in model.safetensors, what rebuilds it and both experts' identities in config.json.
+PRETRAINED_CONFIG, PRETRAINED_WEIGHTS = "config.json", "model.safetensors"
+PRETRAINED_KEYS = ("step", "model", "train", "source", "target", "heldout_bpd", "linear_gaussian_bpd")
+
+
+def save_pretrained(flow: TrainedFlow, folder: Path) -> None:
+    """Write ``flow`` as a pretrained folder: ``model.*`` and ``norm.*`` tensors, and a config.json holding
+    its header's ``PRETRAINED_KEYS`` (no optimizer state, no view: what sampling needs, and the record)."""
+    from n2n import __version__
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v for k, v in flow.flow.state_dict().items()}
+    for side, norm in (("source", flow.source_norm), ("target", flow.target_norm)):
+        tensors[f"norm.{side}.mean"], tensors[f"norm.{side}.std"] = norm.mean, norm.std
+    save_checkpoint(folder / PRETRAINED_WEIGHTS, tensors, {"format": "n2n"})
+    config = {"n2n_pretrained": 1, "n2n_version": __version__,
+              **{key: flow.meta.get(key) for key in PRETRAINED_KEYS}}
+    write_text_atomic(folder / PRETRAINED_CONFIG, json.dumps(config, indent=2) + "\n")
+
+
+def load_pretrained(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and header of a pretrained folder (the header as a checkpoint's, without a view)."""
+    try:
+        config = json.loads((folder / PRETRAINED_CONFIG).read_text())
+        with safe_open(folder / PRETRAINED_WEIGHTS, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:
+        raise CheckpointError(f"{folder} is not a readable n2n translator ({type(e).__name__}: {e}); save it again "
+                              "with Translator.save_pretrained") from e
+    if not isinstance(config, dict) or config.get("n2n_pretrained") != 1 or "model" not in config:
+        raise CheckpointError(f"{folder / PRETRAINED_CONFIG} is not an n2n translator's config (no n2n_pretrained "
+                              "and model entries)")
+    return tensors, config
+
+
+def is_pretrained(run: Path) -> bool:
+    """Whether ``run`` is a pretrained folder rather than a run folder (which holds a checkpoint)."""
+    return run.is_dir() and not (run / CHECKPOINT).exists() and (run / PRETRAINED_CONFIG).is_file()
+
+
 def load_run(run: Path | str, device: str | torch.device = "cpu") -> TrainedFlow:
-    """Load ``run/checkpoint.safetensors`` (or a checkpoint file) for sampling, in eval mode."""
+    """Load ``run/checkpoint.safetensors`` (or a checkpoint file, or a pretrained folder: ``save_pretrained``)
+    for sampling, in eval mode."""
     run = Path(run)
-    tensors, meta = load_checkpoint(run / CHECKPOINT if run.is_dir() else run)
+    if is_pretrained(run):
+        tensors, meta = load_pretrained(run)
+    else:
+        tensors, meta = load_checkpoint(run / CHECKPOINT if run.is_dir() else run)
     try:
         flow = flow_from_dict(upgrade_header(meta["model"]))
         flow.load_state_dict(prefixed(tensors, "model"))

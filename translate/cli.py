@@ -45,7 +45,8 @@ def write_atomic_npy(array: np.ndarray, out: Path) -> None:
 
 @click.command(context_settings=CONTEXT)
 @config_option
-@click.option("--run", "run", required=True, type=click.Path(path_type=Path), help="Run folder of n2n-train.")
+@click.option("--run", "run", required=True, type=click.Path(path_type=Path),
+              help="Run folder of n2n-train, or a saved translator (its folder or Hugging Face Hub id).")
 @click.option("--text", "texts", multiple=True, help="A caption to translate (repeatable).")
 @click.option("--text-file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Captions to translate, one per line.")

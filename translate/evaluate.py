@@ -43,12 +43,22 @@ from n2n.extract.datasets import DatasetError, dataset_class
 from n2n.options import check_fields, click_options, config_option, setting, split_options, with_config
 from n2n.scoring import HeldOut, Predictor, ScoreTable, TranslationScorer
 from n2n.shards import as_path, is_remote, write_json_atomic
-from n2n.train.checkpoint import CHECKPOINT, TrainedFlow, load_run, read_meta, run_view
+from n2n.shards.view import open_view
+from n2n.train.checkpoint import (
+    CHECKPOINT,
+    TrainedFlow,
+    is_pretrained,
+    load_pretrained,
+    load_run,
+    read_meta,
+    run_view,
+)
 from n2n.train.data import PairedLatents, load_pairs
 from n2n.train.heldout import FLOOR_ROWS, fit_floor, floor_bpd, floor_pairs, heldout_bpd
 from n2n.train.loggers import open_logger
 from n2n.translate.baseline import fit_procrustes, train_mlp
 from n2n.translate.figures import eval_figure, gallery
+from n2n.translate.hub import resolve
 from n2n.translate.metrics import (
     LinearGaussian,
     frechet_distance,
@@ -228,8 +238,14 @@ def translation_rows(report: dict) -> list[tuple[str, ...]]:
 
 
 def evaluate(run: str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,
-             figure: str | os.PathLike | None = None, progress: bool = True, **options: object) -> dict:
+             figure: str | os.PathLike | None = None, progress: bool = True,
+             shards: str | os.PathLike | None = None, **options: object) -> dict:
     """Every metric of the run in folder ``run``, as the dict n2n-eval writes to eval.json.
+
+    ``run``: a run folder, or a saved translator (``Translator.save_pretrained``: its folder or Hub id),
+    which records no view: ``shards`` then names a view of the same two experts to score it on (for a run,
+    ``shards`` replaces the view it was trained on). Its held-out pairs are the keys the translator's
+    ``holdout`` held out.
 
     ``{"run", "view", "step", "heldout_bpd", "linear_gaussian_bpd", "translation"}`` for every run
     (``translation``: each translator's scores, see the module docstring), plus the entries of the
@@ -242,9 +258,9 @@ def evaluate(run: str | os.PathLike | None = None, *, config: str | os.PathLike 
     ``temperature``, ``max_rows``, ``seed``, ``baseline_steps``, ``judge``), n2n-eval's options;
     ``config``: a YAML file of them (and ``run``), which keyword arguments override.
     """
-    options = with_config(config, {**({"run": run} if run is not None else {}), **options},
-                          ["run", "out", *(f.name for f in fields(EvalConfig))])
-    run = options.pop("run", None)
+    given = {**({"run": run} if run is not None else {}), **({"shards": shards} if shards is not None else {})}
+    options = with_config(config, {**given, **options}, ["run", "out", "shards", *(f.name for f in fields(EvalConfig))])
+    run, shards = options.pop("run", None), options.pop("shards", None)
     options.pop("out", None)  # n2n-eval's, where eval.json goes
     if run is None:
         raise N2NError("no run to evaluate: give one (run=...), or a config file that names it")
@@ -252,9 +268,10 @@ def evaluate(run: str | os.PathLike | None = None, *, config: str | os.PathLike 
     if settings.get("judge") is not None:
         settings["judge"] = Path(settings["judge"])
     cfg = EvalConfig(**settings)
+    run = resolve(run)
     translator = load_run(run)
     meta = translator.meta
-    view = run_view(meta, run)
+    view = run_view(meta, run) if shards is None else same_experts(meta, as_path(shards))
     data = load_pairs(view, meta["train"]["holdout"], (translator.source_norm, translator.target_norm))
     rows = len(data.held_target)
     if rows == 0:
@@ -280,11 +297,26 @@ def evaluate(run: str | os.PathLike | None = None, *, config: str | os.PathLike 
     return report
 
 
+def same_experts(meta: dict, view: Path) -> Path:
+    """``view``, where its two stores come from the experts (spec, weights digest, layer) the translator was
+    trained on; else an N2NError naming both pairs."""
+    stores = open_view(view)
+    wanted = [meta[side].get("expert") or {} for side in ("source", "target")]
+    found = [store.meta.get("expert") or {} for store in (stores.source, stores.target)]
+    keys = ("spec", "digest", "layer")
+    if any({k: a.get(k) for k in keys} != {k: b.get(k) for k in keys} for a, b in zip(wanted, found, strict=True)):
+        names = lambda pair: " -> ".join(str(e.get("spec")) for e in pair)  # noqa: E731
+        raise N2NError(f"--shards {view} pairs {names(found)}, the translator translates {names(wanted)} (or the "
+                       "weights differ): give a view of the translator's own two experts")
+    return view
+
+
 def log_report(run: Path, meta: dict, report: dict) -> None:
     """Every number of ``report`` to the run's logger as ``eval/...`` at the run's step, so that the scores sit
-    beside the training curves (TensorBoard, W&B). Runs trained before loggers existed log nothing."""
+    beside the training curves (TensorBoard, W&B). Runs trained before loggers existed log nothing, and so
+    does a saved translator (its folder may be the Hub's cache)."""
     name = meta["train"].get("logger", "none")
-    if name == "none" or is_remote(run):
+    if name == "none" or is_remote(run) or is_pretrained(run):
         return
     logger = open_logger(name, run if run.is_dir() else run.parent)
     try:
@@ -386,7 +418,8 @@ def dataset_table(report: dict) -> ScoreTable:
     tensors); a note instead where that run can no longer be read."""
     run = Path(report["run"])
     try:
-        scorer = scorer_of(read_meta(run / CHECKPOINT if run.is_dir() else run))
+        scorer = scorer_of(load_pretrained(run)[1] if is_pretrained(run) else
+                           read_meta(run / CHECKPOINT if run.is_dir() else run))
     except N2NError as err:
         return ScoreTable(caption=f"only the NLL is shown: the dataset's scores are printed through the run ({err})")
     return scorer.table(report) if scorer is not None else ScoreTable()
@@ -397,8 +430,13 @@ def dataset_table(report: dict) -> ScoreTable:
 
 @click.command(context_settings=CONTEXT)
 @config_option
-@click.option("--run", required=True, type=click.Path(path_type=Path), help="Run folder of n2n-train.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: RUN/eval.json]")
+@click.option("--run", required=True, type=click.Path(path_type=Path),
+              help="Run folder of n2n-train, or a saved translator (its folder or Hugging Face Hub id).")
+@click.option("--shards", type=click.Path(path_type=Path), default=None,
+              help="The view to score on: needed for a saved translator (a view of its two experts). "
+                   "[default: the run's own]")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="[default: RUN/eval.json; ./eval.json for a Hub id]")
 @click_options(EvalConfig)
 @reports_errors
 def main(run: Path, out: Path | None, **options: object) -> None:
@@ -407,7 +445,7 @@ def main(run: Path, out: Path | None, **options: object) -> None:
     distance and precision/recall, and what the run's dataset measures beyond them (shapes: attribute
     accuracy and diversity of decoded samples). Writes eval.json and eval.png (the table, and decoded
     samples of a few held-out pairs where the target expert decodes)."""
-    out = out or run / "eval.json"
+    out = out or (run if run.is_dir() else run.parent if run.is_file() else Path(".")) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = evaluate(run, figure=out.with_suffix(".png"), **options)
     write_json_atomic(out, report)

@@ -61,14 +61,44 @@ class Translator:
              target_weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
              console: Console | None = None) -> Translator:
         """The run's flow and both experts on ``device``; ``*_weights`` replace where an expert's
-        weights come from (a local copy, when they are not where its store says)."""
+        weights come from (a local copy, when they are not where its store says). ``run``: a run folder,
+        a checkpoint file, a saved translator's folder (``save_pretrained``) or its Hugging Face Hub id."""
+        from n2n.translate.hub import resolve
+
+        run = resolve(run)
         flow = load_run(run, device)
         meta = flow.meta
-        stores = run_stores(meta, Path(run))
+        stores = run_stores(meta, run)
         source = expert_of(meta["source"], "source", _path(source_weights), console, stores[0]).to(device)
         target = expert_of(meta["target"], "target", _path(target_weights), console, stores[1]).to(device)
         layer = (meta["source"].get("expert") or {}).get("layer") or source.layers[0]
-        return cls(flow, source, target, layer, Path(run))
+        return cls(flow, source, target, layer, run)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, token: str | None = None,
+                        **options: object) -> Translator:
+        """``load`` with the Hub's keywords (transformers' and diffusers' spelling): a Hub id, downloaded at
+        ``revision`` into ``cache_dir`` (or found there with HF_HUB_OFFLINE=1), or a local folder.
+        ``options``: ``load``'s (``source_weights``, ``target_weights``, ``device``)."""
+        from n2n.translate.hub import resolve
+
+        return cls.load(resolve(name_or_path, revision=revision, cache_dir=cache_dir, token=token), **options)
+
+    def save_pretrained(self, folder: str | os.PathLike, *, license: str = "other") -> Path:
+        """Write this translator as a Hub model folder: model.safetensors, config.json and a README.md model
+        card (with the run's n2n-eval table where it was scored); ``from_pretrained(folder)`` loads it."""
+        from n2n.translate.hub import save
+
+        return save(self, folder, license)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    license: str = "other", commit_message: str = "Upload n2n translator") -> str:
+        """Upload the ``save_pretrained`` folder to the Hub repo ``repo_id`` (created if missing, through
+        ``huggingface_hub``; log in first: ``huggingface-cli login`` or ``token=``); the commit's URL."""
+        from n2n.translate.hub import push
+
+        return push(self, repo_id, private=private, token=token, license=license, commit_message=commit_message)
 
     def items(self, inputs: Sequence[object]) -> list[dict]:
         """Dataset-like items for the source expert; an input of the wrong kind is a TranslateError."""

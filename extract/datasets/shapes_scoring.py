@@ -54,7 +54,7 @@ def judged(judge: ShapesJudge, target: Expert, latents: torch.Tensor, chunk: int
     out: dict[str, list[str]] = {a: [] for a in ATTRIBUTES}
     for i in range(0, len(latents), chunk):
         images = target.decode(latents[i : i + chunk]).float()
-        if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        if images.ndim == 4 and images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
             images = torch.nn.functional.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
                                                      antialias=True, align_corners=False).clamp(0, 1)
         for attr, values in judge.predict(images).items():

@@ -1,0 +1,129 @@
+"""Translators on the Hugging Face Hub: a saved folder in the Hub's layout, its model card, upload and download.
+
+``Translator.save_pretrained(folder)`` writes what ``PyTorchModelHubMixin`` writes for a model (the Hub
+shows it as such): ``model.safetensors`` (the translator's weights and its standardisation),
+``config.json`` (what rebuilds it: the translator's shape, both experts' identities and options, the
+training settings and scores) and ``README.md``, a model card. ``Translator.from_pretrained`` (and
+``Translator.load``, ``n2n-translate --run``, ``n2n-eval --run``) take such a folder, a run folder or a
+Hub id, which ``huggingface_hub`` downloads once into its cache (and finds there with
+``HF_HUB_OFFLINE=1``). Only the translator travels: the experts are loaded as their identities say (a
+Hub id, an installed package), or from ``--source-weights`` / ``--target-weights``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from n2n.errors import N2NError
+from n2n.scoring import ScoreTable
+from n2n.shards import write_text_atomic
+from n2n.train.checkpoint import CHECKPOINT, is_pretrained, save_pretrained
+
+if TYPE_CHECKING:
+    from n2n.translate.pipeline import Translator
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub spells repo ids
+CARD = "README.md"
+
+
+class HubError(N2NError):
+    """A translator that cannot be found, downloaded or uploaded; the message names it and the way on."""
+
+
+def resolve(run: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+            token: str | None = None) -> Path:
+    """A run folder, checkpoint file or saved folder as it is; else a Hub id, downloaded into (or, offline,
+    found in) the Hugging Face cache. A local path is always tried first."""
+    path = Path(run)
+    if path.exists() or not HUB_ID.fullmatch(str(run)):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(run), revision=revision, cache_dir=cache_dir, token=token))
+    except Exception as err:  # offline and not cached, no such repo, no network: each its own class
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HubError(f"{run}: no run folder there, and no translator of that id on the Hugging Face Hub "
+                       f"({type(err).__name__}: {detail}); give a run folder, a saved translator's folder or a "
+                       "Hub id (with HF_HUB_OFFLINE=1, one already in the cache)") from err
+
+
+def save(translator: Translator, folder: str | os.PathLike, license: str = "other", repo_id: str | None = None) -> Path:
+    """Write the translator into ``folder`` (created): model.safetensors, config.json, README.md."""
+    folder = Path(folder)
+    save_pretrained(translator.flow, folder)
+    write_text_atomic(folder / CARD, model_card(translator, license, repo_id))
+    return folder
+
+
+def push(translator: Translator, repo_id: str, *, private: bool | None = None, token: str | None = None,
+         license: str = "other", commit_message: str = "Upload n2n translator") -> str:
+    """Save into a temporary folder and upload it to the Hub repo ``repo_id`` (created if missing); the
+    commit's URL."""
+    if not HUB_ID.fullmatch(repo_id):
+        raise HubError(f"repo_id {repo_id!r}: give the Hub's owner/name (e.g. you/minilm-to-ae-shapes)")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(translator, tmp, license, repo_id)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
+                                   repo_type="model")
+    return str(getattr(commit, "commit_url", commit))
+
+
+def model_card(translator: Translator, license: str = "other", repo_id: str | None = None) -> str:
+    """The README.md of a saved translator: Hub metadata, what it translates, its training data and
+    scores (the run's n2n-eval table where it was scored), and how to use it."""
+    meta = translator.flow.meta
+    source, target = (meta[side].get("expert") or {} for side in ("source", "target"))
+    dataset = (meta["target"].get("dataset") or {}).get("name", "?")
+    kind = meta["model"].get("translator", "coupling")
+    name = repo_id or f"{source.get('spec', '?')} → {target.get('spec', '?')}"
+    parameters = sum(p.numel() for p in translator.flow.flow.parameters())
+    lines = ["---", "library_name: n2n", f"license: {license}",
+             "tags:", "- n2n", "- network-to-network", "- conditional-invertible-network", f"- {kind}", "---", "",
+             f"# {name}", "",
+             f"An n2n translator (network-to-network translation): samples of the latent of **{target.get('spec')}** "
+             f"given the latent of **{source.get('spec')}**, learnt from their cached latents with both experts "
+             f"frozen. Translator: `{kind}` ({parameters:,} parameters), step {meta.get('step')}.", "",
+             "## Data", "",
+             f"Pairs of the `{dataset}` dataset: {meta['source'].get('count', '?')} source rows × "
+             f"{meta['target'].get('count', '?')} target rows ({meta['source'].get('dim')} → "
+             f"{meta['target'].get('dim')} dims), {meta['train'].get('holdout')} of the keys held out.", ""]
+    nll, floor = meta.get("heldout_bpd"), meta.get("linear_gaussian_bpd")
+    if nll is not None:
+        beside = f" (the linear-Gaussian floor: {floor:.3f})" if floor is not None else ""
+        lines += [f"Held-out NLL: {nll:.3f} bits/dim{beside}.", ""]
+    lines += scores(translator.run)
+    usage = repo_id or "PATH/TO/THIS/FOLDER"
+    lines += ["## Usage", "", "```python", "import n2n", "",
+              f'translator = n2n.Translator.from_pretrained("{usage}")',
+              "latents = translator.sample(inputs, n=4)  # inputs: what the source expert reads",
+              "images = translator.translate(inputs, n=4)  # where the target expert decodes", "```", "",
+              f"or `n2n-translate --run {usage} ...`. The experts load as their identities in config.json say; "
+              "give `source_weights=` / `target_weights=` where their weights are local files.", ""]
+    return "\n".join(lines)
+
+
+def scores(run: Path) -> list[str]:
+    """The run's n2n-eval table (its eval.json, where it was scored) as Markdown lines; none without it."""
+    folder = run if run.is_dir() else run.parent
+    report_file = folder / "eval.json"
+    if not report_file.is_file() or not ((folder / CHECKPOINT).exists() or is_pretrained(folder)):
+        return []
+    from n2n.translate.evaluate import TRANSLATORS, columns, report_rows
+
+    report = json.loads(report_file.read_text())
+    names = [TRANSLATORS[name] for name in columns(report)]
+    rows = [row for row in report_rows(report, ScoreTable()) if any(row[1:])]
+    table = [f"| metric | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|",
+             *(f"| {' | '.join(row)} |" for row in rows)]
+    return ["## Scores", "", f"`n2n-eval` on {report['translation']['pairs']} held-out pairs at step "
+            f"{report['step']}:", "", *table, ""]
