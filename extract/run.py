@@ -75,8 +75,10 @@ class ExtractConfig:
     expert: str = setting(help="Expert spec name[:model][@layer]; e.g. minilm, bert:bert-base-uncased@cls, "
                                "timm:resnet50@stage3, ae:experts/ae-shapes.")
     data: str = setting(help="Dataset name.")
-    data_root: Path | None = setting(None, "Where the dataset lives (coco, folder, wds); shapes and biggan need none.")
-    split: str = setting("train", "The dataset's own split: train | val.")
+    data_root: Path | None = setting(None, "Where the dataset lives (coco, folder, wds; hf: a save_to_disk folder, a "
+                                           "folder of Parquet/Arrow files or of images with a metadata file, or a "
+                                           "Hub dataset id); shapes and biggan need none.")
+    split: str = setting("train", "The dataset's own split: train | val (hf: any split it has).")
     out: Path = setting(Path("shards"), "Root of the stores: writes OUT/<data>/<expert>[@layer]/.", url=True)
     format: str = setting("zarr", "Store format (zarr, wds, h5, or a plug-in's).")
     batch_size: int = setting(64, "Items per forward pass (fixed for the life of a store).", min=1)
