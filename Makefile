@@ -8,7 +8,7 @@ DATA_ROOT ?=
 OUT     ?=
 ARGS    ?=
 
-.PHONY: install dev test test-slow lint docs demo bench extract train synthetic check-synthetic gpu-wheels gpu-check clean
+.PHONY: install dev test test-slow lint docs demo serve bench extract train synthetic check-synthetic gpu-wheels gpu-check clean
 
 # install: n2n and what it runs on (the demo's needs); dev: also the tools of tests, lint, docs and benchmarks.
 install: .venv/installed
@@ -34,6 +34,15 @@ demo: install
 	  $(BIN)/n2n-eval --run runs/ae_minilm --out demo/eval-ae_minilm.json
 	$(BIN)/python -c 'import n2n.translate.evaluate as e, json; [e.print_report(json.load(open(f))) \
 	  for f in ("demo/eval.json", "demo/eval-ae_minilm.json")]'
+
+# Try translators in a browser: make serve RUN="runs/minilm_ae runs/ae_minilm" (the demo's two by default).
+RUN ?= runs/minilm_ae runs/ae_minilm
+serve: .venv/serve-installed
+	$(BIN)/n2n serve $(foreach run,$(RUN),--run $(run))
+
+.venv/serve-installed: .venv/installed
+	$(PY) -m pip install --quiet -e '.[serve]'
+	touch $@
 
 # Benchmarks: n2n against its baselines in one run each; tables on the terminal, JSON in bench/results/.
 bench: dev

@@ -86,7 +86,7 @@ def first_batch_keys(batch: list[dict]) -> list[tuple]:
 
 
 def test_known_names_and_unknown_name_lists_them():
-    assert known_datasets() == ["biggan", "coco", "folder", "shapes", "wds"]
+    assert known_datasets() == ["biggan", "coco", "folder", "hf", "shapes", "wds"]
     with pytest.raises(DatasetError) as err:
         open_dataset("imagenet")
     assert "imagenet" in str(err.value) and all(name in str(err.value) for name in known_datasets())

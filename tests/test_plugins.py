@@ -346,3 +346,27 @@ def test_a_missing_family_names_what_to_install_or_register():
         load_expert("pixels:8@latent", plugin=plugins.IN_PROCESS)
     with pytest.raises(ExpertError, match="unknown expert 'pixels'; known experts: ae, bert"):
         load_expert("pixels")
+
+
+SERVE = """
+import sys
+sys.path.insert(0, {site!r})
+from PIL import Image
+from n2n.translate.serve import Served, build
+
+served = Served.load("runs/pixels", "cpu")
+image = Image.new("RGB", (32, 32))
+image.paste((220, 40, 40), (0, 0, 16, 16))
+pictures = served.images([image], 3, 1.0, 0)
+assert len(pictures) == 3 and pictures[0].size == (8, 8), pictures
+build([served])
+print("ok")
+"""
+
+
+def test_n2n_serve_builds_the_page_of_a_plugin_run(project, site):
+    """n2n serve's tab for a run whose experts a plug-in provides: an image upload, decoded samples."""
+    pytest.importorskip("gradio")
+    result = subprocess.run([sys.executable, "-c", SERVE.format(site=str(site))], cwd=project, env=env(None),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
