@@ -1,6 +1,7 @@
 """Time to quality on the demo's image -> text view: the training seconds each translator kind takes until
 the mean of 16 samples ranks the true caption as well as the MLP baseline does (median rank among the
-distinct held-out captions, as n2n-eval reports it), both kinds at the demo's settings.
+distinct held-out captions, as n2n-eval reports it), and twice and four times that rank (where the MLP's
+is not reached in the budget, these show the pace), both kinds at the demo's settings.
 
 Each kind trains through ``n2n.train`` in chunks of steps, each call resuming the last (a resumed run is
 the uninterrupted one, bit for bit), and is scored after every chunk; the seconds are the wall time of
@@ -29,6 +30,7 @@ from n2n.translate.metrics import retrieval
 
 DEMO = Path(__file__).parents[1] / "configs" / "demo" / "ae_minilm.yaml"  # both kinds' settings: the demo's
 SAMPLES = 16
+FACTORS = (1, 2, 4)  # goals: the MLP's median rank times these
 
 
 class Scorer:
@@ -53,20 +55,23 @@ class Scorer:
 
 
 def race(view: Path, out: Path, config: Path, kind: str, chunk: int, budget: float, goal: float,
-         scorer: Scorer) -> dict:
+         scorer: Scorer) -> list[dict]:
     """Train in chunks of ``chunk`` steps until the rank reaches ``goal`` or ``budget`` seconds of training
-    pass; the curve of (steps, seconds, rank) and the seconds at which the goal was reached (None if not)."""
+    pass; the curve: (steps, seconds, median rank) after each chunk."""
     seconds, curve = 0.0, []
-    while seconds < budget:
+    while seconds < budget and not (curve and curve[-1]["median_rank"] <= goal):
         steps = (len(curve) + 1) * chunk
         started = time.perf_counter()
         n2n.train(view, out, config=config, translator=kind, steps=steps, eval_every=chunk, eval_rows=64,
-                  resume=bool(curve), compile=False, progress=False)
+                  resume=bool(curve), compile=False, progress=False, logger="none")
         seconds += time.perf_counter() - started
         curve.append({"steps": steps, "seconds": seconds, "median_rank": scorer.run(out)})
-        if curve[-1]["median_rank"] <= goal:
-            return {"curve": curve, "reached": seconds}
-    return {"curve": curve, "reached": None}
+    return curve
+
+
+def reached(curve: list[dict], goal: float) -> float | None:
+    """The training seconds at which ``curve`` first ranks at ``goal`` or better; None if it never does."""
+    return next((point["seconds"] for point in curve if point["median_rank"] <= goal), None)
 
 
 @click.command()
@@ -89,27 +94,29 @@ def main(view: Path, config: Path, budget: float, rows: int, coupling_chunk: int
     scorer = Scorer(data, rows)
     with torch.no_grad():
         goal = scorer.rank(data.target_norm.inverse(train_mlp(data, seed=0)(scorer.source)))
-    results = {}
+    curves = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind, chunk in chunks.items():
-            results[kind] = race(view, Path(tmp) / kind, config, kind, chunk, budget, goal, scorer)
+            curves[kind] = race(view, Path(tmp) / kind, config, kind, chunk, budget, goal, scorer)
+    rows_out = []
+    for factor in FACTORS:  # the MLP's rank itself, and looser goals that show the pace where it is not reached
+        target = factor * goal
+        times = {kind: reached(curve, target) for kind, curve in curves.items()}
 
-    def shown(kind: str) -> str:
-        result = results[kind]
-        if result["reached"] is not None:
-            return f"{result['reached']:.0f} s"
-        best = min(point["median_rank"] for point in result["curve"])
-        return f"> {budget:.0f} s (best rank {best:.0f})"
+        def shown(kind: str, times: dict = times) -> str:
+            if times[kind] is not None:
+                return f"{times[kind]:.0f} s"
+            return f"> {budget:.0f} s (best {min(p['median_rank'] for p in curves[kind]):.0f})"
 
-    reached = {kind: results[kind]["reached"] for kind in chunks}
-    ratio = reached["coupling"] / reached["continuous"] if None not in reached.values() else None
-    rows_out = [Row(f"training s to the MLP's median rank {goal:.0f} (mean of {SAMPLES}, {len(scorer.rows)} held-out "
-                    "pairs): continuous vs coupling", shown("continuous"), shown("coupling"), ratio,
-                    "continuous first", reached["continuous"] is not None and (reached["coupling"] is None or
-                                                                              ratio >= 1))]
+        both = None not in times.values()
+        rows_out.append(Row(f"training s to median rank <= {target:.0f} ({factor}x the MLP's; mean of {SAMPLES}, "
+                            f"{len(scorer.rows)} held-out pairs): continuous vs coupling", shown("continuous"),
+                            shown("coupling"), times["coupling"] / times["continuous"] if both else None,
+                            "continuous first", times["continuous"] is not None and
+                            (times["coupling"] is None or times["continuous"] <= times["coupling"])))
     report("time_to_quality", {"view": str(view), "budget": budget, "rows": len(scorer.rows), "goal": goal,
                                "config": settings, "chunks": chunks},
-           rows_out, results)
+           rows_out, curves)
 
 
 if __name__ == "__main__":

@@ -181,8 +181,11 @@ def test_time_to_quality_races_both_kinds_from_one_config(tmp_path):
     saved = run_bench(time_to_quality.main, "time_to_quality", ["--view", view, "--config", config, "--budget",
                                                                 "0.001", "--rows", "30", "--coupling-chunk", "3",
                                                                 "--continuous-chunk", "5"], tmp_path)
-    assert [point["steps"] for point in saved["raw"]["coupling"]["curve"]] == [3]
-    assert [point["steps"] for point in saved["raw"]["continuous"]["curve"]] == [5]
-    assert saved["settings"]["rows"] == 30 and saved["rows"][0]["met"] in (True, False)
+    assert [point["steps"] for point in saved["raw"]["coupling"]] == [3]
+    assert [point["steps"] for point in saved["raw"]["continuous"]] == [5]
+    assert saved["settings"]["rows"] == 30 and len(saved["rows"]) == 3
+    assert all(row["met"] in (True, False) for row in saved["rows"])
+    assert time_to_quality.reached([{"seconds": 1.0, "median_rank": 9}, {"seconds": 2.0, "median_rank": 4}], 5) == 2.0
+    assert time_to_quality.reached([{"seconds": 1.0, "median_rank": 9}], 5) is None
     refused = CliRunner().invoke(time_to_quality.main, ["--view", tmp_path])
     assert refused.exit_code == 2 and "run make demo first" in refused.output

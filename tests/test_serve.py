@@ -174,3 +174,17 @@ def test_the_server_outlives_a_closed_tab_and_keeps_its_memory_over_20_requests(
         assert len(gallery) == 8
     assert server["process"].poll() is None
     assert rss_kib() <= first * 1.05 + 16_384, (first, rss_kib())  # within 5% (+16 MiB of allocator slack)
+
+
+def test_inputs_a_person_can_get_wrong_are_messages(runs):
+    """What the page turns into a message: an empty caption, one longer than the source expert reads, no image."""
+    from n2n.translate.serve import ServeError, inputs
+
+    text, image = Served.load(str(runs["text"]), "cpu"), Served.load(str(runs["image"]), "cpu")
+    with pytest.raises(ServeError, match="type a caption first"):
+        inputs("  ", "text", text)
+    with pytest.raises(ServeError, match=r"tokens long; minilm.* reads at most \d+: shorten it"):
+        inputs("a red circle " * 400, "text", text)
+    assert inputs(f"  {CAPTION} ", "text", text) == CAPTION
+    with pytest.raises(ServeError, match="upload an image first"):
+        inputs(None, "image", image)

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from torchvision.utils import make_grid
 
-from n2n.extract.experts import Expert, ExpertError, expert_of
+from n2n.extract.experts import Expert, ExpertError, expert_of, known_experts
 from n2n.train.data import Pairs
 
 PER_SOURCE = 4  # samples in each source's row
@@ -47,8 +47,9 @@ def sample_grid(data: Pairs, count: int, console: Console) -> SampleGrid | None:
     if count == 0:
         return None
     target = data.view.target
-    if not (target.meta.get("expert") or {}).get("spec"):
-        return None  # a synthetic store: no expert at all
+    spec = (target.meta.get("expert") or {}).get("spec") or ""
+    if spec.split(":")[0].split("@")[0] not in known_experts():
+        return None  # a store of no expert this install has (a synthetic view's): nothing to decode with
     try:
         expert = expert_of(target.identity(), "target", None, None, store=target.path)
     except ExpertError as err:
