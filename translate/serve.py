@@ -216,7 +216,7 @@ def cli() -> None:
     """n2n's umbrella command: ``n2n serve`` (the others are n2n-extract, n2n-train, n2n-translate, ...)."""
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command("serve", context_settings=CONTEXT)
 @click.option("--run", "runs", multiple=True, required=True,
               help="A run folder, a saved translator's folder or its Hugging Face Hub id (repeatable: a tab each).")
 @click.option("--host", default="127.0.0.1", help="Address to bind: 127.0.0.1 serves this machine only; 0.0.0.0 "
@@ -230,6 +230,3 @@ def serve_command(runs: tuple[str, ...], host: str, port: int | None, device: st
 
     Example: n2n serve --run runs/minilm_ae --run runs/ae_minilm"""
     serve(list(runs), host, port, device)
-
-
-serve_command.name = "serve"
