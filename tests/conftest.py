@@ -16,7 +16,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -354,3 +358,27 @@ def ae_view(tmp_path_factory) -> Path:
         stores.append(n2n.extract(f"ae:{expert}", "shapes", out=root / "shards", limit=96, batch_size=32,
                                   num_workers=0, progress=False))
     return n2n.pair(*stores, name="ae_ae").path
+
+
+def _killed_extraction(args: list, out: Path, store: Path, rows: int) -> dict:
+    """Start n2n-extract ``args --out out`` in a process and SIGKILL it once ``store`` (under ``out``) has
+    committed ``rows`` rows; the store's meta as the kill left it, checked to be a part, not all or nothing."""
+    cmd = [sys.executable, "-c", "from extract.cli import main; main()", *map(str, args), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = out / store / "meta.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if meta.exists() and json.loads(meta.read_text())["count"] >= rows:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = json.loads(meta.read_text())
+    assert not committed["complete"] and committed["count"] > 0, "kill came too late or too early"
+    return committed
+
+
+@pytest.fixture(scope="session")
+def killed_extraction():
+    """``killed_extraction(args, out, store, rows)``: n2n-extract killed with SIGKILL mid-store."""
+    return _killed_extraction

@@ -2,10 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,23 +37,12 @@ def test_minilm_on_shapes(tmp_path, n2n_extract):
     assert again.exit_code == 0 and "already complete" in again.output
 
 
-def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, n2n_extract, same_store):
+def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, n2n_extract, same_store, killed_extraction):
     args = ["--expert", "minilm", "--data", "shapes", "--limit", 240, "--batch-size", 8, "--num-workers", 0,
             "--dtype", "float32", "--commit-every", 0]
     assert n2n_extract(*args, "--out", tmp_path / "clean").exit_code == 0
     out = tmp_path / "crashed"
-    cmd = [sys.executable, "-c", "from extract.cli import main; main()", *map(str, args), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = out / "shapes" / "minilm" / "meta.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if meta.exists() and json.loads(meta.read_text())["count"] >= 300:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    committed = json.loads(meta.read_text())
-    assert not committed["complete"] and committed["count"] > 0, "kill came too late or too early"
+    killed_extraction(args, out, Path("shapes") / "minilm", 300)
     result = n2n_extract(*args, "--out", out)
     assert result.exit_code == 0, result.output
     assert "resuming at item" in result.output

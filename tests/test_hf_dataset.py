@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +137,7 @@ def test_a_corrupt_image_is_listed_and_skipped(ae, tmp_path):
     assert [e["key"] for e in errors] == ["b"] and "unreadable image" in errors[0]["reason"]
 
 
-def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, n2n_extract, same_store):
+def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, n2n_extract, same_store, killed_extraction):
     folder = tmp_path / "captions"
     datasets.Dataset.from_dict({"key": [f"k{i}" for i in range(240)],
                                 "text": [f"caption number {i} of a coloured shape" for i in range(240)]}
@@ -151,18 +146,7 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, n2n_extract, 
             "--dtype", "float32", "--commit-every", 0]
     assert n2n_extract(*args, "--out", tmp_path / "clean").exit_code == 0
     out = tmp_path / "crashed"
-    cmd = [sys.executable, "-c", "from extract.cli import main; main()", *map(str, args), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = out / "hf" / "minilm" / "meta.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if meta.exists() and json.loads(meta.read_text())["count"] >= 60:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    committed = json.loads(meta.read_text())
-    assert not committed["complete"] and committed["count"] > 0, "kill came too late or too early"
+    killed_extraction(args, out, Path("hf") / "minilm", 60)
     result = n2n_extract(*args, "--out", out)
     assert result.exit_code == 0 and "resuming at item" in result.output, result.output
     same_store(tmp_path / "clean" / "hf" / "minilm", out / "hf" / "minilm")

@@ -4,6 +4,7 @@ CSV and none; a resumed run's curves without a gap or a doubled stretch; n2n-eva
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,8 @@ def test_tensorboard_is_the_default_with_curves_samples_and_options(view, tmp_pa
             "heldout/linear_gaussian_bpd"} <= scalars
     assert steps_of(logged, "train/bpd") == [5, 10, 15, 20] and steps_of(logged, "heldout/bpd") == [10, 20]
     metrics = [line for line in (run / "metrics.jsonl").read_text().splitlines() if "heldout_bpd" in line]
-    assert logged.Scalars("heldout/bpd")[-1].value == pytest.approx(eval(metrics[-1])["heldout_bpd"], rel=1e-6)
+    assert logged.Scalars("heldout/bpd")[-1].value == pytest.approx(json.loads(metrics[-1])["heldout_bpd"],
+                                                                    rel=1e-6)
     samples = logged.Images("samples")
     assert [image.step for image in samples] == [10, 20]
     assert samples[0].height > 32 and samples[0].width > 4 * 32  # two sources, four samples each, 32 px

@@ -112,15 +112,19 @@ class Served:
                                                                is not None else "."))
         return "\n\n".join(lines)
 
+    @property
+    def folder(self) -> Path:
+        """The run's folder (a checkpoint file's parent)."""
+        run = self.translator.run
+        return run if run.is_dir() else run.parent
+
     def files(self) -> dict[str, Path]:
         """The run's pictures that exist: eval.png, loss.png."""
-        folder = self.translator.run if self.translator.run.is_dir() else self.translator.run.parent
-        return {name: folder / name for name in ("eval.png", "loss.png") if (folder / name).is_file()}
+        return {name: self.folder / name for name in ("eval.png", "loss.png") if (self.folder / name).is_file()}
 
     def scores(self) -> list[list[str]] | None:
         """The run's n2n-eval table (its eval.json), or None."""
-        folder = self.translator.run if self.translator.run.is_dir() else self.translator.run.parent
-        report = folder / "eval.json"
+        report = self.folder / "eval.json"
         if not report.is_file():
             return None
         from n2n.translate.evaluate import dataset_table, report_rows
