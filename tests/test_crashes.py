@@ -1,10 +1,11 @@
 """kill -9 at random moments of a real extraction, then the same command again: nothing lost, nothing twice.
 
-Each trial starts n2n-extract (MiniLM on shapes, a commit after every batch so that a kill can land
-between any two commits), kills it with SIGKILL after a random delay, reruns the command to the end
-and compares the store with one clean run: same keys, subs and latents bit for bit, no duplicate
-(key, sub), and ``n2n-shards verify`` finds nothing. Kills land before the store exists, while it
-is written, and after it is complete; all must end the same way.
+Each trial starts n2n-extract (MiniLM on shapes, its default loader workers, which are forked
+processes, and a commit after every batch so that a kill can land between any two commits), kills it
+with SIGKILL after a random delay, reruns the command at once (no pause: the workers the kill left
+behind may still be alive) to the end and compares the store with one clean run: same keys, subs and
+latents bit for bit, no duplicate (key, sub), and ``n2n-shards verify`` finds nothing. Kills land
+before the store exists, while it is written, and after it is complete; all must end the same way.
 """
 
 import json
@@ -22,8 +23,8 @@ from n2n.shards import verify_store
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ARGS = ["--expert", "minilm", "--data", "shapes", "--limit", "160", "--batch-size", "8", "--num-workers", "0",
-        "--dtype", "float32", "--commit-every", "0"]
+ARGS = ["--expert", "minilm", "--data", "shapes", "--limit", "160", "--batch-size", "8", "--dtype", "float32",
+        "--commit-every", "0", "--device", "cpu"]
 
 
 def extraction(out) -> subprocess.Popen:

@@ -1,5 +1,6 @@
-"""One writer per store and per run: a second is refused at once, in one line naming the first; a lock
-whose holder was killed (kill -9) is the next writer's, so kill-and-rerun still resumes."""
+"""One writer per store and per run: a second is refused at once, in one line naming the first, alive; a
+lock whose holder was killed (kill -9) is the next writer's at once, whatever children the holder forked,
+so kill-and-rerun still resumes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from conftest import DIM
 
 from n2n.extract.cli import main as n2n_extract
 from n2n.shards import create_store, open_store, resume_store, verify_store
-from n2n.shards.lock import BusyError, hold
+from n2n.shards.lock import BusyError, hold, lock_path
 from n2n.train.cli import main as n2n_train
 
 ARGS = ["--expert", "minilm", "--data", "shapes", "--batch-size", "8", "--num-workers", "0", "--dtype", "float32"]
@@ -32,9 +33,73 @@ def holder(path: Path) -> subprocess.Popen:
     return proc
 
 
+# A holder that forks a child after taking the lock (as a DataLoader's workers are forked), which outlives it.
+FORKING_HOLDER = ("import os, sys, time; from n2n.shards.lock import hold; hold(sys.argv[1]); child = os.fork()\n"
+                  "if child == 0: time.sleep(120); os._exit(0)\n"
+                  "print(child, flush=True); time.sleep(120)")
+
+
 def kill(proc: subprocess.Popen) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_child_forked_by_the_holder_keeps_no_lock(tmp_path):
+    """kill -9 of the holder frees the lock at once, though the child it forked after taking it lives on."""
+    path = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(path)], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        with pytest.raises(BusyError, match=f"pid {proc.pid}"):
+            hold(path)
+        kill(proc)
+        assert alive(child)  # still there, with the lock file's descriptor it inherited
+        with hold(path):  # at once: no wait for the child
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_kill_9_mid_store_with_forked_workers_then_the_same_command_at_once_resumes(
+        tmp_path, n2n_extract, same_store, killed_extraction):
+    """n2n-extract with its default loader workers (forked processes) killed mid-store; the rerun, with no
+    pause (a scheduler's requeue), resumes to the store an uninterrupted run writes, bit for bit."""
+    args = ["--expert", "minilm", "--data", "shapes", "--limit", 400, "--batch-size", 8, "--dtype", "float32",
+            "--commit-every", 0, "--device", "cpu"]
+    assert n2n_extract(*args, "--num-workers", 0, "--out", tmp_path / "clean").exit_code == 0
+    out = tmp_path / "crashed"
+    killed_extraction(args, out, Path("shapes") / "minilm", 200)
+    result = n2n_extract(*args, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "resuming at item" in result.output
+    same_store(tmp_path / "clean" / "shapes" / "minilm", out / "shapes" / "minilm")
+
+
+def test_a_holder_is_named_only_while_it_lives(tmp_path):
+    """A record naming a process that has ended (a new holder has the lock but has not yet written its own
+    record) is not passed off as the holder: the refusal says the recorded process has ended."""
+    path = tmp_path / "s"
+    first = holder(path)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(ended.stdout)
+    record = json.loads(lock_path(path).read_text()) | {"pid": dead}
+    lock_path(path).write_text(json.dumps(record))  # this process holds no lock on it: closing drops nothing
+    try:
+        with pytest.raises(BusyError) as refused:
+            hold(path)
+        message = str(refused.value)
+        assert f"pid {dead}, has ended" in message and f"pid {dead}, since" not in message, message
+        assert lock_path(path).exists()
+    finally:
+        kill(first)
 
 
 def test_a_second_extraction_into_a_store_is_refused_naming_the_first(tmp_path, invoke):
