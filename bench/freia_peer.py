@@ -136,7 +136,8 @@ def time_to(curve: list[tuple[float, int, float]], bpd: float) -> float | None:
 
 def compare(data: PairedLatents, spec: dict, steps: int, batch_size: int, noise: float) -> dict:
     """Every contender's learning curve, final held-out NLL and size on one view."""
-    out: dict = {"truth_bpd": data.truth["nll_nats_per_dim"] / math.log(2) if data.truth else None}
+    nats = data.truth.get("nll_nats_per_dim") if data.truth else None
+    out: dict = {"truth_bpd": nats / math.log(2) if nats is not None else None}
     for name, model in contenders(spec).items():
         curve = learning_curve(model, data, steps, batch_size, noise)
         out[name] = {"parameters": parameters(model), "curve": curve, "seconds": curve[-1][0],

@@ -49,7 +49,7 @@ class Scorer:
 
     @torch.no_grad()
     def run(self, run: Path) -> float:
-        translator = load_run(run)
+        translator = load_run(run, checkpoint="last")  # the weights the race has reached
         draws = translator.flow.sample(self.source.repeat_interleave(SAMPLES, 0), 1.0, torch.Generator().manual_seed(0))
         return self.rank(translator.target_norm.inverse(draws).reshape(len(self.rows), SAMPLES, -1).mean(1))
 

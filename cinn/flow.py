@@ -254,18 +254,24 @@ EMBEDDERS = ("linear", "mlp")
 TRANSLATORS = ("coupling", "continuous")  # built by cinn.translators.build_flow
 SOLVERS = ("euler", "midpoint", "heun")  # cinn.continuous.integrate
 EMBEDDING_RANGE = (64, 512)  # the default condition embedding: the target's size, clamped to this range
+NET2NET_SIZES = {"n_flows": 24, "hidden_dim": 1024, "velocity_width": 512}  # what an unsized config builds
 
 
 @dataclasses.dataclass(frozen=True)
 class FlowConfig:
     """The shape of a flow, less the two latent sizes (they come from the view).
 
-    net2net's sizes by default (24 blocks, hidden 1024, depth 2); the condition embedder and the coupling
-    default to n2n's measured-better ``linear`` and ``glow``, and ``embedder="mlp", coupling="affine"``
-    builds net2net's own architecture."""
+    n2n-train sizes the blocks and widths a config leaves open to its view (``train.sizing``); a flow
+    built without a view gets net2net's sizes (24 blocks, hidden 1024, depth 2: ``NET2NET_SIZES``), as
+    the paper's recipes (configs/recipes) name them. The condition embedder and the coupling default
+    to n2n's measured-better ``linear`` and ``glow``, and ``embedder="mlp", coupling="affine"`` builds
+    net2net's own architecture."""
 
-    n_flows: int = setting(24, "Blocks of [ActNorm, coupling, shuffle].", min=1)
-    hidden_dim: int = setting(1024, "Width of the coupling nets.", min=1)
+    # None: n2n-train sizes the translator to its view (train.sizing); a flow built without one is net2net's.
+    n_flows: int | None = setting(None, "Blocks of [ActNorm, coupling, shuffle].  [default: sized to the view's "
+                                        "train pairs; 24, net2net's, where there is none]", min=1)
+    hidden_dim: int | None = setting(None, "Width of the coupling nets.  [default: sized to the view's train pairs; "
+                                           "1024, net2net's, where there is none]", min=1)
     hidden_depth: int = setting(2, "Hidden layers of the coupling nets (net2net: 2, i.e. four Linear layers).",
                                 min=0)
     # net2net's embedding is the target's size (268 for BigGAN): small targets starve of condition that way
@@ -307,7 +313,8 @@ class FlowConfig:
                     "likelihood (net2net); continuous: an ODE whose velocity net v(x, t, c) is trained by flow "
                     "matching (--velocity-*, --ode-steps, --solver).", choices=TRANSLATORS)
     velocity_blocks: int = setting(3, "Residual blocks of the continuous translator's velocity net.", min=1)
-    velocity_width: int = setting(512, "Width of the continuous translator's velocity net.", min=1)
+    velocity_width: int | None = setting(None, "Width of the continuous translator's velocity net.  [default: "
+                                               "sized to the view's train pairs; 512 where there is none]", min=1)
     ode_steps: int = setting(20, "Steps of the ODE solver (continuous translator): the held-out NLL's and, unless "
                                  "n2n-translate says otherwise, sampling's.", min=1)
     solver: str = setting("heun", "ODE solver of the continuous translator (fixed steps): euler, midpoint or heun "
@@ -339,9 +346,11 @@ def shape_of(kind: str, config: FlowConfig | None, options: dict[str, Any], **de
 
 
 def resolve(dim: int, config: FlowConfig) -> FlowConfig:
-    """``config`` with its embedding width resolved for a target of ``dim``."""
+    """``config`` with its embedding width resolved for a target of ``dim``, and the sizes it leaves open
+    (where no view sized them: ``train.sizing``) at net2net's."""
     low, high = EMBEDDING_RANGE
-    return dataclasses.replace(config, embedding_dim=config.embedding_dim or min(max(dim, low), high))
+    open_sizes = {name: value for name, value in NET2NET_SIZES.items() if getattr(config, name) is None}
+    return dataclasses.replace(config, embedding_dim=config.embedding_dim or min(max(dim, low), high), **open_sizes)
 
 
 def make_embedder(cond_dim: int, config: FlowConfig) -> nn.Module:

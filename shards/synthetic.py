@@ -1,11 +1,15 @@
 """Paired latent stores with a known conditional law: checks the trainer without any expert.
 
-Two laws, both with c ~ N(0, I):
+Three laws, all with c ~ N(0, I):
 - ``gaussian``: x = A c + B eps + m. p(x | c) = N(A c + m, B B^T), so the conditional NLL is
   analytic: 0.5 * log det(2 pi e B B^T) nats. A trained cINN's held-out NLL must come close to it.
 - ``bimodal``:  x = s * (r u + P c) + sigma eps with s = +-1 at random, u a unit vector and P c
   orthogonal to u. Given c, x has two modes at +-(r u + P c); a model that averages them (an MLP
   regressor) lands between; a cINN must sample both.
+- ``degenerate``: the Gaussian law with a quarter of the target dims constant (a dead unit, an image's
+  border), a quarter determined by c exactly, a quarter nearly (noise 1e-3), and a quarter ordinary.
+  The targets of plug-in experts look like this; it has no density (the constant dims are point
+  masses), so no analytic NLL, but a translator must train on it as stably as on any other.
 
 The view folder gets ``truth.json`` beside ``view.json``: the law, its parameters and the expected
 NLL, so that ``n2n-train`` can print how far a run is from the truth.
@@ -23,7 +27,8 @@ from n2n.options import check_value
 from n2n.shards.view import create_view
 from n2n.shards.writer import create_store
 
-LAWS = ("gaussian", "bimodal")
+LAWS = ("gaussian", "bimodal", "degenerate")
+DEGENERATE_NOISE = 1e-3  # the near-determined quarter's noise
 BIMODAL_RADIUS = 3.0
 BIMODAL_SIGMA = 0.3
 
@@ -39,6 +44,19 @@ def gaussian_law(rng: np.random.Generator, src_dim: int, dst_dim: int) -> dict:
     }
 
 
+def degenerate_law(rng: np.random.Generator, src_dim: int, dst_dim: int) -> dict:
+    """The Gaussian law's A, B and m, with B's rows zero for the constant and determined quarters (A's too
+    for the constant one, half of whose offsets are 0), DEGENERATE_NOISE for the near-determined quarter."""
+    law = gaussian_law(rng, src_dim, dst_dim)
+    k = dst_dim // 4
+    law["A"][:k] = 0
+    law["m"][:k:2] = 0
+    law["B"][: 2 * k] = 0
+    law["B"][2 * k : 3 * k] = 0
+    law["B"][2 * k : 3 * k, 2 * k : 3 * k] = DEGENERATE_NOISE * np.eye(k)
+    return law
+
+
 def bimodal_law(rng: np.random.Generator, src_dim: int, dst_dim: int) -> dict:
     u = rng.standard_normal(dst_dim)
     u /= np.linalg.norm(u)
@@ -47,9 +65,12 @@ def bimodal_law(rng: np.random.Generator, src_dim: int, dst_dim: int) -> dict:
     return {"u": u, "P": 0.5 * p}
 
 
+LAW_PARAMS = {"gaussian": gaussian_law, "bimodal": bimodal_law, "degenerate": degenerate_law}
+
+
 def sample(law: str, params: dict, c: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Draw x ~ p(x | c) for each row of c."""
-    if law == "gaussian":
+    if law in ("gaussian", "degenerate"):
         eps = rng.standard_normal((len(c), params["B"].shape[1]))
         return c @ params["A"].T + eps @ params["B"].T + params["m"]
     mean = modes(params, c)
@@ -78,8 +99,11 @@ def conditional_nll(law: str, params: dict, x: np.ndarray, c: np.ndarray) -> np.
     return -(np.logaddexp(*logp) - math.log(2) - log_norm)
 
 
-def expected_nll(law: str, params: dict, x: np.ndarray, c: np.ndarray) -> float:
-    """E[-log p(x | c)] in nats: closed form for the Gaussian law, the sample mean for the bimodal one."""
+def expected_nll(law: str, params: dict, x: np.ndarray, c: np.ndarray) -> float | None:
+    """E[-log p(x | c)] in nats: closed form for the Gaussian law, the sample mean for the bimodal one; None
+    for the degenerate one (point masses have no density)."""
+    if law == "degenerate":
+        return None
     if law == "gaussian":
         d = x.shape[1]
         _, logdet = np.linalg.slogdet(params["B"] @ params["B"].T)
@@ -105,7 +129,7 @@ def write_synthetic(
     for name, value, least in (("n", n, 1), ("src_dim", src_dim, 1), ("dst_dim", dst_dim, 1), ("seed", seed, 0)):
         check_value(name, value, integer=True, min=least)
     rng = np.random.default_rng(seed)
-    params = (gaussian_law if law == "gaussian" else bimodal_law)(rng, src_dim, dst_dim)
+    params = LAW_PARAMS[law](rng, src_dim, dst_dim)
     c = rng.standard_normal((n, src_dim))
     x = sample(law, params, c, rng)
     view = Path(root) / f"synth-{law}"
@@ -119,7 +143,7 @@ def write_synthetic(
     create_view(view, view / "src", view / "dst")
     truth = {
         "law": law,
-        "nll_nats_per_dim": expected_nll(law, params, x, c) / dst_dim,
+        "nll_nats_per_dim": None if law == "degenerate" else expected_nll(law, params, x, c) / dst_dim,
         "params": {k: v.tolist() for k, v in params.items()},
         "sigma": BIMODAL_SIGMA if law == "bimodal" else None,
         "radius": BIMODAL_RADIUS if law == "bimodal" else None,

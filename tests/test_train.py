@@ -21,6 +21,7 @@ from n2n.shards.synthetic import modes, write_synthetic
 from n2n.shards.view import create_view, open_view
 from n2n.train.api import dry_run
 from n2n.train.checkpoint import (
+    BEST,
     CHECKPOINT,
     CheckpointError,
     load_checkpoint,
@@ -32,6 +33,7 @@ from n2n.train.checkpoint import (
     view_record,
 )
 from n2n.train.data import Standardizer, heldout_mask, load_pairs
+from n2n.train.sizing import COUPLING_SIZES
 
 
 def write_store(path: Path, keys, latents, sub=None, complete=True, **meta):
@@ -197,20 +199,45 @@ def test_heldout_split_depends_on_key_only():
     assert np.array_equal(heldout_mask(captions, 0.1), np.repeat(mask, 5))
 
 
-def test_dry_run_prints_the_net2net_size(tmp_path, n2n_train):
+def test_dry_run_prints_the_net2net_size_and_sizes_a_small_view_to_its_pairs(tmp_path, n2n_train):
     rng = np.random.default_rng(0)
     keys = [f"k{i}" for i in range(4)]
     src = write_store(tmp_path / "bert", keys, rng.standard_normal((4, 768)))
     dst = write_store(tmp_path / "biggan", keys, rng.standard_normal((4, 268)))
     create_view(tmp_path / "bert_biggan", src, dst)
-    net2net = {"embedding_dim": 268, "coupling": "affine", "embedder": "mlp", "start_from_floor": False}  # its cINN
-    result = n2n_train("--shards", tmp_path / "bert_biggan", "--dry-run", "--embedding-dim", 268,
-                       "--coupling", "affine", "--embedder", "mlp", "--no-start-from-floor")
+    net2net = {"embedding_dim": 268, "coupling": "affine", "embedder": "mlp", "start_from_floor": False,
+               "n_flows": 24, "hidden_dim": 1024}  # its cINN, at the size its recipe names
+    result = n2n_train("--shards", tmp_path / "bert_biggan", "--dry-run", "--embedding-dim", 268, "--n-flows", 24,
+                       "--hidden-dim", 1024, "--coupling", "affine", "--embedder", "mlp", "--no-start-from-floor")
     assert result.exit_code == 0, result.output
     assert "254,762,152" in result.output  # the count test_cinn derives from the layer shapes
     assert not (tmp_path / "runs").exists()
     size = dry_run(tmp_path / "bert_biggan", batch_size=64, **net2net)  # what the command prints
     assert size["parameters"] == 254_762_152 and size["pairs"] == 4 and size["lr"] == pytest.approx(64 * 4.5e-6)
+    recipe = dry_run(tmp_path / "bert_biggan", config="configs/recipes/bert_biggan.yaml")
+    assert (recipe["n_flows"], recipe["hidden_dim"]) == (24, 1024)  # the paper's recipe is the named preset
+    # Left open, the size is the smallest of the ladder for 4 pairs; given one, the other is sized around it.
+    small = dry_run(tmp_path / "bert_biggan", holdout=0.0)
+    assert (small["n_flows"], small["hidden_dim"]) == COUPLING_SIZES[0] and small["train_pairs"] == 4
+    assert dry_run(tmp_path / "bert_biggan", holdout=0.0, n_flows=3)["n_flows"] == 3
+
+
+def test_open_sizes_grow_with_the_train_pairs_and_stay_within_the_budget():
+    from n2n.cinn import FlowConfig
+    from n2n.train.sizing import PARAMS_PER_VALUE, parameters, sized
+
+    shapes = []
+    for pairs in (1_283, 37_905, 100_000, 2_000_000):
+        config, said = sized(FlowConfig(), 32, 384, pairs)
+        assert config.n_flows and config.hidden_dim and "sized to the view" in said
+        count = parameters(32, 384, config)
+        assert count <= PARAMS_PER_VALUE * pairs * 32 or (config.n_flows, config.hidden_dim) == COUPLING_SIZES[0]
+        shapes.append((config.n_flows, config.hidden_dim))
+    assert shapes == sorted(shapes, key=lambda s: COUPLING_SIZES.index(s)) and len(set(shapes)) == 4
+    assert shapes[1] == (8, 256)  # the demo's text -> image view: 2.6M, beside the 4.2M its config pins
+    assert sized(FlowConfig(n_flows=8, hidden_dim=64), 32, 384, 10)[1] is None  # nothing open, nothing said
+    continuous, said = sized(FlowConfig(translator="continuous"), 32, 384, 1_283)
+    assert continuous.velocity_width < 512 and "--velocity-width" in said
 
 
 def test_dry_run_sizes_a_4096_dim_target_without_allocating_it(tmp_path):
@@ -221,8 +248,8 @@ def test_dry_run_sizes_a_4096_dim_target_without_allocating_it(tmp_path):
     src = write_store(tmp_path / "clip", keys, rng.standard_normal((4, 512)))
     dst = write_store(tmp_path / "sdvae", keys, rng.standard_normal((4, 4096)))
     create_view(tmp_path / "clip_sdvae", src, dst)
-    size = dry_run(tmp_path / "clip_sdvae")
-    floor_stage = 4096 * 512 + 4096 + 4096 * 4096 + 4096  # W, b, the whitening's lower part and diagonal
+    size = dry_run(tmp_path / "clip_sdvae", n_flows=24, hidden_dim=1024)  # the size its recipe names
+    floor_stage = 4096 * 512 + 4096 + 4096 * 4096 + 4096  # M, m, the whitening's lower part and diagonal
     assert size["embedding_dim"] == 512 and size["parameters"] == 428_622_336 + floor_stage
 
 
@@ -396,7 +423,8 @@ def test_a_run_moved_without_its_view_names_both_paths_until_given_the_view(smal
             call()
     n2n.train(small_view, run, resume=True, steps=20, **SMALL_API)  # given, it goes on and records the new place
     assert read_meta(run / CHECKPOINT)["view"] == os.path.relpath(small_view, run)
-    assert n2n.evaluate(run)["step"] == 20
+    assert n2n.evaluate(run, checkpoint="last")["step"] == 20
+    assert n2n.evaluate(run)["step"] == read_meta(run / CHECKPOINT)["best"]["step"]  # best, found on the new view
 
 
 def test_a_view_at_a_url_is_recorded_and_resolved_as_given(tmp_path):
@@ -459,7 +487,7 @@ def test_a_run_plots_its_loss_and_records_the_linear_gaussian_floor(small_view, 
         assert len(np.unique(np.asarray(image.convert("L")))) > 10  # curves and text, not a blank canvas
     assert (run / "loss.png").stat().st_size > 10_000
     files = sorted(p.name for p in run.iterdir() if not p.name.startswith("events.out.tfevents"))  # TensorBoard's
-    assert files == [CHECKPOINT, "config.yaml", "loss.png", "metrics.jsonl"]  # no temp
+    assert files == [BEST, CHECKPOINT, "config.yaml", "loss.png", "metrics.jsonl"]  # no temp
 
 
 def test_importing_the_trainer_does_not_import_matplotlib():
@@ -503,9 +531,9 @@ def test_a_resumed_run_keeps_its_recorded_floor(small_view, tmp_path, monkeypatc
     floor = read_meta(run / CHECKPOINT)["linear_gaussian_bpd"]
     fit, fits = LinearGaussian.fit, []
 
-    def counted(cls, x, y):
+    def counted(cls, x, y, *rest):
         fits.append(len(x))
-        return fit(x, y)
+        return fit(x, y, *rest)
 
     monkeypatch.setattr(LinearGaussian, "fit", classmethod(counted))
     result = n2n_train(*args, "--steps", 20, "--resume")
@@ -544,4 +572,4 @@ def test_a_failing_loss_plot_is_one_warning_and_the_run_goes_on(failure, small_v
     assert len(calls) == (1 if failure == "plot_loss raises" else 0)
     assert read_meta(run / CHECKPOINT)["step"] == 40 and not (run / "loss.png").exists()
     files = sorted(p.name for p in run.iterdir() if not p.name.startswith("events.out.tfevents"))  # TensorBoard's
-    assert files == [CHECKPOINT, "config.yaml", "metrics.jsonl"]
+    assert files == [BEST, CHECKPOINT, "config.yaml", "metrics.jsonl"]

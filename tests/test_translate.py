@@ -21,6 +21,7 @@ from n2n.extract.datasets.shapes_scoring import (
 )
 from n2n.extract.experts.ae import ConvAutoencoder, save_autoencoder
 from n2n.shards.view import create_view
+from n2n.train.checkpoint import CHECKPOINT, read_meta
 from n2n.train.cli import main as n2n_train
 from n2n.translate.cli import main as n2n_translate
 from n2n.translate.evaluate import main as n2n_eval
@@ -124,7 +125,9 @@ def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge,
     assert result.exit_code == 0, result.output
     assert "color accuracy (named)" in result.output and "linear LS" in result.output
     report = json.loads(out.read_text())
-    assert np.isfinite(report["heldout_bpd"]) and report["step"] == 20
+    best = read_meta(runs["minilm_ae"] / CHECKPOINT)["best"]  # what n2n-eval scores unless --checkpoint last
+    assert np.isfinite(report["heldout_bpd"]) and report["step"] == best["step"] and report["checkpoint"] == "best"
+    assert report["heldout_bpd"] == pytest.approx(best["heldout_bpd"], abs=1e-4)
     for model in ("cinn", "mlp"):
         assert set(report[model]["accuracy"]) == {"color", "shape", "size", "position"}
         assert all(v is None or 0 <= v <= 1 for v in report[model]["accuracy"].values())
@@ -244,7 +247,8 @@ def test_eval_of_a_dataset_without_a_scorer_reports_the_generic_metrics(runs, tm
     result = invoke(n2n_eval, "--run", run, "--out", tmp_path / "eval.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert set(report) == {"run", "view", "step", "heldout_bpd", "linear_gaussian_bpd", "translation", "figure"}
+    assert set(report) == {"run", "view", "step", "checkpoint", "heldout_bpd", "linear_gaussian_bpd", "translation",
+                           "figure"}
     assert np.isfinite(report["heldout_bpd"]) and set(report["translation"]) >= {"cinn", "linear", "mlp"}
     assert "held-out NLL" in result.output and "accuracy" not in result.output
 

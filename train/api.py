@@ -25,6 +25,8 @@ from n2n.shards import as_path
 from n2n.shards.lock import hold
 from n2n.shards.view import View, open_view
 from n2n.train.checkpoint import CHECKPOINT, CheckpointError, read_meta, run_view
+from n2n.train.data import split_pairs
+from n2n.train.sizing import sized
 from n2n.train.trainer import ON_RESUME, TrainConfig, TrainError, check_fits, fit, out_of_memory, saved_settings
 
 
@@ -176,11 +178,13 @@ def dry_run(view: View | str | os.PathLike | None = None, *, config: str | os.Pa
     cfg, flow_config = settings(**options)
     if view is None:
         raise TrainError("--dry-run sizes a run on a view: give one (--shards)")
-    v = view if isinstance(view, View) else open_view(view)
+    v, _, held = split_pairs(view.path if isinstance(view, View) else view, cfg.holdout)
+    flow_config, _ = sized(flow_config, v.target.dim, v.source.dim, int((~held).sum()))
     with torch.device("meta"):  # shapes only: sizing a billion-parameter flow allocates nothing
         flow = build_flow(v.target.dim, v.source.dim, flow_config)
     return {**flow.to_dict(), "batch_size": cfg.batch_size, "lr": cfg.learning_rate,
-            "parameters": sum(p.numel() for p in flow.parameters()), "pairs": len(v.join())}
+            "parameters": sum(p.numel() for p in flow.parameters()), "pairs": len(held),
+            "train_pairs": int((~held).sum())}
 
 
 def print_summary(summary: dict, console: Console) -> None:
@@ -193,11 +197,15 @@ def print_summary(summary: dict, console: Console) -> None:
     else:
         table.add_row("train loss (flow matching)", f"{summary['train_loss']:.4f}")
     if summary["heldout_bpd"] is not None:
-        table.add_row("held-out NLL", f"{summary['heldout_bpd']:.4f} bits/dim")
+        table.add_row("held-out NLL", f"{summary['heldout_bpd']:.4f} bits/dim (last, step {summary['step']})")
+    if summary.get("best") is not None:
+        best = summary["best"]
+        table.add_row("best held-out NLL", f"{best['heldout_bpd']:.4f} bits/dim (step {best['step']}: "
+                                           f"{Path(best['checkpoint']).name}, what the run's readers load)")
     if summary.get("linear_gaussian_bpd") is not None:
         table.add_row("linear-Gaussian floor", f"{summary['linear_gaussian_bpd']:.4f} bits/dim")
     if "truth_bpd" in summary:
         table.add_row("analytic NLL", f"{summary['truth_bpd']:.4f} bits/dim")
         table.add_row("gap", f"{summary['gap_nats_per_dim']:+.4f} nats/dim")
-    table.add_row("checkpoint", summary["checkpoint"])
+    table.add_row("checkpoint", f"{summary['checkpoint']} (last: --resume continues it)")
     console.print(table)

@@ -29,7 +29,9 @@ from n2n.shards import as_path, is_remote, write_text_atomic
 from n2n.shards.view import VIEW_NAME
 from n2n.train.data import Standardizer
 
-CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT = "checkpoint.safetensors"  # the last: weights, optimizer and generator, what --resume continues
+BEST = "best.safetensors"  # the weights with the best held-out NLL so far (model and norm tensors, same header)
+CHECKPOINTS = ("best", "last")  # what a run's readers may load (--checkpoint): best where there is one
 SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # save_file writes one beside the file, then renames it
 HEADER_KEYS = ("n2n_checkpoint", "step", "model", "train", "optimizer")
 
@@ -209,14 +211,27 @@ def is_pretrained(run: Path) -> bool:
     return run.is_dir() and not (run / CHECKPOINT).exists() and (run / PRETRAINED_CONFIG).is_file()
 
 
-def load_run(run: Path | str, device: str | torch.device = "cpu") -> TrainedFlow:
-    """Load ``run/checkpoint.safetensors`` (or a checkpoint file, or a pretrained folder: ``save_pretrained``)
-    for sampling, in eval mode."""
+def checkpoint_file(run: Path, checkpoint: str = "best") -> Path:
+    """The file of a run folder's ``checkpoint``: ``best`` is best.safetensors where the run wrote one (it
+    evaluated held-out pairs), else the last; ``last`` is checkpoint.safetensors. A file is itself."""
+    if checkpoint not in CHECKPOINTS:
+        raise CheckpointError(f"--checkpoint {checkpoint!r}: choose one of {', '.join(CHECKPOINTS)}")
+    if not run.is_dir():
+        return run
+    return run / BEST if checkpoint == "best" and (run / BEST).is_file() else run / CHECKPOINT
+
+
+def load_run(run: Path | str, device: str | torch.device = "cpu", checkpoint: str = "best") -> TrainedFlow:
+    """Load a run folder's ``checkpoint`` (``checkpoint_file``: its best weights by default, or its last),
+    a checkpoint file, or a pretrained folder (``save_pretrained``) for sampling, in eval mode."""
     run = Path(run)
     if is_pretrained(run):
         tensors, meta = load_pretrained(run)
     else:
-        tensors, meta = load_checkpoint(run / CHECKPOINT if run.is_dir() else run)
+        file = checkpoint_file(run, checkpoint)
+        tensors, meta = load_checkpoint(file)
+        if file.name == BEST:  # where the view is, the run's last checkpoint says (a resume on a moved view updates it)
+            meta = {**meta, "view": read_meta(run / CHECKPOINT)["view"]}
     try:
         flow = flow_from_dict(upgrade_header(meta["model"]))
         flow.load_state_dict(prefixed(tensors, "model"))

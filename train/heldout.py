@@ -45,10 +45,12 @@ def heldout_bpd(flow: ConditionalFlow, data: Pairs, rows: int, chunk: int = 4096
         flow.train(was_training)
 
 
-def floor_pairs(data: Pairs, fit_rows: int, seed: int, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``fit_rows`` standardised train pairs as (source, target), drawn from ``seed`` alone:
+def floor_pairs(data: Pairs, fit_rows: int, seed: int,
+                noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to ``fit_rows`` standardised train pairs as (source, target, group), drawn from ``seed`` alone:
     neither the training generator nor a stream's position moves, so a run (and its resume) trains
-    on the batches it would have without them.
+    on the batches it would have without them. ``group``: each pair's target row, so that pairs sharing a
+    target (the captions of one image) are held out together where the law is cross-validated.
 
     A resident view gives distinct rows (``subsample``: all of them where there are fewer, as
     ``train.data.subsample`` picks them). A streamed one cannot
@@ -61,6 +63,7 @@ def floor_pairs(data: Pairs, fit_rows: int, seed: int, noise: float = 0.0) -> tu
     if isinstance(data, PairedLatents):
         index = torch.from_numpy(subsample(len(data.target), fit_rows, seed)).to(data.target.device)
         source, target = data.source[index], data.target[index]
+        group = data.target.index[index].cpu()
     elif isinstance(data, StreamedPairs):
         stream, device = data.stream, data.held_target.device
         order, chosen, count = np.random.default_rng(seed).permutation(len(stream.file_start) - 1), [], 0
@@ -75,19 +78,21 @@ def floor_pairs(data: Pairs, fit_rows: int, seed: int, noise: float = 0.0) -> tu
         view = open_view(data.view.path)
         source = read_rows(view.source, stream.source_index[pairs], data.source_norm, device)[:]
         target = read_rows(view.target, stream.target_index[pairs], data.target_norm, device)[:]
+        group = torch.from_numpy(np.asarray(stream.target_index[pairs], dtype=np.int64))
     else:  # another Pairs: a batch of its own generator's
         target, source = data.batch(fit_rows, torch.Generator(data.held_target.device).manual_seed(seed))
+        group = torch.arange(len(target))
     if noise:
         generator = torch.Generator(target.device).manual_seed(seed)
         target = target + noise * torch.randn(target.shape, generator=generator, device=target.device)
-    return source, target
+    return source, target, group
 
 
 def fit_floor(data: Pairs, fit_rows: int = FLOOR_ROWS, seed: int = 0, noise: float = 0.0) -> LinearGaussian:
     """The linear-Gaussian law p(target | source) = N(W source + b, Sigma) (``cinn.gaussian.LinearGaussian``)
     fitted on up to ``fit_rows`` standardised train pairs (``floor_pairs``): the floor a flow must clear, and
-    (its mean) the linear least-squares translator n2n-eval reads a run against. A least-squares solve
-    and a Cholesky factor, in float64 on the rows' device: seconds on a CPU for 50k pairs of 384 dims."""
+    (its mean) the linear least-squares translator n2n-eval reads a run against. Cross-validated ridge and
+    covariance, in float64 on the rows' device: seconds on a CPU for 50k pairs of 384 dims."""
     return LinearGaussian.fit(*floor_pairs(data, fit_rows, seed, noise))
 
 

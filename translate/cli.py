@@ -12,6 +12,7 @@ from PIL import Image
 from n2n.cli import CONTEXT, console, reports_errors
 from n2n.options import click_options, config_option
 from n2n.shards import write_json_atomic
+from n2n.train.checkpoint import CHECKPOINTS
 from n2n.translate.grid import image_grid
 from n2n.translate.pipeline import SamplingConfig, TranslateError, Translator
 
@@ -59,10 +60,13 @@ def write_atomic_npy(array: np.ndarray, out: Path) -> None:
               help="Local weights of the source expert, when they are not where its store says.")
 @click.option("--target-weights", type=click.Path(path_type=Path), default=None,
               help="Local weights of the target expert, when they are not where its store says.")
+@click.option("--checkpoint", type=click.Choice(CHECKPOINTS), default="best", show_default=True,
+              help="Which weights of a run folder: best (its best held-out NLL; the last where it has none) or "
+                   "last (what --resume continues).")
 @reports_errors
 def main(run: Path, texts: tuple[str, ...], text_file: Path | None, images: tuple[Path, ...], n: int,
          temperature: float, seed: int, steps: int | None, guidance: float, out: Path, source_weights: Path | None,
-         target_weights: Path | None) -> None:
+         target_weights: Path | None, checkpoint: str) -> None:
     """Translate inputs with a trained run: encode with the source expert, sample the cINN n times,
     decode with the target expert.
 
@@ -76,7 +80,7 @@ def main(run: Path, texts: tuple[str, ...], text_file: Path | None, images: tupl
     transformers.logging.disable_progress_bar()
     inputs, labels = read_inputs(texts, text_file, images)
     translator = Translator.load(run, source_weights=source_weights, target_weights=target_weights,
-                                 console=console())
+                                 console=console(), checkpoint=checkpoint)
     latents = translator.sample(inputs, n, temperature, seed, steps, guidance)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":

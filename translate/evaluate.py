@@ -46,6 +46,7 @@ from n2n.shards import as_path, is_remote, write_json_atomic
 from n2n.shards.view import open_view
 from n2n.train.checkpoint import (
     CHECKPOINT,
+    CHECKPOINTS,
     TrainedFlow,
     is_pretrained,
     load_pretrained,
@@ -89,6 +90,9 @@ class EvalConfig:
                                        "experts/judge-shapes for shapes].")
     log: bool = setting(True, "Also log the scores to the run's logger (its n2n-train --logger: TensorBoard by "
                               "default), at the run's step.")
+    checkpoint: str = setting("best", "Which weights of a run folder to score: best (best.safetensors, its best "
+                                      "held-out NLL; the last where it has none) or last (checkpoint.safetensors).",
+                              choices=CHECKPOINTS)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -269,7 +273,7 @@ def evaluate(run: str | os.PathLike | None = None, *, config: str | os.PathLike 
         settings["judge"] = Path(settings["judge"])
     cfg = EvalConfig(**settings)
     run = resolve(run)
-    translator = load_run(run)
+    translator = load_run(run, checkpoint=cfg.checkpoint)
     meta = translator.meta
     view = run_view(meta, run) if shards is None else same_experts(meta, as_path(shards))
     data = load_pairs(view, meta["train"]["holdout"], (translator.source_norm, translator.target_norm))
@@ -280,7 +284,7 @@ def evaluate(run: str | os.PathLike | None = None, *, config: str | os.PathLike 
     # One fit serves the floor and the linear baseline: on the targets the flow trained on (with its target
     # noise), as n2n-train's floor is.
     floor = fit_floor(data, seed=cfg.seed, noise=meta["train"].get("target_noise", 0.0))
-    report: dict = {"run": str(run), "view": str(view), "step": meta["step"],
+    report: dict = {"run": str(run), "view": str(view), "step": meta["step"], "checkpoint": cfg.checkpoint,
                     "heldout_bpd": heldout_bpd(translator.flow, data, rows=rows),
                     "linear_gaussian_bpd": floor_bpd(floor, data, rows)}
     held = held_out(translator, data, cfg, floor, quiet=not progress)
@@ -337,7 +341,7 @@ def numbers(entry: object, prefix: str) -> list[tuple[str, float]]:
 def procrustes_predictor(data: PairedLatents, cfg: EvalConfig) -> Predictor:
     """The orthogonal Procrustes map (``baseline.fit_procrustes``) fitted on the floor's train pairs, as a
     predictor of target latents in stored units (n copies of one prediction)."""
-    source, target = floor_pairs(data, FLOOR_ROWS, cfg.seed)
+    source, target, _ = floor_pairs(data, FLOOR_ROWS, cfg.seed)
     rotate = fit_procrustes(source, target)
     return lambda c, n: data.target_norm.inverse(rotate(c)).repeat_interleave(n, 0)
 

@@ -59,14 +59,16 @@ class Translator:
     @classmethod
     def load(cls, run: str | os.PathLike, *, source_weights: str | os.PathLike | None = None,
              target_weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-             console: Console | None = None) -> Translator:
+             console: Console | None = None, checkpoint: str = "best") -> Translator:
         """The run's flow and both experts on ``device``; ``*_weights`` replace where an expert's
         weights come from (a local copy, when they are not where its store says). ``run``: a run folder,
-        a checkpoint file, a saved translator's folder (``save_pretrained``) or its Hugging Face Hub id."""
+        a checkpoint file, a saved translator's folder (``save_pretrained``) or its Hugging Face Hub id.
+        ``checkpoint``: a run folder's best weights (best.safetensors, its best held-out NLL; the last
+        where it has none) or its ``last`` (checkpoint.safetensors)."""
         from n2n.translate.hub import resolve
 
         run = resolve(run)
-        flow = load_run(run, device)
+        flow = load_run(run, device, checkpoint)
         meta = flow.meta
         stores = run_stores(meta, run)
         source = expert_of(meta["source"], "source", _path(source_weights), console, stores[0]).to(device)
