@@ -6,18 +6,19 @@ the evaluation both use it, so it lives beside the flow.
 
 The law must exist for every view, so each of its parts is regularised by an amount the data choose:
 
-- the mean map is ridge regression, its penalty the one of a grid whose predictions of held-out rows
-  err least in 5-fold cross-validation, holding out whole groups (the captions of one image, as the
+- the mean map is ridge regression, each target dim's penalty the one of a grid whose predictions of
+  held-out rows err least in 5-fold cross-validation, holding out whole groups (the captions of one image, as the
   held-out split does: held out one by one, an image's other captions vouch for the fit). A
   well-posed view gets a penalty near zero (least squares); a view with few pairs per source dim
   (1,283 pairs of 384 dims) no longer fits its train pairs exactly;
 - the residual covariance is that of the out-of-fold residuals (each row's error under a fit that
   never saw its group), so a fit on few pairs does not report the in-sample errors it overfits to,
   and its correlations are shrunk towards none by the amount under which held-out residuals are
-  likeliest (two-fold cross-validation over a grid; none, where pairs are many);
+  likeliest (a grid, scored on a fifth of the groups; little or none, where pairs are many);
 - every variance is at least VARIANCE_FLOOR of its dimension's variance (of the mean variance, for a
   constant dimension): a constant or exactly determined target dimension (a dead unit, an image's
-  border) would otherwise have a density of ~1e10 and a whitening that no optimiser step survives.
+  border) would otherwise get a variance of ~1e-10, a whitening of 1e5 that float32 training barely
+  resolves, and a density no held-out pair in another precision reaches.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ VARIANCE_FLOOR = 1e-6  # of a dimension's variance: residual std >= 0.1% of its 
 RIDGE_GRID = torch.logspace(-8, 3, 23, dtype=torch.float64)  # penalties, in units of the mean Gram eigenvalue
 FOLDS = 5  # cross-validation folds of the penalty (whole groups held out)
 SHRINKAGE_GRID = (0.0, 1e-3, 1e-2, 0.1, 0.3, 1.0)  # correlation shrinkages the cross-validation compares
-SHRINKAGE_ROWS = 8192  # residual rows it compares them on
+SHRINKAGE_ROWS = 8192  # held-out residual rows it compares them on
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,6 @@ class Regularisation:
     def describe(self) -> str:
         return (f"ridge {self.ridge:.2g} (median; {self.dof:.1f} effective source dims), correlations shrunk by "
                 f"{self.shrinkage:g}, both cross-validated; {self.floored} dims at the variance floor")
-
-
-def _fold_terms(xt: Tensor, yt: Tensor, xh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """What every penalty's prediction of the held rows ``xh`` needs from a fit on (``xt``, ``yt``), all
-    centred on the training rows' means: the Gram matrix's eigenvalues e, A = xh V and B = V^T xt^T yt, so
-    that the prediction for penalty l is A diag(1 / (e + l)) B."""
-    evals, vectors = torch.linalg.eigh(xt.T @ xt)
-    return evals.clamp_min(0), xh @ vectors, vectors.T @ (xt.T @ yt)
 
 
 def _ridge(x: Tensor, y: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
@@ -114,38 +107,45 @@ def _ridge_fit(xc: Tensor, yc: Tensor, relative: Tensor) -> tuple[Tensor, Tensor
     return weight, (evals[:, None] * inverse).sum(0)
 
 
-def _covariance(residual: Tensor, floor: Tensor, shrinkage: float) -> Tensor:
-    """The second moments of ``residual`` [n, d] (divide by n; the law's mean is the fit's, about which the
-    residuals' own mean is ~0) with every variance at least ``floor`` [d] and the correlations scaled by
-    (1 - shrinkage); a dimension with no variance is uncorrelated with the rest."""
+def _moments(residual: Tensor) -> tuple[Tensor, Tensor]:
+    """The variances [d] and correlations [d, d] of ``residual`` [n, d] as second moments about zero (the
+    law's mean is the fit's, about which the residuals' own mean is ~0); a dim with no variance is
+    uncorrelated with the rest."""
     variance = residual.pow(2).mean(0)
     std = variance.sqrt()
     z = residual / torch.where(std > 0, std, 1.0)
-    corr = (1 - shrinkage) * (z.T @ z / len(residual))
+    corr = z.T @ z / len(residual)
     corr.fill_diagonal_(1.0)
+    return variance, corr
+
+
+def _covariance(variance: Tensor, corr: Tensor, floor: Tensor, shrinkage: float) -> Tensor:
+    """The covariance of these moments with every variance at least ``floor`` [d] and the correlations
+    scaled by (1 - shrinkage)."""
     scale = torch.maximum(variance, floor).sqrt()
-    return corr * scale[:, None] * scale[None, :]
+    shrunk = (1 - shrinkage) * corr
+    shrunk.fill_diagonal_(1.0)
+    return shrunk * scale[:, None] * scale[None, :]
 
 
 def _choose_shrinkage(residual: Tensor, floor: Tensor, groups: Tensor) -> float:
-    """The correlation shrinkage of SHRINKAGE_GRID under which each half of (up to SHRINKAGE_ROWS of) the
-    residuals is likeliest given a covariance fitted on the other half (two-fold cross-validation of the
-    Gaussian likelihood, the halves whole groups). A likelihood, not a matrix error, chooses it: with
-    neighbouring pixels' residuals correlated at 0.99, the Frobenius-optimal amount of Ledoit–Wolf or
-    Schäfer–Strimmer (0.017 on an 8x8 thumbnail view) cost 0.6 bits/dim of held-out NLL."""
-    rows = torch.linspace(0, len(residual) - 1, min(len(residual), SHRINKAGE_ROWS)).long().to(residual.device)
-    odd = groups.to(residual.device)[rows] % 2 == 1
-    halves = (residual[rows[~odd]], residual[rows[odd]])
-    if min(len(h) for h in halves) < 2:
+    """The correlation shrinkage of SHRINKAGE_GRID under which held-out residuals are likeliest: a covariance
+    fitted on the groups of four folds in five, scored on (up to SHRINKAGE_ROWS of) the fifth's. Fitted on
+    most rows, not half of them, because the best amount falls with the rows: chosen on halves of the
+    demo's 37,905 image -> text residuals (384 dims), 0.01 cost its law 0.08 bits/dim held-out. And a
+    likelihood, not a matrix error, chooses it: with neighbouring pixels' residuals correlated at 0.99, the
+    Frobenius-optimal amount of Ledoit–Wolf or Schäfer–Strimmer (0.017 on an 8x8 thumbnail view) cost 0.6
+    bits/dim."""
+    held = (groups.to(residual.device) % FOLDS) == 0
+    if int(held.sum()) < 2 or int((~held).sum()) < 2:
         return 0.0
+    moments, score_on = _moments(residual[~held]), residual[held]
+    score_on = score_on[torch.linspace(0, len(score_on) - 1, min(len(score_on), SHRINKAGE_ROWS)).long()]
     scores = []
     for shrinkage in SHRINKAGE_GRID:
-        total = 0.0
-        for fit_on, score_on in (halves, halves[::-1]):
-            chol = _cholesky(_covariance(fit_on, floor, shrinkage))
-            z = torch.linalg.solve_triangular(chol, score_on.T, upper=False)
-            total += 0.5 * float(z.pow(2).sum()) + len(score_on) * float(torch.log(torch.diagonal(chol)).sum())
-        scores.append(total)
+        chol = _cholesky(_covariance(*moments, floor, shrinkage))
+        z = torch.linalg.solve_triangular(chol, score_on.T, upper=False)
+        scores.append(0.5 * float(z.pow(2).sum()) + len(score_on) * float(torch.log(torch.diagonal(chol)).sum()))
     return SHRINKAGE_GRID[scores.index(min(scores))]
 
 
@@ -167,11 +167,12 @@ def _cholesky(cov: Tensor) -> Tensor:
 class LinearGaussian:
     """p(target | source) = N(W source + b, Sigma): the floor a conditional flow must clear.
 
-    (W, b) is ridge regression with the penalty chosen by generalised cross-validation; its mean is
-    the "linear" translation baseline of Maiorca et al. 2023. Sigma is the covariance of the
-    leave-one-out residuals, its correlations shrunk and its variances floored (the module's
+    (W, b) is ridge regression, each target dim's penalty chosen by cross-validation over whole groups;
+    its mean is the "linear" translation baseline of Maiorca et al. 2023. Sigma is the covariance of
+    the out-of-fold residuals, its correlations shrunk and its variances floored (the module's
     docstring says why each). On a well-posed view (many pairs per source dim, no degenerate target
-    dim) this is the Gaussian maximum-likelihood law to within the penalty's ~1e-8. Parameters are
+    dim) this is the Gaussian maximum-likelihood law: 1.0546 against its 1.0550 bits/dim held-out on
+    50,000 pairs of 384 -> 32 dims (measured). Parameters are
     float64; outputs come back in the dtype of the source given. Fit it on the same units as the
     flow's NLL (standardised source and target, the target's log-determinant added back) and the
     two bits/dim are directly comparable.
@@ -204,7 +205,7 @@ class LinearGaussian:
         typical = float(spread.mean()) if float(spread.mean()) > 0 else 1.0
         floor = variance_floor * torch.where(spread > 0, spread, typical)
         shrinkage = _choose_shrinkage(left_out, floor, groups)
-        cov = _covariance(left_out, floor, shrinkage)
+        cov = _covariance(*_moments(left_out), floor, shrinkage)
         floored = int((left_out.pow(2).mean(0) < floor).sum())
         return cls(weight=weight, bias=y_mean - weight @ x_mean, cov=cov, chol=_cholesky(cov),
                    regularisation=Regularisation(float(ridge.median()), float(dof.mean()), shrinkage, floored))
