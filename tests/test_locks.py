@@ -68,21 +68,6 @@ def test_a_child_forked_by_the_holder_keeps_no_lock(tmp_path):
         os.kill(child, signal.SIGKILL)
 
 
-def test_kill_9_mid_store_with_forked_workers_then_the_same_command_at_once_resumes(
-        tmp_path, n2n_extract, same_store, killed_extraction):
-    """n2n-extract with its default loader workers (forked processes) killed mid-store; the rerun, with no
-    pause (a scheduler's requeue), resumes to the store an uninterrupted run writes, bit for bit."""
-    args = ["--expert", "minilm", "--data", "shapes", "--limit", 400, "--batch-size", 8, "--dtype", "float32",
-            "--commit-every", 0, "--device", "cpu"]
-    assert n2n_extract(*args, "--num-workers", 0, "--out", tmp_path / "clean").exit_code == 0
-    out = tmp_path / "crashed"
-    killed_extraction(args, out, Path("shapes") / "minilm", 200)
-    result = n2n_extract(*args, "--out", out)
-    assert result.exit_code == 0, result.output
-    assert "resuming at item" in result.output
-    same_store(tmp_path / "clean" / "shapes" / "minilm", out / "shapes" / "minilm")
-
-
 def test_a_holder_is_named_only_while_it_lives(tmp_path):
     """A record naming a process that has ended (a new holder has the lock but has not yet written its own
     record) is not passed off as the holder: the refusal says the recorded process has ended."""
