@@ -59,6 +59,7 @@ bench: dev
 	$(PY) -m bench.translator_sampling
 	test -f shards/ae_minilm/view.json || $(MAKE) demo  # time_to_quality races on the demo's image -> text view
 	$(PY) -m bench.time_to_quality
+	$(PY) -m bench.never_worse --demo
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv

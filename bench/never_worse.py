@@ -17,7 +17,7 @@ The views (built in a temporary folder, but the demo's):
   demo's stores: ``make demo`` first, else it is skipped);
 - ``--demo``: the demo's two views themselves (37,905 train pairs each).
 
-Run: python -m bench.never_worse [--steps 1500] [--eval-every 250] [--demo]
+Run: python -m bench.never_worse [--steps 1500] [--eval-every 250] [--demo] [--shards shards]
 """
 
 from __future__ import annotations
@@ -44,9 +44,8 @@ from n2n.train.data import load_pairs
 from n2n.train.heldout import fit_floor
 
 KINDS = ("coupling", "continuous")
-ITEMS = 4000  # pairs of the thumbnail view
+ITEMS = 4000  # pairs of the degenerate and thumbnail views
 SMALL_ITEMS = 1357  # images of the small view, one caption each
-DEMO = Path("shards")
 
 
 def hashed_words(text: str, dim: int = 96) -> np.ndarray:
@@ -70,10 +69,10 @@ def write_view(folder: Path, name: str, keys: list[str], source: np.ndarray, tar
     return create_view(folder, folder / "source", folder / "target")
 
 
-def thumbnail_view(root: Path) -> Path:
+def thumbnail_view(root: Path, items: int) -> Path:
     shapes = open_dataset("shapes")
     keys, words, thumbs = [], [], []
-    for i in range(ITEMS):
+    for i in range(items):
         a = shapes.attributes(i)
         keys.append(shapes.key(i))
         words.append(hashed_words(f"{a['color']} {a['shape']} {a['size']} {a['position']}"))
@@ -82,9 +81,9 @@ def thumbnail_view(root: Path) -> Path:
     return write_view(root / "thumbnail", "shapes-thumbnail", keys, np.stack(words), np.stack(thumbs))
 
 
-def small_view(root: Path) -> Path | None:
-    """The first SMALL_ITEMS images of the demo's stores, each with its first caption."""
-    text, image = DEMO / "shapes" / "minilm", DEMO / "shapes" / "ae-shapes"
+def small_view(root: Path, shards: Path) -> Path | None:
+    """The first SMALL_ITEMS images of the demo's stores (under ``shards``), each with its first caption."""
+    text, image = shards / "shapes" / "minilm", shards / "shapes" / "ae-shapes"
     if not ((text / "meta.json").is_file() and (image / "meta.json").is_file()):
         return None
     text_store, image_store = open_store(text), open_store(image)
@@ -119,15 +118,18 @@ def run(view: Path, out: Path, kind: str, steps: int, eval_every: int) -> dict:
 @click.command()
 @click.option("--steps", default=1500, show_default=True, help="Training steps of every run.")
 @click.option("--eval-every", default=250, show_default=True, help="Steps between held-out evaluations.")
+@click.option("--items", default=ITEMS, show_default=True, help="Pairs of the degenerate and thumbnail views.")
+@click.option("--shards", type=click.Path(path_type=Path), default=Path("shards"), show_default=True,
+              help="Where make demo wrote its stores and views (the small view is cut from them).")
 @click.option("--demo", is_flag=True, help="Also the demo's two views (make demo first).")
-def main(steps: int, eval_every: int, demo: bool) -> None:
+def main(steps: int, eval_every: int, items: int, shards: Path, demo: bool) -> None:
     rows, raw = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        views = {"degenerate": write_synthetic(root, "degenerate", n=ITEMS, src_dim=32, dst_dim=48),
-                 "thumbnail": thumbnail_view(root), "small": small_view(root)}
+        views = {"degenerate": write_synthetic(root, "degenerate", n=items, src_dim=32, dst_dim=48),
+                 "thumbnail": thumbnail_view(root, items), "small": small_view(root, shards)}
         if demo:
-            views |= {"demo minilm_ae": DEMO / "minilm_ae", "demo ae_minilm": DEMO / "ae_minilm"}
+            views |= {"demo minilm_ae": shards / "minilm_ae", "demo ae_minilm": shards / "ae_minilm"}
         for name, view in views.items():
             if view is None:
                 click.echo(f"{name}: skipped (make demo writes the stores it is cut from)")
@@ -143,7 +145,7 @@ def main(steps: int, eval_every: int, demo: bool) -> None:
                                 f"train NLL {'-' if worst is None else f'{worst:.2f}'} vs step 0's {start:.2f}",
                                 f"{best['heldout_bpd']:.3f}", f"{floor:.3f}", None, "<= floor, train <= step 0 + 1",
                                 best["heldout_bpd"] <= floor and stable))
-    report("never_worse", {"steps": steps, "eval_every": eval_every, "demo": demo}, rows, raw)
+    report("never_worse", {"steps": steps, "eval_every": eval_every, "items": items, "demo": demo}, rows, raw)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from bench import (
     extraction,
     freia_peer,
     fused_coupling,
+    never_worse,
     reference,
     reproducible,
     store_reads,
@@ -189,3 +190,14 @@ def test_time_to_quality_races_both_kinds_from_one_config(tmp_path):
     assert time_to_quality.reached([{"seconds": 1.0, "median_rank": 9}], 5) is None
     refused = CliRunner().invoke(time_to_quality.main, ["--view", tmp_path])
     assert refused.exit_code == 2 and "run make demo first" in refused.output
+
+
+def test_never_worse_runs_small_and_checks_its_targets(tmp_path):
+    saved = run_bench(never_worse.main, "never_worse", ["--steps", "4", "--eval-every", "2", "--items", "200",
+                                                        "--shards", tmp_path / "no-demo"], tmp_path)
+    assert [row["metric"].split(":")[0] for row in saved["rows"]] == [
+        "degenerate, coupling", "degenerate, continuous", "thumbnail, coupling", "thumbnail, continuous"]
+    for name, run in saved["raw"].items():
+        assert [step for step, _ in run["heldout"]] == [0, 2, 4], name  # step 0: the start, the first best
+        assert run["best"]["heldout_bpd"] <= run["floor"] + 0.01, name
+    assert all(row["met"] in (True, False) for row in saved["rows"])
