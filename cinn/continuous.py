@@ -122,7 +122,7 @@ class ContinuousFlow(nn.Module):
 
     def __init__(self, dim: int, cond_dim: int, config: FlowConfig | None = None, **options: Any) -> None:
         super().__init__()
-        self.config = resolve(dim, shape_of("ContinuousFlow", config, options, translator="continuous"))
+        self.config = resolve(dim, shape_of(type(self).__name__, "continuous", config, options))
         self.dim, self.cond_dim = dim, cond_dim
         self.embedder = make_embedder(cond_dim, self.config)
         # Fixed, not trained: flow matching's loss is measured in the stage's units, so an optimizer free to

@@ -337,12 +337,18 @@ def upgrade_header(model: dict[str, Any]) -> dict[str, Any]:
     return {**LEGACY, **model}
 
 
-def shape_of(kind: str, config: FlowConfig | None, options: dict[str, Any], **defaults: Any) -> FlowConfig:
-    """A translator's ``config=``, or FlowConfig made of its keyword ``options`` over ``defaults`` (both kinds
-    take either, as flow libraries do); both at once is a TypeError naming the keywords."""
+def shape_of(cls: str, kind: str, config: FlowConfig | None, options: dict[str, Any]) -> FlowConfig:
+    """The shape of translator class ``cls`` (of kind ``kind``): its ``config=``, or FlowConfig made of its
+    keyword ``options`` (both kinds take either, as flow libraries do). Both at once is a TypeError naming the
+    keywords; a config or keyword of the other kind a ValueError, so that a translator can never record
+    (``to_dict``) a kind it is not, and be rebuilt from its checkpoint as the other."""
     if config is not None and options:
-        raise TypeError(f"{kind}: give config= or FlowConfig's fields as keywords, not both ({', '.join(options)})")
-    return config or FlowConfig(**{**defaults, **options})
+        raise TypeError(f"{cls}: give config= or FlowConfig's fields as keywords, not both ({', '.join(options)})")
+    shape = config or FlowConfig(**{"translator": kind, **options})
+    if shape.translator != kind:
+        raise ValueError(f"{cls} is the {kind} translator, but its config names translator={shape.translator!r}: "
+                         f"give translator={kind!r}, or build_flow(dim, cond_dim, config) for the kind a config names")
+    return shape
 
 
 def resolve(dim: int, config: FlowConfig) -> FlowConfig:
@@ -394,7 +400,7 @@ class ConditionalFlow(nn.Module):
 
     def __init__(self, dim: int, cond_dim: int, config: FlowConfig | None = None, **options: Any) -> None:
         super().__init__()
-        self.config = resolve(dim, shape_of(type(self).__name__, config, options))
+        self.config = resolve(dim, shape_of(type(self).__name__, "coupling", config, options))
         self.dim, self.cond_dim = dim, cond_dim
         self.embedder = make_embedder(cond_dim, self.config)
         # Before the blocks, on the raw condition: the law it starts from is linear in c, not in h.

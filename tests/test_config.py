@@ -178,3 +178,23 @@ def test_every_config_file_in_the_repository_is_one_its_command_takes():
         command = n2n_train if "shards" in values else n2n_extract if "expert" in values else n2n_train_ae
         names = {option_name(opt) for p in command.params for opt in p.opts} | {p.name for p in command.params}
         check_names(values, names, str(path))
+
+
+@pytest.mark.parametrize("kind", ["coupling", "continuous"])
+def test_a_translator_records_its_own_kind_and_refuses_the_others(kind):
+    """Issue 34's defect: ContinuousFlow(config=FlowConfig()) recorded itself as a coupling flow, and was rebuilt
+    from its checkpoint as one."""
+    from n2n.cinn import flow_from_dict
+    from n2n.cinn.translators import KINDS
+
+    cls, other = KINDS[kind], next(k for k in KINDS if k != kind)
+    small = {"n_flows": 2, "hidden_dim": 8, "velocity_width": 8, "velocity_blocks": 1}
+    for flow in (cls(4, 3, config=n2n.FlowConfig(translator=kind, **small)), cls(4, 3, **small)):
+        header = flow.to_dict()
+        assert header["translator"] == kind
+        rebuilt = flow_from_dict(header)
+        assert type(rebuilt) is cls and rebuilt.to_dict() == header
+    with pytest.raises(ValueError, match=f"is the {kind} translator, but its config names translator='{other}'"):
+        cls(4, 3, config=n2n.FlowConfig(translator=other))
+    with pytest.raises(ValueError, match=f"give translator='{kind}'"):
+        cls(4, 3, translator=other)
