@@ -17,7 +17,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from n2n.errors import N2NError
-from n2n.options import parse_option  # noqa: F401  (the commands' KEY=VALUE options)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 

@@ -286,12 +286,24 @@ def read_config(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict) or not all(isinstance(key, str) for key in data):
         raise N2NError(f"config {path}: write a mapping of option names to values, e.g. 'steps: 2000'")
-    from n2n.cinn.net2net import is_net2net_config, net2net_options
-
-    if is_net2net_config(data):  # net2net's own translation config, as it ships
-        return net2net_options(data, f"net2net config {path}")
+    for recognise, convert in CONFIG_DIALECTS:  # another project's config, as it ships (net2net's)
+        if recognise(data):
+            return convert(data, path)
     options = {option_name(key): value for key, value in data.items()}
     return {key: value for key, value in options.items() if key not in RECORDED}
+
+
+# Config files in another project's format, read as n2n's options: (recognise, convert) pairs, each
+# registered by the module that knows its format (cinn.net2net: net2net's translation YAML, registered on
+# ``import n2n.cinn``, which every command and API function that trains imports), so that this generic
+# reader imports no model code.
+CONFIG_DIALECTS: list[tuple[Callable[[Mapping[str, Any]], bool], Callable[[Mapping[str, Any], Path], dict]]] = []
+
+
+def register_config_dialect(recognise: Callable[[Mapping[str, Any]], bool],
+                            convert: Callable[[Mapping[str, Any], Path], dict]) -> None:
+    """Read config files that ``recognise`` accepts through ``convert(data, path)`` (``read_config``)."""
+    CONFIG_DIALECTS.append((recognise, convert))
 
 
 def check_names(given: Iterable[str], known: Iterable[str], where: str) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from n2n.cinn.flow import ConditionalFlow, FlowConfig
 from n2n.errors import N2NError
+from n2n.options import register_config_dialect
 
 FLOW_TARGET = "net2net.modules.flow.flatflow.ConditionalFlatCouplingFlow"
 # ConditionalFlatCouplingFlow's own defaults, for keys a config leaves out
@@ -94,6 +95,9 @@ def net2net_options(data: Mapping[str, Any], where: str = "config") -> dict[str,
         if base is not None:
             options["lr"] = float(base) * int(batch)
     return options
+
+
+register_config_dialect(is_net2net_config, lambda data, path: net2net_options(data, f"net2net config {path}"))
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
