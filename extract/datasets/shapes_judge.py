@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesDataset, render
+from n2n.extract.datasets.shapes_world import COLORS, DEFAULT_COUNT, POSITIONS, SHAPES, SIZES, draw_item, render
 
 FORMAT = "n2n-shapes-judge"
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -95,9 +95,8 @@ def shapes_images(split: str, count: int | None = None, seed: int = 0) -> tuple[
 
     uint8 keeps 20k images at 245 MB; callers convert batches to float as they use them.
     """
-    dataset = ShapesDataset(split=split, seed=seed, size=IMAGE_SIZE)
-    n = len(dataset) if count is None else min(count, len(dataset))
-    attributes = [dataset.attributes(i) for i in range(n)]
+    n = DEFAULT_COUNT[split] if count is None else min(count, DEFAULT_COUNT[split])
+    attributes = [draw_item(seed, split, i)[0] for i in range(n)]
     pixels = np.stack([np.asarray(render(a, IMAGE_SIZE)) for a in attributes])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), attributes
 

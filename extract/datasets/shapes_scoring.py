@@ -18,8 +18,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from n2n.extract.datasets.shapes import ATTRIBUTES, COLORS, POSITIONS, SHAPES, SIZES, render
 from n2n.extract.datasets.shapes_judge import DEFAULT_PATH, IMAGE_SIZE, ShapesJudge, accuracy, load_judge
+from n2n.extract.datasets.shapes_world import ATTRIBUTES, COLORS, POSITIONS, SHAPES, SIZES, render
 from n2n.extract.experts import Expert
 from n2n.scoring import HeldOut, Predictor, ScoreTable
 
