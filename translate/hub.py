@@ -17,15 +17,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from n2n.errors import N2NError
 from n2n.scoring import ScoreTable
 from n2n.shards import write_text_atomic
-from n2n.train.checkpoint import CHECKPOINT, is_pretrained, save_pretrained
-
-if TYPE_CHECKING:
-    from n2n.translate.pipeline import Translator
+from n2n.train.checkpoint import CHECKPOINT, TrainedFlow, is_pretrained, save_pretrained
+from n2n.translate.report import TRANSLATORS, columns, report_rows
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub spells repo ids
 CARD = "README.md"
@@ -53,15 +50,17 @@ def resolve(run: str | os.PathLike, *, revision: str | None = None, cache_dir: s
                        "Hub id (with HF_HUB_OFFLINE=1, one already in the cache)") from err
 
 
-def save(translator: Translator, folder: str | os.PathLike, license: str = "other", repo_id: str | None = None) -> Path:
-    """Write the translator into ``folder`` (created): model.safetensors, config.json, README.md."""
+def save(flow: TrainedFlow, run: Path, folder: str | os.PathLike, license: str = "other",
+         repo_id: str | None = None) -> Path:
+    """Write the translator ``flow`` of ``run`` into ``folder`` (created): model.safetensors, config.json,
+    README.md."""
     folder = Path(folder)
-    save_pretrained(translator.flow, folder)
-    write_text_atomic(folder / CARD, model_card(translator, license, repo_id))
+    save_pretrained(flow, folder)
+    write_text_atomic(folder / CARD, model_card(flow, run, license, repo_id))
     return folder
 
 
-def push(translator: Translator, repo_id: str, *, private: bool | None = None, token: str | None = None,
+def push(flow: TrainedFlow, run: Path, repo_id: str, *, private: bool | None = None, token: str | None = None,
          license: str = "other", commit_message: str = "Upload n2n translator") -> str:
     """Save into a temporary folder and upload it to the Hub repo ``repo_id`` (created if missing); the
     commit's URL."""
@@ -71,22 +70,22 @@ def push(translator: Translator, repo_id: str, *, private: bool | None = None, t
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
-        save(translator, tmp, license, repo_id)
+        save(flow, run, tmp, license, repo_id)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
                                    repo_type="model")
     return str(getattr(commit, "commit_url", commit))
 
 
-def model_card(translator: Translator, license: str = "other", repo_id: str | None = None) -> str:
-    """The README.md of a saved translator: Hub metadata, what it translates, its training data and
-    scores (the run's n2n-eval table where it was scored), and how to use it."""
-    meta = translator.flow.meta
+def model_card(flow: TrainedFlow, run: Path, license: str = "other", repo_id: str | None = None) -> str:
+    """The README.md of a saved translator (``flow``, from ``run``): Hub metadata, what it translates, its
+    training data and scores (the run's n2n-eval table where it was scored), and how to use it."""
+    meta = flow.meta
     source, target = (meta[side].get("expert") or {} for side in ("source", "target"))
     dataset = (meta["target"].get("dataset") or {}).get("name", "?")
     kind = meta["model"].get("translator", "coupling")
     name = repo_id or f"{source.get('spec', '?')} → {target.get('spec', '?')}"
-    parameters = sum(p.numel() for p in translator.flow.flow.parameters())
+    parameters = sum(p.numel() for p in flow.flow.parameters())
     lines = ["---", "library_name: n2n", f"license: {license}",
              "tags:", "- n2n", "- network-to-network", "- conditional-invertible-network", f"- {kind}", "---", "",
              f"# {name}", "",
@@ -101,7 +100,7 @@ def model_card(translator: Translator, license: str = "other", repo_id: str | No
     if nll is not None:
         beside = f" (the linear-Gaussian floor: {floor:.3f})" if floor is not None else ""
         lines += [f"Held-out NLL: {nll:.3f} bits/dim{beside}.", ""]
-    lines += scores(translator.run)
+    lines += scores(run)
     usage = repo_id or "PATH/TO/THIS/FOLDER"
     lines += ["## Usage", "", "```python", "import n2n", "",
               f'translator = n2n.Translator.from_pretrained("{usage}")',
@@ -118,8 +117,6 @@ def scores(run: Path) -> list[str]:
     report_file = folder / "eval.json"
     if not report_file.is_file() or not ((folder / CHECKPOINT).exists() or is_pretrained(folder)):
         return []
-    from n2n.translate.evaluate import TRANSLATORS, columns, report_rows
-
     report = json.loads(report_file.read_text())
     names = [TRANSLATORS[name] for name in columns(report)]
     rows = [row for row in report_rows(report, ScoreTable()) if any(row[1:])]

@@ -92,7 +92,7 @@ class Translator:
         card (with the run's n2n-eval table where it was scored); ``from_pretrained(folder)`` loads it."""
         from n2n.translate.hub import save
 
-        return save(self, folder, license)
+        return save(self.flow, self.run, folder, license)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     license: str = "other", commit_message: str = "Upload n2n translator") -> str:
@@ -100,7 +100,8 @@ class Translator:
         ``huggingface_hub``; log in first: ``huggingface-cli login`` or ``token=``); the commit's URL."""
         from n2n.translate.hub import push
 
-        return push(self, repo_id, private=private, token=token, license=license, commit_message=commit_message)
+        return push(self.flow, self.run, repo_id, private=private, token=token, license=license,
+                    commit_message=commit_message)
 
     def items(self, inputs: Sequence[object]) -> list[dict]:
         """Dataset-like items for the source expert; an input of the wrong kind is a TranslateError."""

@@ -127,7 +127,8 @@ class Served:
         report = self.folder / "eval.json"
         if not report.is_file():
             return None
-        from n2n.translate.evaluate import dataset_table, report_rows
+        from n2n.translate.evaluate import dataset_table
+        from n2n.translate.report import report_rows
 
         data = json.loads(report.read_text())
         return [list(row) for row in report_rows(data, dataset_table(data))]
