@@ -139,4 +139,4 @@ gpu-check: dev
 endif
 
 clean:
-	rm -rf runs .pytest_cache demo/eval*.json
+	rm -rf runs .pytest_cache demo/eval*.json demo/*.png
