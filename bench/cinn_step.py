@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bench.common import DEVICE_OPTION, NET2NET, Row, report, timed, trainer_step
-from n2n.cinn import ConditionalFlow
+from n2n.cinn import ConditionalFlow, nll
 from n2n.cinn.flow import PairedMLP
 
 TARGETS = {256: 0.70, 1024: 0.85}
@@ -41,6 +41,9 @@ class Autocast(nn.Module):
         with torch.autocast(x.device.type, dtype=self.dtype):
             z, logdet = self.flow(x, c)
         return z.float(), logdet.float()
+
+    def loss(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return nll(*self(x, c)).mean()
 
 
 def step_flops(flow: ConditionalFlow, batch: int) -> int:

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from n2n.cinn import ConditionalFlow
 from n2n.shards import write_json_atomic
-from n2n.train.trainer import make_loss, make_optimizer, make_step
+from n2n.train.trainer import Objective, make_loss, make_optimizer, make_step
 
 RESULTS = Path(__file__).parent / "results"  # N2N_BENCH_RESULTS overrides it (the tests write elsewhere)
 # net2net's BERT -> BigGAN cINN, as net2net built it (separate s and t nets, an MLP condition embedder)
@@ -44,9 +44,9 @@ def machine() -> dict:
 
 
 def trainer_step(flow: ConditionalFlow | torch.nn.Module, compiled: bool = False, lr: float = 1e-4) -> Callable:
-    """n2n-train's own step(x, c) for ``flow`` (or any module with its interface): its loss
+    """n2n-train's own step(x, c) for ``flow`` (either kind, or any module with their ``loss``): its loss
     (compiled or not), backward, fused Adam."""
-    return make_step(make_loss(flow, compiled, Console(stderr=True)), make_optimizer(flow, lr))
+    return make_step(make_loss(Objective(flow), compiled, Console(stderr=True)), make_optimizer(flow, lr))
 
 
 def timed(fn: Callable[[], object], repeat: int = 3, sync: bool = False) -> list[float]:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from bench.common import NET2NET, Row, interleaved, report, trainer_step
-from n2n.cinn import ConditionalFlow
+from n2n.cinn import ConditionalFlow, nll
 from n2n.cinn.flow import mlp
 from n2n.shards.synthetic import write_synthetic
 from n2n.train.data import PairedLatents, load_pairs
@@ -59,6 +59,10 @@ class FreiaFlow(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inn(x, c=[c])
+
+    def loss(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The trainer's objective, as n2n's coupling flow defines it: the mean NLL in nats."""
+        return nll(*self(x, c)).mean()
 
 
 def parameters(module: nn.Module) -> int:

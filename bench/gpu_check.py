@@ -137,7 +137,7 @@ def compile_step(dry: bool) -> dict:
 
     from bench.compile import DEMO_FLOW
     from n2n.cinn import ConditionalFlow
-    from n2n.train.trainer import make_loss, make_optimizer, make_step
+    from n2n.train.trainer import Objective, make_loss, make_optimizer, make_step
 
     dev, console = device(dry), Console(stderr=True)
     spec, batch = (TINY_FLOW, 16) if dry else (DEMO_FLOW, 256)
@@ -152,8 +152,8 @@ def compile_step(dry: bool) -> dict:
     start = [p.detach().clone() for p in eager.parameters()]
     # CUDA graphs on the GPU; on a CPU inductor's C++ build alone would take most of the dry run
     options = {"backend": "aot_eager"} if dry else {"mode": "reduce-overhead"}
-    compiled = torch.compile(make_loss(twin, False, console), **options)
-    ways = {"eager": (eager, make_step(make_loss(eager, False, console), make_optimizer(eager, LR))),
+    compiled = torch.compile(make_loss(Objective(twin), False, console), **options)
+    ways = {"eager": (eager, make_step(make_loss(Objective(eager), False, console), make_optimizer(eager, LR))),
             "compiled": (twin, make_step(compiled, make_optimizer(twin, LR)))}
     losses = {way: [float(step(x, c)) for x, c in batches] for way, (_, step) in ways.items()}  # read at once:
     # a CUDA graph's output is overwritten by its next replay
@@ -221,7 +221,7 @@ def ddp_matches(dev: torch.device, steps: int = 3) -> float:
     from torch.nn.parallel import DistributedDataParallel
 
     from n2n.cinn import ConditionalFlow
-    from n2n.train.trainer import make_loss, make_optimizer, make_step
+    from n2n.train.trainer import Objective, make_loss, make_optimizer, make_step
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -235,8 +235,8 @@ def ddp_matches(dev: torch.device, steps: int = 3) -> float:
         plain(x, c)  # ActNorm init
         twin = copy.deepcopy(plain)
         console = Console(stderr=True)
-        wrapped = DistributedDataParallel(twin)
-        for flow, model in ((plain, plain), (twin, wrapped)):
+        wrapped = DistributedDataParallel(Objective(twin))
+        for flow, model in ((plain, Objective(plain)), (twin, wrapped)):
             step = make_step(make_loss(model, False, console), make_optimizer(flow, LR))
             for _ in range(steps):
                 step(x, c)

@@ -1,7 +1,7 @@
 """The continuous translator: a conditional ODE flow whose velocity net is trained by flow matching.
 
 The target x is the end t = 1 of a path that starts at t = 0 at a draw x0 of the linear-Gaussian law
-N(W c + b, L L^T) (cinn.floor, where it is on: x0 = L z + W c + b for noise z ~ N(0, I); else x0 = z)
+N(W c + b, L L^T) (cinn.linear_stage, where it is on: x0 = L z + W c + b for noise z ~ N(0, I); else x0 = z)
 and follows dx/dt = v(x, t, c). Training never solves the ODE: on the straight path
 x_t = (1 - t) x0 + t x it regresses v(x_t, t, c) onto x - x0 (conditional flow matching, Lipman et al.
 2023; rectified flow, Liu et al. 2023), one velocity evaluation per pair. The paths run in the
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from n2n.cinn.floor import LinearGaussianStage
-from n2n.cinn.flow import FlowConfig, make_embedder, resolve, shape_of
+from n2n.cinn.flow import FlowConfig, make_embedder, shape_of, sized
 from n2n.cinn.gaussian import LinearGaussian
+from n2n.cinn.linear_stage import LinearGaussianStage, rename_old_stage
 
 EXACT_DIVERGENCE_DIMS = 64  # up to this many target dims the divergence is exact (one backward pass per dim)
 TIME_FREQUENCIES = 32  # sinusoidal features of t: sin and cos at 32 frequencies from 1 to 1000
@@ -57,7 +57,7 @@ class ResidualBlock(nn.Module):
 
 class VelocityNet(nn.Module):
     """v(x, t, h): a residual MLP over x, with the embedding h and sinusoidal features of t as context.
-    The output layer starts at zero, so an untrained translator is the identity map (the floor)."""
+    The output layer starts at zero, so an untrained translator is the identity map (its start)."""
 
     def __init__(self, dim: int, embedding_dim: int, width: int, blocks: int) -> None:
         super().__init__()
@@ -120,14 +120,19 @@ class ContinuousFlow(nn.Module):
             ``start_from_floor`` apply), or its fields as keywords.
     """
 
+    KIND = "continuous"  # FlowConfig.translator's name for it
+    LOSS = "flow_matching"  # ``loss`` is flow matching's mean squared error, not a likelihood
+    SAMPLING = ("steps", "solver", "guidance")  # what ``sample`` takes besides the temperature
+
     def __init__(self, dim: int, cond_dim: int, config: FlowConfig | None = None, **options: Any) -> None:
         super().__init__()
-        self.config = resolve(dim, shape_of(type(self).__name__, "continuous", config, options))
+        self.config = sized(dim, shape_of(type(self).__name__, self.KIND, config, options))
         self.dim, self.cond_dim = dim, cond_dim
         self.embedder = make_embedder(cond_dim, self.config)
         # Fixed, not trained: flow matching's loss is measured in the stage's units, so an optimizer free to
         # shrink them would shrink the loss, not fit the law.
-        self.floor = LinearGaussianStage(dim, cond_dim).requires_grad_(False) if self.config.start_from_floor else None
+        self.linear_stage = (LinearGaussianStage(dim, cond_dim).requires_grad_(False)
+                             if self.config.start_from_floor else None)
         self.velocity = VelocityNet(dim, self.config.embedding_dim, self.config.velocity_width,
                                     self.config.velocity_blocks)
         # Each dim's residual standard deviation under the law it starts from (1 without one): the unit of
@@ -153,7 +158,7 @@ class ContinuousFlow(nn.Module):
 
     def source(self, z: Tensor, c: Tensor) -> Tensor:
         """The start x0 of the paths for noise z: a draw of the linear-Gaussian law, or z itself without it."""
-        return self.floor.reverse(z, c) if self.floor is not None else z
+        return self.linear_stage.reverse(z, c) if self.linear_stage is not None else z
 
     def loss(self, x: Tensor, c: Tensor, z: Tensor, t: Tensor, drop: Tensor) -> Tensor:
         """Flow matching: the mean squared error of v(x_t, t, c) against x - x0 on x_t = (1 - t) x0 + t x."""
@@ -168,11 +173,13 @@ class ContinuousFlow(nn.Module):
     def start_from(self, law: LinearGaussian) -> None:
         """Start at ``law``: the paths then run from its draws (the velocity starts at zero: the identity),
         each dim's velocity in units of its residual standard deviation."""
-        self.floor.start_from(law)
+        self.linear_stage.start_from(law)
         self.scale.copy_(torch.diagonal(law.cov).sqrt().to(self.scale.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
-        """A checkpoint written before velocities had per-dim units ran them in standardised units (scale 1)."""
+        """A checkpoint written before velocities had per-dim units ran them in standardised units (scale 1);
+        one written before the first stage was named ``linear_stage`` calls it ``floor``."""
+        rename_old_stage(state_dict, prefix)
         state_dict.setdefault(f"{prefix}scale", torch.ones(self.dim))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -229,9 +236,9 @@ class ContinuousFlow(nn.Module):
         x0, integral = integrate(with_divergence, (x, x.new_zeros(x.shape[0])), 1.0, 0.0,
                                  steps or self.config.ode_steps, solver or self.config.solver)
         # integral = the integral of div v from 1 down to 0 = -(from 0 to 1): log|det dx0/dx| itself
-        if self.floor is None:
+        if self.linear_stage is None:
             return x0, integral
-        z, logdet = self.floor(x0, c)
+        z, logdet = self.linear_stage(x0, c)
         return z, logdet + integral
 
     @property

@@ -4,7 +4,7 @@ changes measurements asked for.
 A flow maps a target latent x to z ~ N(0, I) given a condition c (the source expert's latent):
 
     h = embedder(c)                                   (once per call, shared by every block)
-    x = A (x - W c - b)                               (the linear-Gaussian start, cinn.floor; optional)
+    x = A (x - W c - b)                               (the linear-Gaussian start, cinn.linear_stage; optional)
     for each of n_flows blocks:
         x = ActNorm(x)                                (data-dependent init on the first batch)
         x = coupling(x, h)                            (two affine half-couplings)
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from n2n.cinn.floor import LinearGaussianStage
 from n2n.cinn.gaussian import LinearGaussian
+from n2n.cinn.linear_stage import LinearGaussianStage, rename_old_stage
 from n2n.cinn.loss import nll
 from n2n.options import check_fields, setting
 
@@ -251,7 +251,7 @@ COUPLINGS: dict[str, type[nn.Module]] = {"affine": DoubleAffineCoupling, "glow":
 
 
 EMBEDDERS = ("linear", "mlp")
-TRANSLATORS = ("coupling", "continuous")  # built by cinn.translators.build_flow
+TRANSLATOR_KINDS = ("coupling", "continuous")  # built by cinn.translators.build_flow
 SOLVERS = ("euler", "midpoint", "heun")  # cinn.continuous.integrate
 EMBEDDING_RANGE = (64, 512)  # the default condition embedding: the target's size, clamped to this range
 NET2NET_SIZES = {"n_flows": 24, "hidden_dim": 1024, "velocity_width": 512}  # what an unsized config builds
@@ -311,7 +311,7 @@ class FlowConfig:
     translator: str = setting(
         "coupling", "The kind of invertible translator. coupling: the cINN of coupling blocks, trained by maximum "
                     "likelihood (net2net); continuous: an ODE whose velocity net v(x, t, c) is trained by flow "
-                    "matching (--velocity-*, --ode-steps, --solver).", choices=TRANSLATORS)
+                    "matching (--velocity-*, --ode-steps, --solver).", choices=TRANSLATOR_KINDS)
     velocity_blocks: int = setting(3, "Residual blocks of the continuous translator's velocity net.", min=1)
     velocity_width: int | None = setting(None, "Width of the continuous translator's velocity net.  [default: "
                                                "sized to the view's train pairs; 512 where there is none]", min=1)
@@ -351,7 +351,7 @@ def shape_of(cls: str, kind: str, config: FlowConfig | None, options: dict[str, 
     return shape
 
 
-def resolve(dim: int, config: FlowConfig) -> FlowConfig:
+def sized(dim: int, config: FlowConfig) -> FlowConfig:
     """``config`` with its embedding width resolved for a target of ``dim``, and the sizes it leaves open
     (where no view sized them: ``train.sizing``) at net2net's."""
     low, high = EMBEDDING_RANGE
@@ -398,13 +398,17 @@ class ConditionalFlow(nn.Module):
             ``self.config`` holds the shape with ``embedding_dim`` resolved.
     """
 
+    KIND = "coupling"  # FlowConfig.translator's name for it
+    LOSS = "nll"  # ``loss`` is the exact NLL in nats per pair (logged as bits/dim)
+    SAMPLING = ()  # what ``sample`` takes besides the temperature: nothing, a sample is one pass
+
     def __init__(self, dim: int, cond_dim: int, config: FlowConfig | None = None, **options: Any) -> None:
         super().__init__()
-        self.config = resolve(dim, shape_of(type(self).__name__, "coupling", config, options))
+        self.config = sized(dim, shape_of(type(self).__name__, self.KIND, config, options))
         self.dim, self.cond_dim = dim, cond_dim
         self.embedder = make_embedder(cond_dim, self.config)
         # Before the blocks, on the raw condition: the law it starts from is linear in c, not in h.
-        self.floor = LinearGaussianStage(dim, cond_dim) if self.config.start_from_floor else None
+        self.linear_stage = LinearGaussianStage(dim, cond_dim) if self.config.start_from_floor else None
         self.blocks = nn.ModuleList(FlowBlock(dim, self.config, seed=i) for i in range(self.config.n_flows))
 
     def to_dict(self) -> dict[str, Any]:
@@ -419,11 +423,16 @@ class ConditionalFlow(nn.Module):
         spec = dict(spec)
         return cls(spec.pop("dim"), spec.pop("cond_dim"), FlowConfig(**spec))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        """A checkpoint written before the first stage was named ``linear_stage`` calls it ``floor``."""
+        rename_old_stage(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, dim], c [B, cond_dim] -> z [B, dim], log|det dz/dx| [B]."""
         h = self.embedder(c)
-        if self.floor is not None:
-            x, logdet = self.floor(x, c)
+        if self.linear_stage is not None:
+            x, logdet = self.linear_stage(x, c)
         else:
             logdet = x.new_zeros(x.shape[0])
         for block in self.blocks:
@@ -436,7 +445,7 @@ class ConditionalFlow(nn.Module):
         h = self.embedder(c)
         for block in reversed(self.blocks):
             z = block.reverse(z, h)
-        return self.floor.reverse(z, c) if self.floor is not None else z
+        return self.linear_stage.reverse(z, c) if self.linear_stage is not None else z
 
     def draw(self, size: int, generator: torch.Generator) -> tuple[Tensor, ...]:
         """The random inputs of ``loss`` for a batch of ``size`` (none: the NLL is exact)."""
@@ -451,7 +460,7 @@ class ConditionalFlow(nn.Module):
         """Start at ``law``: the first stage set to it and every ActNorm at the identity (its data-dependent
         init would move the flow off the law). With glow couplings (identity at the start) the flow's NLL
         is then the law's."""
-        self.floor.start_from(law)
+        self.linear_stage.start_from(law)
         for block in self.blocks:
             block.norm.initialized.fill_(True)
             block.norm.needs_init = False

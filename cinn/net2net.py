@@ -134,8 +134,17 @@ def load_state_dict(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) 
     return state
 
 
+def check_shape(flow: torch.nn.Module) -> None:
+    """A Net2NetError unless ``flow`` is built as net2net's flows are: coupling blocks from N(0, I), no first
+    stage (net2net has none)."""
+    if not isinstance(flow, ConditionalFlow) or flow.linear_stage is not None:
+        raise Net2NetError("a net2net flow is a coupling translator that starts at N(0, I); train it with "
+                           "--translator coupling --no-start-from-floor (its YAML through --config sets both)")
+
+
 def n2n_state_dict(state: Mapping[str, torch.Tensor], flow: ConditionalFlow) -> dict[str, torch.Tensor]:
     """net2net's tensors of a ConditionalFlatCouplingFlow under ``flow``'s names and shapes."""
+    check_shape(flow)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.startswith("embedder.main."):

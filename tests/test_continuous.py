@@ -104,7 +104,7 @@ def test_the_ode_map_inverts_and_its_error_falls_with_steps():
             z, _ = flow(x, c, steps=steps)
             errors[steps] = float((flow.reverse(z, c, steps=steps) - x).abs().max())
     assert errors[40] < errors[5] / 10 and errors[40] < 1e-3, errors
-    assert float((z - flow.floor(x, c)[0]).abs().max()) > 0.01  # the field moved the points (z is not the law's)
+    assert float((z - flow.linear_stage(x, c)[0]).abs().max()) > 0.01  # the field moved the points (z is not the law's)
 
 
 def test_nll_is_the_change_of_variables_of_the_map():
@@ -118,7 +118,7 @@ def test_nll_is_the_change_of_variables_of_the_map():
     def z_of(xi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:  # the same map, differentiable, one row
         v = flow.field(ci[None])
         x0 = integrate(lambda t, s: (v(s[0], t),), (xi[None],), 1.0, 0.0, 200, "heun")[0]
-        return flow.floor(x0, ci[None])[0][0]
+        return flow.linear_stage(x0, ci[None])[0][0]
 
     jacobian = torch.stack([torch.autograd.functional.jacobian(z_of, (xi, ci))[0] for xi, ci in zip(x, c, strict=True)])
     assert torch.allclose(logdet, torch.linalg.slogdet(jacobian)[1], atol=1e-4), (logdet, jacobian)
@@ -177,8 +177,10 @@ def test_sampling_options_of_a_continuous_translator_are_refused_for_a_coupling_
                                                                                   n2n_train):
     assert n2n_train("--shards", gaussian_view, "--out", tmp_path / "r", "--steps", 2, *SMALL).exit_code == 0
     translator = load_run(tmp_path / "r")
-    with pytest.raises(CheckpointError, match="continuous translator"):
+    with pytest.raises(CheckpointError, match="--guidance: this run's coupling translator samples with nothing"):
         translator.sample(torch.randn(2, 6), guidance=2.0)
+    with pytest.raises(CheckpointError, match="--steps and --guidance: .* leave them out"):
+        translator.sample(torch.randn(2, 6), steps=4, guidance=2.0)
     with pytest.raises(N2NError, match=r"steps \(--steps\) = 0"):
         SamplingConfig(steps=0)
 

@@ -13,7 +13,7 @@ import torch
 
 import n2n
 from n2n.cinn import FlowConfig, build_flow, nll
-from n2n.cinn.floor import LinearGaussianStage
+from n2n.cinn.linear_stage import LinearGaussianStage
 from n2n.cinn.gaussian import VARIANCE_FLOOR, LinearGaussian
 from n2n.shards import create_store
 from n2n.shards.synthetic import write_synthetic
@@ -104,6 +104,18 @@ def test_the_stage_loads_a_checkpoint_of_its_former_parametrisation_as_the_same_
     u, _ = stage(x, c)
     assert torch.allclose(u, (x - c @ weight.T - bias) @ a.T, atol=1e-5)
     assert torch.allclose(stage.reverse(u, c), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["coupling", "continuous"])
+def test_a_checkpoint_that_named_the_first_stage_floor_loads_into_linear_stage(kind):
+    torch.manual_seed(4)
+    flow = build_flow(5, 3, FlowConfig(translator=kind, n_flows=2, hidden_dim=8, velocity_width=8))
+    flow.linear_stage.log_diag.data.normal_()
+    old = {key.replace("linear_stage.", "floor.", 1): value for key, value in flow.state_dict().items()}
+    assert any(key.startswith("floor.") for key in old) and not any(key.startswith("linear_stage.") for key in old)
+    twin = build_flow(5, 3, FlowConfig(translator=kind, n_flows=2, hidden_dim=8, velocity_width=8))
+    twin.load_state_dict(old)
+    assert torch.equal(twin.linear_stage.log_diag, flow.linear_stage.log_diag)
 
 
 @pytest.fixture(scope="module")

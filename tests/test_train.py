@@ -345,14 +345,14 @@ def test_resume_refusals(small_view, tmp_path, n2n_train):
 def test_compiled_loss_matches_eager_and_trains(small_view, tmp_path, n2n_train):
     """The default path on CUDA: torch.compile of the loss (here on CPU's inductor)."""
     from n2n.cinn import ConditionalFlow, FlowConfig
-    from n2n.train.trainer import make_loss
+    from n2n.train.trainer import Objective, make_loss
 
     torch.manual_seed(0)
     flow = ConditionalFlow(4, 6, FlowConfig(n_flows=2, hidden_dim=16))
     x, c = torch.randn(64, 4), torch.randn(64, 6)
     flow(x, c)  # ActNorm init, eagerly
-    eager = make_loss(flow, compile=False, console=None)(x, c)
-    compiled = make_loss(flow, compile=True, console=None)(x, c)
+    eager = make_loss(Objective(flow), compile=False, console=None)(x, c)
+    compiled = make_loss(Objective(flow), compile=True, console=None)(x, c)
     assert torch.allclose(eager, compiled, atol=1e-5)
     result = n2n_train("--shards", small_view, "--out", tmp_path / "r", "--steps", 30, "--eval-every", 30,
                        *SMALL[:-1], "--compile")

@@ -17,10 +17,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from n2n.cinn import ConditionalFlow, ContinuousFlow, flow_from_dict
 from n2n.cinn.flow import upgrade_header
@@ -160,14 +162,24 @@ class TrainedFlow:
     def sample(self, source: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
                steps: int | None = None, guidance: float = 1.0) -> torch.Tensor:
         """One target latent per row of ``source`` [B, cond_dim]: z ~ N(0, T^2 I) through the inverse flow.
-        ``steps`` (the ODE solver's) and ``guidance`` (classifier-free) apply to a continuous translator."""
+        ``steps`` (the ODE solver's) and ``guidance`` (classifier-free) apply where the translator's kind
+        samples with them (``SAMPLING``: the continuous one); elsewhere setting them is an error."""
         c = self.source_norm(source.float())
-        if isinstance(self.flow, ContinuousFlow):
-            return self.target_norm.inverse(self.flow.sample(c, temperature, generator, steps, guidance=guidance))
-        if steps is not None or guidance != 1.0:
-            raise CheckpointError("--steps and --guidance apply to a continuous translator; this run is a coupling "
-                                  "cINN (its samples take one pass): leave them out")
-        return self.target_norm.inverse(self.flow.sample(c, temperature, generator))
+        return self.target_norm.inverse(self.flow.sample(c, temperature, generator,
+                                                         **sampling_options(self.flow, steps=steps, guidance=guidance)))
+
+
+def sampling_options(flow: nn.Module, **given: Any) -> dict[str, Any]:
+    """The options of ``given`` that are set (not None, guidance not 1) for ``flow.sample``; one its kind does
+    not sample with (``flow.SAMPLING``) is a CheckpointError naming it."""
+    unset = {"guidance": 1.0}
+    options = {name: value for name, value in given.items() if value is not None and value != unset.get(name)}
+    extra = [name for name in options if name not in flow.SAMPLING]
+    if extra:
+        takes = ", ".join(f"--{name}" for name in flow.SAMPLING) or "nothing but the temperature (one pass)"
+        raise CheckpointError(f"{' and '.join('--' + name for name in extra)}: this run's {flow.KIND} translator "
+                              f"samples with {takes}; leave {'them' if len(extra) > 1 else 'it'} out")
+    return options
 
 
 # A translator saved for sharing (Translator.save_pretrained; the Hugging Face Hub's layout): the weights and

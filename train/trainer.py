@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
 
-from n2n.cinn import ConditionalFlow, ContinuousFlow, FlowConfig, bits_per_dim, build_flow, nll
+from n2n.cinn import ConditionalFlow, ContinuousFlow, FlowConfig, bits_per_dim, build_flow
 from n2n.cinn.flow import upgrade_header
 from n2n.cinn.gaussian import LinearGaussian
 from n2n.errors import N2NError
@@ -135,19 +135,13 @@ class Objective(torch.nn.Module):
         return self.flow.loss(x, c, *drawn)
 
 
-def make_loss(model: torch.nn.Module, compile: bool, console: Console) -> Callable:
-    """The translator's loss on standardised pairs: the mean NLL in nats for the coupling flow, flow
-    matching's error for the continuous one; compiled when asked, eager if compiling fails. ``model``: an
-    ``Objective`` (the trainer's), a translator, or either under DDP (a coupling flow's forward is its map:
-    the NLL is taken of it, as before ``Objective`` existed)."""
-    inner = getattr(model, "module", model)  # under DDP
+def make_loss(model: Objective | torch.nn.Module, compile: bool, console: Console) -> Callable:
+    """The translator's loss on standardised pairs (its own ``loss``: the mean NLL in nats for the coupling
+    flow, flow matching's error for the continuous one), compiled when asked, eager if compiling fails.
+    ``model``: an ``Objective``, or one under DDP."""
 
     def loss(x: torch.Tensor, c: torch.Tensor, *drawn: torch.Tensor) -> torch.Tensor:
-        if isinstance(inner, Objective):
-            return model(x, c, *drawn)
-        if isinstance(inner, ContinuousFlow):
-            return inner.loss(x, c, *drawn)
-        return nll(*model(x, c)).mean()
+        return model(x, c, *drawn)
 
     if not compile:
         return loss
@@ -370,13 +364,12 @@ def resumed_best(meta: dict, cfg: TrainConfig) -> dict | None:
 
 def start_from_net2net(flow: Flow, checkpoint: Path | str) -> None:
     """Load a net2net checkpoint's flow into ``flow`` (net2net's architecture: affine, mlp embedder)."""
-    from n2n.cinn.net2net import Net2NetError, load_state_dict, n2n_state_dict
+    from n2n.cinn.net2net import Net2NetError, check_shape, load_state_dict, n2n_state_dict
 
-    if not isinstance(flow, ConditionalFlow) or flow.floor is not None:
-        raise TrainError(f"--init-from {checkpoint}: a net2net flow is a coupling translator that starts at N(0, I); "
-                         "train it with --translator coupling --no-start-from-floor (its YAML through --config sets "
-                         "both)")
-
+    try:
+        check_shape(flow)
+    except Net2NetError as err:
+        raise TrainError(f"--init-from {checkpoint}: {err}") from None
     try:
         flow.load_state_dict(n2n_state_dict(load_state_dict(checkpoint), flow))
     except (Net2NetError, KeyError, RuntimeError) as err:
@@ -442,7 +435,7 @@ class Run:
     def train_key(self) -> str:
         """The training loss's name in metrics.jsonl: train_bpd (an NLL, coupling) or train_loss (flow matching's
         mean squared error, continuous)."""
-        return "train_loss" if isinstance(self.flow, ContinuousFlow) else "train_bpd"
+        return "train_bpd" if self.flow.LOSS == "nll" else "train_loss"
 
     def train_value(self, loss: float) -> float:
         """A mean training loss as logged: an NLL of standardised targets (nats per pair) as bits/dim in the

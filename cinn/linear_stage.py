@@ -1,4 +1,4 @@
-"""The linear-Gaussian law as an invertible first stage: both translator kinds start from the floor.
+"""The linear-Gaussian law as an invertible first stage: both translator kinds start from it.
 
 ``LinearGaussian`` (cinn.gaussian) is the simplest conditional density, p(x | c) = N(W c + b, L L^T),
 and the floor a translator must clear. As a map it is affine and exactly invertible:
@@ -72,3 +72,11 @@ class LinearGaussianStage(nn.Module):
             state_dict[f"{prefix}cond"] = (a @ weight.double()).to(weight.dtype)
             state_dict[f"{prefix}offset"] = (a @ bias.double()).to(bias.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def rename_old_stage(state_dict: dict, prefix: str) -> None:
+    """Rename, in place, a translator's state written when this stage was called ``floor`` (a word that also
+    names the law's bits/dim and the law itself) to today's ``linear_stage``."""
+    old = f"{prefix}floor."
+    for key in [key for key in state_dict if key.startswith(old)]:
+        state_dict[f"{prefix}linear_stage." + key[len(old):]] = state_dict.pop(key)
