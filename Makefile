@@ -32,7 +32,7 @@ demo: install
 	  $(BIN)/n2n-eval --run runs/minilm_ae --out demo/eval.json
 	test demo/eval-ae_minilm.json -nt runs/ae_minilm/checkpoint.safetensors || \
 	  $(BIN)/n2n-eval --run runs/ae_minilm --out demo/eval-ae_minilm.json
-	$(BIN)/python -c 'import n2n.translate.evaluate as e, json; [e.print_report(json.load(open(f))) \
+	$(BIN)/python -c 'import n2n.evaluate.cli as e, json; [e.print_report(json.load(open(f))) \
 	  for f in ("demo/eval.json", "demo/eval-ae_minilm.json")]'
 
 # Try translators in a browser: make serve RUN="runs/minilm_ae runs/ae_minilm" (the demo's two by default).
@@ -83,7 +83,7 @@ lint: dev
 # reference is read from the source by griffe, which finds a package by its folder's name: the repository
 # root is the package folder, so build/docs-src/n2n/ links to the package's own files (not to the root
 # itself, which holds .venv and build/).
-PACKAGE_FILES := __init__.py cli.py errors.py options.py plugins.py scoring.py cinn parallel shards extract train translate
+PACKAGE_FILES := __init__.py cli.py errors.py files.py options.py plugins.py scoring.py cinn parallel shards extract train translate evaluate
 docs: dev
 	rm -rf build/docs-src && mkdir -p build/docs-src/n2n
 	for f in $(PACKAGE_FILES); do ln -s ../../../$$f build/docs-src/n2n/$$f; done

@@ -49,7 +49,7 @@ _API = {
     "pair": "n2n.shards.view:pair",
     "train": "n2n.train",
     "Translator": "n2n.translate.pipeline:Translator",
-    "evaluate": "n2n.translate.evaluate:evaluate",
+    "evaluate": "n2n.evaluate",
     "Store": "n2n.shards:Store",
     "View": "n2n.shards:View",
     "open_store": "n2n.shards:open_store",

@@ -8,6 +8,7 @@ error's exit status (2, or 1 for a run that diverged), so no command hand-writes
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -51,9 +52,33 @@ class PathOrURL(click.ParamType):
     name = "path"
 
     def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 (click's signature)
-        from n2n.shards.paths import as_path
+        from n2n.files import as_path
 
         return as_path(value)
 
 
 PATH_OR_URL = PathOrURL()
+
+
+# The umbrella command's sub-commands, as "module:command": each module is imported when its command runs, so
+# that this module, which every command imports for the helpers above, imports none of them.
+COMMANDS = {"serve": "n2n.translate.serve:main"}
+
+
+class Commands(click.Group):
+    """A click group whose commands are imported on first use (``COMMANDS``)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, _, attribute = COMMANDS[name].partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=Commands, context_settings=CONTEXT)
+def main() -> None:
+    """n2n's umbrella command: ``n2n serve`` (the stages are n2n-extract, n2n-shards, n2n-train, n2n-translate,
+    n2n-eval)."""

@@ -324,6 +324,20 @@ def with_config(config: str | Path | None, options: Mapping[str, Any], known: It
     return {**values, **options}
 
 
+def load_options(config: str | Path | None, given: Mapping[str, Any], *classes: type,
+                 own: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """An API function's options, read one way by every function as its command reads them: the values of the
+    ``config`` file, then the keywords ``given`` over them (a keyword left at None keeps the file's value).
+    Each name is checked against the fields of ``classes`` and the function's ``own`` options (name ->
+    default); an unknown one is an N2NError naming the closest. Returns the function's own options, defaults
+    filled in, and the values of each class's fields, to build it with (``split_options``)."""
+    own = dict(own or {})
+    known = [*own, *(f.name for cls in classes for f in dataclasses.fields(cls))]
+    merged = with_config(config, {name: value for name, value in given.items() if value is not None}, known)
+    mine = {name: merged.pop(name, default) for name, default in own.items()}
+    return mine, split_options(merged, *classes)
+
+
 def config_option(command: Callable) -> Callable:
     """Decorate a click command with ``--config FILE.yaml``: the file's values become the defaults of the
     command's options, so the command line overrides the file. Keys are checked against the command's

@@ -9,6 +9,7 @@ stages, so a dataset (stage 1) imports nothing from the evaluation.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,18 +41,19 @@ class HeldOut:
     target_row: np.ndarray  # [N] the target store's row: equal for pairs that share one target latent
     source: torch.Tensor  # [N, source dim] standardised source latents: what the predictors take
     target: torch.Tensor  # [N, target dim] the target latents, in the store's units
-    predictors: dict[str, Predictor]  # "cinn", "linear" and "mlp"
+    predictors: dict[str, Predictor]  # "translator" (the run's), "linear" and "mlp"
     target_expert: Callable[[], Expert]  # the target store's expert (to decode), loaded on first call
     target_store: Store  # the target store (its keys, subs and dataset, e.g. to read captions)
     source_truth: dict[str, dict] | None  # the attributes each store's dataset recorded (attributes.jsonl), by key
     target_truth: dict[str, dict] | None
-    options: Any  # n2n-eval's options (translate.evaluate.EvalConfig): samples, max_rows, seed, judge, ...
+    options: Any  # n2n-eval's options (evaluate.api.EvalConfig): samples, max_rows, seed, judge, ...
     console: Console | None  # for progress; None when progress is off
 
 
 @dataclass
 class ScoreTable:
-    """How a scorer's entries print: (metric, cINN, MLP baseline) rows and a caption under the table."""
+    """How a scorer's entries print: (metric, the run's translator, MLP baseline) rows and a caption under the
+    table. n2n-eval records it in eval.json (``dataset_table``), so a report reads whole without its dataset."""
 
     rows: list[tuple[str, str, str]] = field(default_factory=list)
     caption: str = ""
@@ -65,3 +67,30 @@ class TranslationScorer(Protocol):
 
     def table(self, report: dict) -> ScoreTable:
         """The rows of the printed table for the entries ``score`` added to ``report`` (none if absent)."""
+
+
+OLD_NAMES = {"cinn": "translator"}  # eval.json's names before a continuous translator could be scored
+
+
+class Predictors(dict):
+    """``HeldOut.predictors``: a dict by name, in which the former name of the run's translator (``cinn``)
+    still finds it, with a DeprecationWarning, so that a scorer written against it keeps working."""
+
+    def __missing__(self, key: str) -> Predictor:
+        if key not in OLD_NAMES:
+            raise KeyError(key)
+        warnings.warn(f"HeldOut.predictors[{key!r}] is deprecated: the run's translator is "
+                      f"predictors[{OLD_NAMES[key]!r}]", DeprecationWarning, stacklevel=2)
+        return self[OLD_NAMES[key]]
+
+
+def upgrade_report(report: dict) -> dict:
+    """An eval.json of any n2n version with today's names: the run's translator's entries were ``cinn`` (a
+    name that is wrong for the continuous kind) and are ``translator``, in ``translation`` and at the top."""
+    def renamed(entry: dict) -> dict:
+        return {OLD_NAMES.get(key, key): value for key, value in entry.items()}
+
+    report = renamed(report)
+    if isinstance(report.get("translation"), dict):
+        report["translation"] = renamed(report["translation"])
+    return report

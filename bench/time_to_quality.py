@@ -23,10 +23,10 @@ import yaml
 
 import n2n
 from bench.common import Row, report
+from n2n.evaluate.baseline import train_mlp
+from n2n.evaluate.metrics import retrieval
 from n2n.train.checkpoint import load_run
 from n2n.train.data import PairedLatents, load_pairs, subsample
-from n2n.translate.baseline import train_mlp
-from n2n.translate.metrics import retrieval
 
 DEMO = Path(__file__).parents[1] / "configs" / "demo" / "ae_minilm.yaml"  # both kinds' settings: the demo's
 SAMPLES = 16

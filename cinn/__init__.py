@@ -1,5 +1,7 @@
-"""The invertible translators (pure torch): the coupling cINN and the continuous flow, both started
-from the linear-Gaussian law; ``from_net2net`` reads net2net's files."""
+"""The translators (pure torch): both kinds are conditional invertible networks, x <-> z given c with an exact
+inverse and a likelihood, which is why the folder keeps the paper's name. The coupling cINN (net2net's) and
+the continuous flow (an ODE trained by flow matching) each start from the linear-Gaussian law through their
+``linear_stage``; ``from_net2net`` reads net2net's files."""
 
 from n2n.cinn.continuous import ContinuousFlow
 from n2n.cinn.flow import ActNorm, ConditionalFlow, DoubleAffineCoupling, FlowBlock, FlowConfig, Shuffle

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import fields
 from typing import Any
 
 from rich.console import Console
 
 from n2n.errors import N2NError
 from n2n.extract.run import ExtractConfig, run_extraction
-from n2n.options import split_options, with_config
+from n2n.options import load_options
 from n2n.shards import Store, open_store
 
 
@@ -30,9 +29,7 @@ def extract(expert: str | None = None, data: str | None = None, *, config: str |
     ``--config`` reads it; arguments override it. Each finished store writes its options to
     ``config.yaml``, so ``extract(config="shards/shapes/minilm/config.yaml")`` makes it again.
     """
-    given = {**({"expert": expert} if expert is not None else {}), **({"data": data} if data is not None else {})}
-    options = with_config(config, {**given, **options}, (f.name for f in fields(ExtractConfig)))
-    (settings,) = split_options(options, ExtractConfig)
+    _, (settings,) = load_options(config, {"expert": expert, "data": data, **options}, ExtractConfig)
     for name in ("expert", "data"):
         if name not in settings:
             raise N2NError(f"no {name} to extract: give one ({name}=...), or a config file that names it")

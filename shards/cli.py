@@ -18,11 +18,11 @@ from rich.table import Table
 
 from n2n import plugins
 from n2n.cli import CONTEXT, PATH_OR_URL, reports_errors
+from n2n.files import as_path
 from n2n.shards.errors import StoreError
 from n2n.shards.formats import FORMATS
 from n2n.shards.meta import META_NAME
 from n2n.shards.parts import commit_parts
-from n2n.shards.paths import as_path
 from n2n.shards.reader import Store, open_store
 from n2n.shards.synthetic import LAWS
 from n2n.shards.verify import convert_store, verify_store

@@ -11,11 +11,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from n2n.files import is_remote
 from n2n.shards.backend import COLUMNS, Block, as_unicode, check_columns
 from n2n.shards.errors import StoreError
 from n2n.shards.layout import Layout
 from n2n.shards.meta import META_NAME
-from n2n.shards.paths import is_remote
 
 
 class H5Backend:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from n2n.errors import N2NError
-from n2n.shards.paths import is_remote
+from n2n.files import is_remote
 
 try:
     import fcntl

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from n2n.files import as_path, remove_tree, write_text_atomic
 from n2n.shards.errors import StoreError
 from n2n.shards.meta import is_store
-from n2n.shards.paths import as_path, remove_tree, write_text_atomic
 from n2n.shards.reader import Store, open_store
 from n2n.shards.writer import create_store
 

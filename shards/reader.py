@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from n2n.files import as_path, is_remote
 from n2n.shards.backend import Block, as_unicode
 from n2n.shards.errors import StoreError
 from n2n.shards.formats import backend_of
 from n2n.shards.layout import Layout
 from n2n.shards.meta import RESERVED_META, read_meta
-from n2n.shards.paths import as_path, is_remote
 
 if TYPE_CHECKING:
     import torch

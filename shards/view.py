@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from n2n.files import as_path, is_remote, write_json_atomic
 from n2n.shards.errors import StoreError
-from n2n.shards.paths import as_path, is_remote, write_json_atomic
 from n2n.shards.reader import Store, open_store
 
 VIEW_NAME = "view.json"

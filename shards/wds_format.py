@@ -20,11 +20,11 @@ from typing import TypeVar
 
 import numpy as np
 
+from n2n.files import is_remote
 from n2n.shards.backend import Block, as_unicode
 from n2n.shards.errors import StoreError
 from n2n.shards.layout import Layout
 from n2n.shards.meta import META_NAME
-from n2n.shards.paths import is_remote
 from n2n.shards.tar_rows import pack, unpack
 
 T, R = TypeVar("T"), TypeVar("R")

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from n2n.files import as_path, is_remote, remove_tree, write_json_atomic
 from n2n.shards.backend import Backend, Block
 from n2n.shards.errors import StoreError, StoreWriteError
 from n2n.shards.formats import backend_of, load_format
 from n2n.shards.layout import Layout, size_problem
 from n2n.shards.lock import Lock, hold
 from n2n.shards.meta import DTYPES, META_NAME, RESERVED_META, read_meta, version
-from n2n.shards.paths import as_path, is_remote, remove_tree, write_json_atomic
 
 
 class StoreWriter:

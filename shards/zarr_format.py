@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from n2n.files import zarr_location
 from n2n.shards.backend import COLUMNS, Block, as_unicode, check_columns
 from n2n.shards.errors import StoreError
 from n2n.shards.layout import Layout
 from n2n.shards.meta import META_NAME
-from n2n.shards.paths import zarr_location
 
 
 class ZarrBackend:

@@ -15,6 +15,8 @@ import pytest
 import yaml
 
 import n2n
+from n2n.evaluate.api import EvalConfig
+from n2n.evaluate.cli import main as n2n_eval
 from n2n.extract.cli import main as n2n_extract
 from n2n.extract.run import ExtractConfig
 from n2n.extract.train_ae import TrainAEConfig
@@ -23,8 +25,6 @@ from n2n.options import field_default
 from n2n.train.cli import main as n2n_train
 from n2n.train.trainer import TrainConfig
 from n2n.translate.cli import main as n2n_translate
-from n2n.translate.evaluate import EvalConfig
-from n2n.translate.evaluate import main as n2n_eval
 from n2n.translate.pipeline import SamplingConfig, Translator
 
 TRAIN = {"steps": 40, "n_flows": 2, "hidden_dim": 16, "eval_every": 20, "device": "cpu"}

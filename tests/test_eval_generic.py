@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 import n2n
+from n2n.evaluate.cli import main as n2n_eval
 from n2n.shards.synthetic import write_synthetic
-from n2n.translate.evaluate import main as n2n_eval
 
 FLOW = {"n_flows": 4, "hidden_dim": 64, "compile": False, "progress": False}
 
@@ -33,8 +33,8 @@ def test_the_floor_is_the_truth_on_a_linear_law(runs):
     assert report["linear_gaussian_bpd"] == pytest.approx(truth, abs=0.05)
     scores = report["translation"]
     # 200 of the ~290 held-out pairs are scored; every distinct held-out target is a candidate
-    assert scores["pairs"] == 200 and scores["candidates"] > 250 and set(scores) >= {"cinn", "linear", "mlp"}
-    for name in ("cinn", "linear", "mlp"):
+    assert scores["pairs"] == 200 and scores["candidates"] > 250 and set(scores) >= {"translator", "linear", "mlp"}
+    for name in ("translator", "linear", "mlp"):
         row = scores[name]
         assert 0 <= row["retrieval"]["top1"] <= row["retrieval"]["top5"] <= 1
         assert 1 <= row["retrieval_mean"]["median_rank"] <= scores["candidates"]
@@ -51,11 +51,12 @@ def test_the_cinn_clears_the_floor_on_the_bimodal_law(runs):
     assert report["heldout_bpd"] < report["linear_gaussian_bpd"] - 0.5
     scores = report["translation"]
     # Samples land on the two modes; the regressors' means fall between them, off the data.
-    assert scores["cinn"]["precision"] > scores["linear"]["precision"] + 0.3
-    assert scores["cinn"]["frechet"] < scores["mlp"]["frechet"]
+    assert scores["translator"]["precision"] > scores["linear"]["precision"] + 0.3
+    assert scores["translator"]["frechet"] < scores["mlp"]["frechet"]
 
 
-def test_n2n_eval_writes_the_table_and_eval_png(runs, tmp_path, invoke):
+def test_n2n_eval_writes_the_table_and_eval_png(runs, tmp_path, invoke, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the table unwrapped, so a row's label reads whole
     run, _ = runs["gaussian"]
     out = tmp_path / "eval.json"
     result = invoke(n2n_eval, "--run", run, "--out", out, "--baseline-steps", 20, "--max-rows", 200)
@@ -64,7 +65,7 @@ def test_n2n_eval_writes_the_table_and_eval_png(runs, tmp_path, invoke):
         assert label in result.output
     report = json.loads(out.read_text())
     assert report["figure"] == str(tmp_path / "eval.png")
-    for name in ("cinn", "linear", "procrustes"):  # the Gaussian law: each beats a shuffled pairing
+    for name in ("translator", "linear", "procrustes"):  # the Gaussian law: each beats a shuffled pairing
         scores = report["translation"][name]
         assert scores["cosine"] > scores["cosine_unrelated"] + 0.2, (name, scores)
     with Image.open(tmp_path / "eval.png") as picture:
@@ -72,7 +73,8 @@ def test_n2n_eval_writes_the_table_and_eval_png(runs, tmp_path, invoke):
     assert not list(tmp_path.glob(".*tmp*")), "no temp file left behind"
 
 
-def test_n2n_eval_scores_a_continuous_translator_with_the_fields_metrics(runs, tmp_path, invoke):
+def test_n2n_eval_scores_a_continuous_translator_with_the_fields_metrics(runs, tmp_path, invoke, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the table unwrapped, so a row's label reads whole
     """The continuous translator in the same table: its NLL through the ODE below the floor on the bimodal
     law, and the rows the field reports (vec2vec's pool, DALLE2-pytorch's unrelated cosine and best of n,
     the Procrustes baseline)."""
@@ -88,4 +90,4 @@ def test_n2n_eval_scores_a_continuous_translator_with_the_fields_metrics(runs, t
     assert report["heldout_bpd"] < report["linear_gaussian_bpd"] - 0.1
     scores = report["translation"]
     assert scores["procrustes"]["retrieval_pool"]["pool"] == min(1024, scores["candidates"])
-    assert "cosine_best" in scores["cinn"] and "cosine_best" not in scores["mlp"]
+    assert "cosine_best" in scores["translator"] and "cosine_best" not in scores["mlp"]

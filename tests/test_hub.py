@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import n2n
+from n2n.evaluate.cli import main as n2n_eval
 from n2n.shards import write_json_atomic
 from n2n.shards.view import open_view
 from n2n.translate.cli import main as n2n_translate
-from n2n.translate.evaluate import main as n2n_eval
 
 TINY = {"n_flows": 2, "hidden_dim": 16, "batch_size": 32, "compile": False, "progress": False, "holdout": 0.2,
         "logger": "none"}
@@ -47,6 +47,9 @@ def test_save_pretrained_writes_the_hub_layout_and_loads_to_the_same_samples(run
     card = (saved / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: n2n\nlicense: apache-2.0\n")
     assert "## Scores" in card and "median rank, one sample" in card and "Translator.from_pretrained" in card
+    assert "| metric | translator | linear LS | MLP |" in card and "a coupling translator of" in card
+    with pytest.warns(DeprecationWarning, match="Translator.trained"):
+        assert translator.flow is translator.trained  # the old name of the trained flow
     again = n2n.Translator.from_pretrained(saved)
     a, b = (t.translate([picture], n=3, seed=0) for t in (translator, again))
     assert torch.equal(a, b)
@@ -113,7 +116,7 @@ def test_n2n_eval_scores_a_saved_translator_on_a_view_of_its_experts(run, ae_vie
     report = n2n.evaluate(saved, shards=ae_view, samples=2, baseline_steps=5, progress=False)
     own = json.loads((run / "eval.json").read_text())
     assert report["heldout_bpd"] == pytest.approx(own["heldout_bpd"], abs=1e-6)
-    assert report["translation"]["cinn"] == own["translation"]["cinn"]
+    assert report["translation"]["translator"] == own["translation"]["translator"]
     with pytest.raises(n2n.N2NError, match="records no view"):
         n2n.evaluate(saved, samples=2, progress=False)
     result = invoke(n2n_eval, "--run", saved, "--shards", ae_view, "--samples", 2, "--baseline-steps", 5,

@@ -110,5 +110,5 @@ def test_n2n_eval_logs_its_scores_at_the_runs_step(view, tmp_path):
     report = n2n.evaluate(run, samples=2, baseline_steps=5, progress=False, checkpoint="last")
     logged = events(run)
     assert steps_of(logged, "eval/heldout_bpd") == [10]
-    top1 = logged.Scalars("eval/translation/cinn/retrieval/top1")[0].value
-    assert top1 == pytest.approx(report["translation"]["cinn"]["retrieval"]["top1"])
+    top1 = logged.Scalars("eval/translation/translator/retrieval/top1")[0].value
+    assert top1 == pytest.approx(report["translation"]["translator"]["retrieval"]["top1"])

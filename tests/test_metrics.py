@@ -1,4 +1,4 @@
-"""The dataset-agnostic metrics of n2n.translate.metrics against laws whose answer is known in closed form."""
+"""The dataset-agnostic metrics of n2n.evaluate.metrics against laws whose answer is known in closed form."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from n2n.cinn.loss import LOG_2PI
-from n2n.translate.metrics import (
+from n2n.evaluate.metrics import (
     LinearGaussian,
     frechet_distance,
     gaussian_frechet,
@@ -273,7 +273,7 @@ def test_subsample():
 
 
 def test_retrieval_among_a_pool_by_hand_and_at_chance():
-    from n2n.translate.metrics import retrieval_among
+    from n2n.evaluate.metrics import retrieval_among
 
     candidates = torch.eye(6)
     exact = retrieval_among(candidates, torch.arange(6), candidates, pool=4)
@@ -288,7 +288,7 @@ def test_retrieval_among_a_pool_by_hand_and_at_chance():
 
 
 def test_procrustes_recovers_a_rotation_and_pads_the_narrower_side():
-    from n2n.translate.baseline import fit_procrustes
+    from n2n.evaluate.baseline import fit_procrustes
 
     generator = torch.Generator().manual_seed(0)
     rotation = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))[0]
@@ -299,7 +299,7 @@ def test_procrustes_recovers_a_rotation_and_pads_the_narrower_side():
 
 
 def test_best_of_n_picks_the_draw_closest_to_the_reference():
-    from n2n.translate.evaluate import best_of
+    from n2n.evaluate.api import best_of
 
     draws = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
     assert torch.equal(best_of(draws, torch.tensor([[0.1, 1.0]])), torch.tensor([[0.0, 1.0]]))

@@ -13,8 +13,8 @@ import torch
 
 import n2n
 from n2n.cinn import FlowConfig, build_flow, nll
-from n2n.cinn.linear_stage import LinearGaussianStage
 from n2n.cinn.gaussian import VARIANCE_FLOOR, LinearGaussian
+from n2n.cinn.linear_stage import LinearGaussianStage
 from n2n.shards import create_store
 from n2n.shards.synthetic import write_synthetic
 from n2n.shards.view import create_view

@@ -66,9 +66,10 @@ def test_unclip_prior_and_back_through_the_api(tmp_path, models):
     assert tuple(captions.shape) == (1, 2, 16)
 
 
-def test_eval_scores_the_source_itself_where_both_stores_share_a_space(tmp_path, models, capsys):
+def test_eval_scores_the_source_itself_where_both_stores_share_a_space(tmp_path, models, capsys, monkeypatch):
     """CLIP's projected text and image latents lie in one space (each store records it): n2n-eval adds the
     source latent itself as a translator, the baseline a prior must beat; its pooled layers do not share one."""
+    monkeypatch.setenv("COLUMNS", "200")  # the table's six columns unwrapped, so a header reads whole
     common = {"out": tmp_path / "shards", "limit": ITEMS, "num_workers": 0, "batch_size": 16,
               "data_options": {"size": 32}, "progress": False}
     text = n2n.extract(f"clip:{models['clip']}@text", "shapes", **common)
@@ -80,14 +81,14 @@ def test_eval_scores_the_source_itself_where_both_stores_share_a_space(tmp_path,
     run = n2n.train(view, tmp_path / "prior", steps=10, n_flows=2, hidden_dim=16, holdout=0.25, compile=False,
                     progress=False)
     report = n2n.evaluate(run, samples=2, baseline_steps=10, progress=False, figure=tmp_path / "eval.png")
+    from n2n.evaluate.metrics import mean_cosine
     from n2n.train.data import load_pairs
-    from n2n.translate.metrics import mean_cosine
 
     data = load_pairs(view.path, 0.25)
     own = mean_cosine(data.source_norm.inverse(data.held_source[:]),
                       data.held_target.latents[torch.from_numpy(data.held_rows[1])].float())
     assert report["translation"]["source"]["cosine"] == pytest.approx(own, abs=1e-5)
-    from n2n.translate.evaluate import print_report
+    from n2n.evaluate.cli import print_report
 
     print_report(report)
     assert "source itself" in capsys.readouterr().out

@@ -58,11 +58,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(runs):
-    """n2n serve over both runs on a free loopback port, as the command starts it; stopped at the end."""
+def server(runs, tmp_path_factory):
+    """n2n serve over both runs on a free loopback port, as the command starts it (the runs from a --config
+    file, as a user keeps them); stopped at the end."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", "from n2n.translate.serve import cli; cli()", "serve",
-                                "--run", str(runs["text"]), "--run", str(runs["image"]), "--port", str(port)],
+    config = tmp_path_factory.mktemp("serve-config") / "serve.yaml"
+    config.write_text(f"run:\n- {runs['text']}\n- {runs['image']}\nhost: 127.0.0.1\n")
+    process = subprocess.Popen([sys.executable, "-c", "from n2n.cli import main; main()", "serve",
+                                "--config", str(config), "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
@@ -188,3 +191,20 @@ def test_inputs_a_person_can_get_wrong_are_messages(runs):
     assert inputs(f"  {CAPTION} ", "text", text) == CAPTION
     with pytest.raises(ServeError, match="upload an image first"):
         inputs(None, "image", image)
+
+
+def test_serve_takes_its_options_as_every_command_does(runs, invoke):
+    """--config, ranges checked before any run loads, and the sampling options a kind does not have refused
+    by name when a request would use them."""
+    from n2n.cli import main
+    from n2n.translate.pipeline import SamplingConfig
+
+    result = invoke(main, "serve", "--run", str(runs["text"]), "--port", 0)
+    assert result.exit_code == 2 and "port" in result.output and "1" in result.output
+    result = invoke(main, "serve", "--run", str(runs["text"]), "--guidance", -1)
+    assert result.exit_code == 2 and "guidance" in result.output
+    assert "--steps" in invoke(main, "serve", "--help").output
+    served = Served.load(str(runs["text"]), "cpu", SamplingConfig(guidance=2.0))
+    with pytest.raises(n2n.N2NError, match="--guidance: this run's coupling translator"):
+        served.images([CAPTION], 1, 1.0, 0)
+    assert len(Served.load(str(runs["text"]), "cpu", SamplingConfig(n=2)).images([CAPTION], 2, 1.0, 0)) == 2

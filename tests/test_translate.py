@@ -10,6 +10,9 @@ import torch
 from PIL import Image
 
 import n2n
+from n2n.evaluate.api import scorer_of
+from n2n.evaluate.cli import main as n2n_eval
+from n2n.evaluate.cli import print_report
 from n2n.extract.cli import main as n2n_extract
 from n2n.extract.datasets.shapes import COLORS, POSITIONS, SHAPES, SIZES
 from n2n.extract.datasets.shapes_scoring import (
@@ -24,8 +27,7 @@ from n2n.shards.view import create_view
 from n2n.train.checkpoint import CHECKPOINT, read_meta
 from n2n.train.cli import main as n2n_train
 from n2n.translate.cli import main as n2n_translate
-from n2n.translate.evaluate import main as n2n_eval
-from n2n.translate.evaluate import print_report, scorer_of
+from n2n.translate.report import score_rows
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,8 @@ def test_normalized_entropy_and_caption_consistency():
 # ---------------------------------------------------------------- n2n-eval
 
 
-def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge, tmp_path, invoke):
+def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge, tmp_path, invoke, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the table unwrapped, so a row's label reads whole
     out = tmp_path / "eval.json"
     result = invoke(n2n_eval, "--run", runs["minilm_ae"], "--judge", small_judge, "--baseline-steps", 20,
                     "--samples", 4, "--out", out)
@@ -128,16 +131,26 @@ def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge,
     best = read_meta(runs["minilm_ae"] / CHECKPOINT)["best"]  # what n2n-eval scores unless --checkpoint last
     assert np.isfinite(report["heldout_bpd"]) and report["step"] == best["step"] and report["checkpoint"] == "best"
     assert report["heldout_bpd"] == pytest.approx(best["heldout_bpd"], abs=1e-4)
-    for model in ("cinn", "mlp"):
+    for model in ("translator", "mlp"):
         assert set(report[model]["accuracy"]) == {"color", "shape", "size", "position"}
         assert all(v is None or 0 <= v <= 1 for v in report[model]["accuracy"].values())
     # A regression predicts one image per caption: whatever the judge reads, the same every time.
     assert all(v in (None, 0.0) for v in report["mlp"]["open_entropy"].values())
     assert report["uniform_entropy"]["size"] == pytest.approx(uniform_entropy(2, 4))
     # eval.png: the table, then decoded held-out samples (the autoencoder decodes): taller than the table alone
-    assert set(report["translation"]) >= {"cinn", "linear", "mlp"}
+    assert set(report["translation"]) >= {"translator", "linear", "mlp"}
     with Image.open(tmp_path / "eval.png") as picture:
         assert picture.format == "PNG" and picture.size[1] > picture.size[0] * 0.8
+    # The report reads whole alone: its kind and its dataset's rows are in it, as every reader shows them.
+    scores = score_rows(report)
+    assert report["kind"] == "coupling" and scores.headers[1] == "translator"
+    assert [row[0] for row in report["dataset_table"]["rows"]][:1] == ["color accuracy (named)"]
+    assert "color accuracy (named)" in [row[0] for row in scores.rows]
+    # An eval.json written before the rename (the run's translator as "cinn", no kind) reads the same.
+    old = {("cinn" if key == "translator" else key): value for key, value in report.items() if key != "kind"}
+    old["translation"] = {("cinn" if key == "translator" else key): value
+                          for key, value in report["translation"].items()}
+    assert score_rows(old).rows == scores.rows and score_rows(old).headers == scores.headers
 
 
 def test_eval_image_to_text_scores_retrieval(runs, small_judge, tmp_path, invoke, monkeypatch):
@@ -146,8 +159,8 @@ def test_eval_image_to_text_scores_retrieval(runs, small_judge, tmp_path, invoke
                     "--out", tmp_path / "eval.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert 0 < report["cinn"]["chance"] < 1 and report["cinn"]["chance"] == report["mlp"]["chance"]
-    assert 0 <= report["cinn"]["accuracy"] <= 1 and 0 <= report["mlp"]["accuracy"] <= 1
+    assert 0 < report["translator"]["chance"] < 1 and report["translator"]["chance"] == report["mlp"]["chance"]
+    assert 0 <= report["translator"]["accuracy"] <= 1 and 0 <= report["mlp"]["accuracy"] <= 1
     assert "nearest caption fits the image" in result.output
     # What a person reads of text targets: true captions, and the captions nearest to each prediction.
     from n2n.extract.datasets import open_dataset
@@ -159,10 +172,10 @@ def test_eval_image_to_text_scores_retrieval(runs, small_judge, tmp_path, invoke
     assert len(shown) == 4 and len({entry["key"] for entry in shown}) == 4  # four different held-out images
     for entry in shown:
         assert entry["truth"] in captions[entry["key"]]
-        picks = [entry["linear"], entry["mlp"], *entry["cinn"]]
-        assert len(entry["cinn"]) == 4 and all(p["text"] in every and -1 <= p["cosine"] <= 1 for p in picks)
+        picks = [entry["linear"], entry["mlp"], *entry["translator"]]
+        assert len(entry["translator"]) == 4 and all(p["text"] in every and -1 <= p["cosine"] <= 1 for p in picks)
         assert entry["key"] in result.output
-    assert "true caption" in result.output and "cINN 4" in result.output  # the printed table of them
+    assert "true caption" in result.output and "sample 4" in result.output  # the printed table of them
     with Image.open(tmp_path / "eval.png") as picture:  # the table, then the captions: taller than the table
         assert picture.size[1] > picture.size[0] * 0.8
 
@@ -247,20 +260,26 @@ def test_eval_of_a_dataset_without_a_scorer_reports_the_generic_metrics(runs, tm
     result = invoke(n2n_eval, "--run", run, "--out", tmp_path / "eval.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert set(report) == {"run", "view", "step", "checkpoint", "heldout_bpd", "linear_gaussian_bpd", "translation",
-                           "figure"}
-    assert np.isfinite(report["heldout_bpd"]) and set(report["translation"]) >= {"cinn", "linear", "mlp"}
+    assert set(report) == {"run", "view", "step", "checkpoint", "kind", "heldout_bpd", "linear_gaussian_bpd",
+                           "translation", "figure"}
+    assert np.isfinite(report["heldout_bpd"]) and set(report["translation"]) >= {"translator", "linear", "mlp"}
     assert "held-out NLL" in result.output and "accuracy" not in result.output
 
 
 def test_print_report_of_a_saved_report_prints_the_dataset_rows(runs, capsys, monkeypatch):
-    """What `make demo` does with eval.json: the rows come from the scorer of the run the report names."""
+    """What `make demo` does with eval.json: the dataset's rows are in the report; one written before they were
+    gets them from the scorer of the run it names."""
     monkeypatch.setenv("COLUMNS", "200")  # the table's five columns unwrapped, so a row's label reads whole
     report = json.loads(json.dumps(n2n.evaluate(runs["ae_minilm"], samples=2, baseline_steps=5, progress=False)))
     capsys.readouterr()
     print_report(report)
     assert "nearest caption fits the image" in capsys.readouterr().out
-    print_report({**report, "run": str(runs["ae_minilm"]) + "-gone"})
+    print_report({**report, "run": str(runs["ae_minilm"]) + "-gone"})  # recorded: the run is not needed
+    assert "nearest caption fits the image" in capsys.readouterr().out
+    old = {key: value for key, value in report.items() if key != "dataset_table"}
+    print_report(old)
+    assert "nearest caption fits the image" in capsys.readouterr().out
+    print_report({**old, "run": str(runs["ae_minilm"]) + "-gone"})
     out = capsys.readouterr().out
     assert "held-out NLL" in out and "nearest caption" not in out and "only the NLL" in out
 
@@ -276,3 +295,21 @@ def test_evaluate_checks_every_number_before_loading_anything(name, value, tmp_p
         n2n.evaluate(tmp_path / "no-run", **{name: value})
 
 
+
+
+def test_a_scorer_or_report_of_the_former_names_still_reads():
+    """A plug-in scorer that asks for the run's translator as "cinn", and an eval.json that calls it so."""
+    from n2n.scoring import Predictors, upgrade_report
+
+    def predict(c, n):
+        return c
+
+    predictors = Predictors(translator=predict, mlp=predict)
+    with pytest.warns(DeprecationWarning, match="predictors\\['translator'\\]"):
+        assert predictors["cinn"] is predict
+    with pytest.raises(KeyError):
+        predictors["other"]
+    assert list(predictors) == ["translator", "mlp"]
+    old = {"cinn": {"accuracy": 0.5}, "mlp": {"accuracy": 0.4}, "translation": {"cinn": {"cosine": 0.1}}}
+    assert upgrade_report(old) == {"translator": {"accuracy": 0.5}, "mlp": {"accuracy": 0.4},
+                                   "translation": {"translator": {"cosine": 0.1}}}

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from n2n.cinn import FlowConfig, build_flow
-from n2n.options import check_value, flag, split_options, with_config
+from n2n.options import check_value, flag, load_options, split_options
 from n2n.parallel import Ranks, pick_device
 from n2n.shards import as_path
 from n2n.shards.lock import hold
@@ -37,8 +37,9 @@ def settings(**options: Any) -> tuple[TrainConfig, FlowConfig]:
     return TrainConfig(**train), FlowConfig(**flow)
 
 
-# train()'s own options, beside the configs' (a config file's keys too)
-RUN_OPTIONS = ("shards", "out", "resume", "device", "compile", "stream", "init_from", "source_dim", "target_dim")
+# train()'s own options beside the configs' (a config file's keys too), with their defaults
+RUN_OPTIONS = {"shards": None, "out": None, "resume": False, "device": "auto", "compile": None, "stream": None,
+               "init_from": None, "source_dim": None, "target_dim": None}
 
 
 def train(view: View | str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
@@ -66,18 +67,17 @@ def train(view: View | str | os.PathLike | None = None, out: str | os.PathLike |
     prints no progress and no summary, only warnings. Under torchrun every rank trains its slice of
     each global batch. Errors are ``N2NError``s; ``DivergedError`` when the loss turns NaN/inf.
     """
-    if config is not None:
-        given = {"shards": view, "out": out, "resume": resume or None, "device": None if device == "auto" else device,
-                 "compile": compile, "stream": stream, "init_from": init_from, "source_dim": source_dim,
-                 "target_dim": target_dim}
-        merged = with_config(config, {**{k: v for k, v in given.items() if v is not None}, **options}, known_options())
-        view, out, resume = merged.pop("shards", None), merged.pop("out", None), merged.pop("resume", False)
-        device, compile, stream = merged.pop("device", "auto"), merged.pop("compile", None), merged.pop("stream", None)
-        init_from, source_dim, target_dim = (merged.pop(k, None) for k in ("init_from", "source_dim", "target_dim"))
-        options = merged
+    given = {"shards": view, "out": out, "resume": resume or None, "device": None if device == "auto" else device,
+             "compile": compile, "stream": stream, "init_from": init_from, "source_dim": source_dim,
+             "target_dim": target_dim, **options}
+    run, (train_options, flow_options) = load_options(config, given, TrainConfig, FlowConfig, own=RUN_OPTIONS)
+    view, out, resume, device = run["shards"], run["out"], run["resume"], run["device"]
+    compile, stream, init_from, source_dim, target_dim = (run[name] for name in ("compile", "stream", "init_from",
+                                                                                  "source_dim", "target_dim"))
     for name, value in (("source_dim", source_dim), ("target_dim", target_dim)):
         check_value(name, value, integer=True, min=1, optional=True)
-    cfg, flow_config = settings(**options)
+    cfg, flow_config = TrainConfig(**train_options), FlowConfig(**flow_options)
+    options = {**train_options, **flow_options}  # the settings given, which a resume checks against its own
     view_path = None if view is None else view.path if isinstance(view, View) else as_path(view)
     if view_path is None and not (resume and out is not None):
         raise TrainError("no view to train on: give one (--shards), or a run folder to --resume (--out)")
@@ -139,11 +139,6 @@ def check_dims(view: Path, source_dim: int | None, target_dim: int | None) -> No
                          "source_dim / target_dim")
 
 
-def known_options() -> set[str]:
-    """Every name ``train`` takes as an option (a config file's keys)."""
-    return {f.name for cls in (TrainConfig, FlowConfig) for f in dataclasses.fields(cls)} | set(RUN_OPTIONS)
-
-
 def resumed_settings(meta: dict, cfg: TrainConfig, flow_config: FlowConfig, given: set[str],
                      checkpoint: Path) -> tuple[TrainConfig, FlowConfig]:
     """The settings ``checkpoint`` was trained with, less those of ``ON_RESUME`` that were given.
@@ -171,11 +166,10 @@ def dry_run(view: View | str | os.PathLike | None = None, *, config: str | os.Pa
             **options: Any) -> dict[str, Any]:
     """What ``train(view, **options)`` would build, without training (n2n-train --dry-run): the
     flow's settings and parameter count, the batch size, the learning rate and the number of pairs."""
-    if config is not None:
-        options = with_config(config, {**({"shards": view} if view is not None else {}), **options}, known_options())
-        view = options.pop("shards", None)
-        options = {k: v for k, v in options.items() if k not in RUN_OPTIONS}
-    cfg, flow_config = settings(**options)
+    run, (train_options, flow_options) = load_options(config, {"shards": view, **options}, TrainConfig, FlowConfig,
+                                                      own=RUN_OPTIONS)
+    view = run["shards"]
+    cfg, flow_config = TrainConfig(**train_options), FlowConfig(**flow_options)
     if view is None:
         raise TrainError("--dry-run sizes a run on a view: give one (--shards)")
     v, _, held = split_pairs(view.path if isinstance(view, View) else view, cfg.holdout)

@@ -27,7 +27,7 @@ from torch import nn
 from n2n.cinn import ConditionalFlow, ContinuousFlow, flow_from_dict
 from n2n.cinn.flow import upgrade_header
 from n2n.errors import N2NError
-from n2n.shards import as_path, is_remote, write_text_atomic
+from n2n.shards import as_path, is_remote
 from n2n.shards.view import VIEW_NAME
 from n2n.train.data import Standardizer
 
@@ -182,45 +182,28 @@ def sampling_options(flow: nn.Module, **given: Any) -> dict[str, Any]:
     return options
 
 
-# A translator saved for sharing (Translator.save_pretrained; the Hugging Face Hub's layout): the weights and
-# standardisation in model.safetensors, what rebuilds it and both experts' identities in config.json.
-PRETRAINED_CONFIG, PRETRAINED_WEIGHTS = "config.json", "model.safetensors"
-PRETRAINED_KEYS = ("step", "model", "train", "source", "target", "heldout_bpd", "linear_gaussian_bpd")
-
-
-def save_pretrained(flow: TrainedFlow, folder: Path) -> None:
-    """Write ``flow`` as a pretrained folder: ``model.*`` and ``norm.*`` tensors, and a config.json holding
-    its header's ``PRETRAINED_KEYS`` (no optimizer state, no view: what sampling needs, and the record)."""
-    from n2n import __version__
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v for k, v in flow.flow.state_dict().items()}
-    for side, norm in (("source", flow.source_norm), ("target", flow.target_norm)):
+def model_tensors(flow: nn.Module, source_norm: Standardizer, target_norm: Standardizer) -> dict[str, torch.Tensor]:
+    """What sampling needs of a trained translator, under the names every file that holds one uses (a
+    checkpoint, best.safetensors, a saved translator's model.safetensors): ``model.*``, its weights, and
+    ``norm.{source,target}.{mean,std}``, both sides' standardisation."""
+    tensors = {f"model.{k}": v for k, v in flow.state_dict().items()}
+    for side, norm in (("source", source_norm), ("target", target_norm)):
         tensors[f"norm.{side}.mean"], tensors[f"norm.{side}.std"] = norm.mean, norm.std
-    save_checkpoint(folder / PRETRAINED_WEIGHTS, tensors, {"format": "n2n"})
-    config = {"n2n_pretrained": 1, "n2n_version": __version__,
-              **{key: flow.meta.get(key) for key in PRETRAINED_KEYS}}
-    write_text_atomic(folder / PRETRAINED_CONFIG, json.dumps(config, indent=2) + "\n")
+    return tensors
 
 
-def load_pretrained(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and header of a pretrained folder (the header as a checkpoint's, without a view)."""
+def trained_flow(tensors: dict[str, torch.Tensor], meta: dict, where: Path,
+                 device: str | torch.device = "cpu") -> TrainedFlow:
+    """The translator ``model_tensors`` and a header (``meta``: its ``model`` entry) describe, in eval mode on
+    ``device``; a CheckpointError naming ``where`` if they do not make one whole model."""
     try:
-        config = json.loads((folder / PRETRAINED_CONFIG).read_text())
-        with safe_open(folder / PRETRAINED_WEIGHTS, "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as e:
-        raise CheckpointError(f"{folder} is not a readable n2n translator ({type(e).__name__}: {e}); save it again "
-                              "with Translator.save_pretrained") from e
-    if not isinstance(config, dict) or config.get("n2n_pretrained") != 1 or "model" not in config:
-        raise CheckpointError(f"{folder / PRETRAINED_CONFIG} is not an n2n translator's config (no n2n_pretrained "
-                              "and model entries)")
-    return tensors, config
-
-
-def is_pretrained(run: Path) -> bool:
-    """Whether ``run`` is a pretrained folder rather than a run folder (which holds a checkpoint)."""
-    return run.is_dir() and not (run / CHECKPOINT).exists() and (run / PRETRAINED_CONFIG).is_file()
+        flow = flow_from_dict(upgrade_header(meta["model"]))
+        flow.load_state_dict(prefixed(tensors, "model"))
+        norms = saved_norms(tensors)
+    except (TypeError, KeyError, RuntimeError, N2NError) as e:  # a header or tensors of another model
+        raise CheckpointError(f"{where} does not hold a whole n2n model ({type(e).__name__}: {e}); "
+                              "use an earlier copy or retrain") from e
+    return TrainedFlow(flow.to(device).eval(), *norms, meta)
 
 
 def checkpoint_file(run: Path, checkpoint: str = "best") -> Path:
@@ -234,21 +217,11 @@ def checkpoint_file(run: Path, checkpoint: str = "best") -> Path:
 
 
 def load_run(run: Path | str, device: str | torch.device = "cpu", checkpoint: str = "best") -> TrainedFlow:
-    """Load a run folder's ``checkpoint`` (``checkpoint_file``: its best weights by default, or its last),
-    a checkpoint file, or a pretrained folder (``save_pretrained``) for sampling, in eval mode."""
+    """Load a run folder's ``checkpoint`` (``checkpoint_file``: its best weights by default, or its last), or
+    a checkpoint file, for sampling, in eval mode. (A saved translator's folder: ``translate.hub.load``.)"""
     run = Path(run)
-    if is_pretrained(run):
-        tensors, meta = load_pretrained(run)
-    else:
-        file = checkpoint_file(run, checkpoint)
-        tensors, meta = load_checkpoint(file)
-        if file.name == BEST:  # where the view is, the run's last checkpoint says (a resume on a moved view updates it)
-            meta = {**meta, "view": read_meta(run / CHECKPOINT)["view"]}
-    try:
-        flow = flow_from_dict(upgrade_header(meta["model"]))
-        flow.load_state_dict(prefixed(tensors, "model"))
-        norms = saved_norms(tensors)
-    except (TypeError, KeyError, RuntimeError, N2NError) as e:  # a header or tensors of another model
-        raise CheckpointError(f"{run} does not hold a whole n2n model ({type(e).__name__}: {e}); "
-                              "use an earlier copy or retrain") from e
-    return TrainedFlow(flow.to(device).eval(), *norms, meta)
+    file = checkpoint_file(run, checkpoint)
+    tensors, meta = load_checkpoint(file)
+    if file.name == BEST:  # where the view is, the run's last checkpoint says (a resume on a moved view updates it)
+        meta = {**meta, "view": read_meta(run / CHECKPOINT)["view"]}
+    return trained_flow(tensors, meta, run, device)

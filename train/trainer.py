@@ -42,6 +42,7 @@ from n2n.train.checkpoint import (
     BEST,
     CHECKPOINT,
     load_checkpoint,
+    model_tensors,
     optimizer_tensors,
     prefixed,
     restore_optimizer,
@@ -210,12 +211,8 @@ def checkpoint_state(
     best: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """A checkpoint's tensors and header (train.checkpoint describes both)."""
-    tensors = {f"model.{k}": v for k, v in flow.state_dict().items()}
     optim, optim_meta = optimizer_tensors(optimizer)
-    tensors |= optim
-    for side, norm in (("source", data.source_norm), ("target", data.target_norm)):
-        tensors[f"norm.{side}.mean"], tensors[f"norm.{side}.std"] = norm.mean, norm.std
-    tensors["rng.batch"] = generator.get_state()
+    tensors = {**model_tensors(flow, data.source_norm, data.target_norm), **optim, "rng.batch": generator.get_state()}
     meta = {
         "n2n_checkpoint": 1,
         "step": step,
@@ -453,7 +450,7 @@ class Run:
         tensors, meta = checkpoint_state(self.flow, self.optimizer, self.generator, self.data, self.cfg, self.step,
                                          self.heldout, self.out, self.floor, self.best)
         if self.best is not None and self.best["step"] == self.step:
-            save_checkpoint(self.out / BEST, {k: v for k, v in tensors.items() if k.startswith(("model.", "norm."))},
+            save_checkpoint(self.out / BEST, model_tensors(self.flow, self.data.source_norm, self.data.target_norm),
                             meta)
         save_checkpoint(self.checkpoint, tensors, meta)
 

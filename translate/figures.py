@@ -1,79 +1,9 @@
-"""eval.png: a run's scores as a picture, where a person would rather look than read.
+"""Deprecated: moved to ``n2n.evaluate.figures``. This name stays importable (with a DeprecationWarning) and is that
+module itself."""
 
-Top: the table n2n-eval prints (the cINN beside the linear map and the MLP). Below it, where the
-target expert decodes: for a few held-out pairs, the true target's decoding, then the linear map's
-and the MLP's predictions, then cINN samples, one row per pair: whether samples vary where the
-source leaves things open, and stay on the data where the baselines blur, shows at a glance. Where
-the target expert reads text, the captions nearest to those predictions instead (``translate.texts``).
-"""
+import importlib
+import sys
+import warnings
 
-from __future__ import annotations
-
-import textwrap
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-import numpy as np
-import torch
-
-from n2n.train.plots import save_png
-
-if TYPE_CHECKING:  # evaluate imports this module to draw its figure
-    from n2n.scoring import HeldOut
-
-COLUMNS = ("truth", "linear LS", "MLP")
-
-
-def gallery(held: HeldOut, pairs: int = 4, samples: int = 6) -> torch.Tensor:
-    """Images [pairs, 3 + samples, 3, H, W] in [0, 1]: per held-out pair (distinct targets, spread over the
-    held-out set) its true target, the linear and MLP predictions, and ``samples`` cINN samples, decoded."""
-    expert = held.target_expert()
-    _, first = np.unique(held.target_row, return_index=True)
-    chosen = torch.from_numpy(np.sort(first)[np.linspace(0, len(first) - 1, min(pairs, len(first))).astype(int)])
-    source = held.source[chosen]
-    latents = torch.cat([held.target[chosen].float().unsqueeze(1),
-                         held.predictors["linear"](source, 1).unsqueeze(1),
-                         held.predictors["mlp"](source, 1).unsqueeze(1),
-                         held.predictors["cinn"](source, samples).reshape(len(chosen), samples, -1)], dim=1)
-    images = expert.decode(latents.flatten(0, 1).float()).float().cpu()
-    return images.reshape(len(chosen), latents.shape[1], *images.shape[1:])
-
-
-def eval_figure(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]], images: torch.Tensor | None,
-                note: str | None, out: Path, lines: list[str] | None = None) -> Path:
-    """Draw the table (``columns`` over ``rows``) and, if given, the ``gallery`` images or ``lines`` of text
-    (the captions nearest to a text target's predictions); write ``out`` atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from torchvision.utils import make_grid
-
-    grid = None if images is None else make_grid(images.flatten(0, 1), nrow=images.shape[1], padding=2, pad_value=1)
-    table_height = 0.22 * (len(rows) + 2)
-    image_height = 0 if grid is None else 9 * grid.shape[1] / grid.shape[2]
-    text_height = 0.135 * (len(lines) + 2) if lines else 0
-    fig = Figure(figsize=(9, table_height + image_height + text_height + 0.6), dpi=110)  # no pyplot: nothing global
-    FigureCanvasAgg(fig)
-    heights = [table_height] + ([image_height] if grid is not None else []) + ([text_height] if lines else [])
-    axes = fig.subplots(len(heights), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)[:, 0]
-    axes[0].axis("off")
-    table = axes[0].table(cellText=[list(row[1:]) for row in rows], rowLabels=[row[0] for row in rows],
-                          colLabels=list(columns), loc="center", cellLoc="right")
-    table.auto_set_font_size(False)
-    table.set_fontsize(8)
-    axes[0].set_title(title, fontsize=10)
-    if grid is not None:
-        axes[1].imshow(grid.permute(1, 2, 0).numpy())
-        axes[1].set_xticks([(i + 0.5) * grid.shape[2] / images.shape[1] for i in range(images.shape[1])],
-                           [*COLUMNS, *(f"cINN {i + 1}" for i in range(images.shape[1] - len(COLUMNS)))],
-                           fontsize=7)
-        axes[1].set_yticks([])
-        axes[1].set_title("held-out pairs: the truth, the baselines' predictions, cINN samples", fontsize=9)
-    if lines:
-        axes[-1].axis("off")
-        axes[-1].set_title("held-out sources: the caption nearest (cosine) to each prediction", fontsize=9)
-        axes[-1].text(0, 1, "\n".join(lines), family="monospace", fontsize=7, va="top", transform=axes[-1].transAxes)
-    if note:
-        fig.text(0.01, 0.005, textwrap.shorten(note, 160), fontsize=7, color="dimgray")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return save_png(fig, out)
+warnings.warn("n2n.translate.figures is deprecated: import n2n.evaluate.figures", DeprecationWarning, stacklevel=2)
+sys.modules[__name__] = importlib.import_module("n2n.evaluate.figures")

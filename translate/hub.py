@@ -18,11 +18,22 @@ import re
 import tempfile
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
+from n2n import __version__
 from n2n.errors import N2NError
-from n2n.scoring import ScoreTable
 from n2n.shards import write_text_atomic
-from n2n.train.checkpoint import CHECKPOINT, TrainedFlow, is_pretrained, save_pretrained
-from n2n.translate.report import TRANSLATORS, columns, report_rows
+from n2n.train.checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    TrainedFlow,
+    load_run,
+    model_tensors,
+    save_checkpoint,
+    trained_flow,
+)
+from n2n.translate.report import run_summary, score_rows
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub spells repo ids
 CARD = "README.md"
@@ -32,7 +43,53 @@ class HubError(N2NError):
     """A translator that cannot be found, downloaded or uploaded; the message names it and the way on."""
 
 
-def resolve(run: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+# A translator saved for sharing (Translator.save_pretrained; the Hugging Face Hub's layout): the weights and
+# standardisation in model.safetensors, what rebuilds it and both experts' identities in config.json.
+PRETRAINED_CONFIG, PRETRAINED_WEIGHTS = "config.json", "model.safetensors"
+PRETRAINED_KEYS = ("step", "model", "train", "source", "target", "heldout_bpd", "linear_gaussian_bpd")
+
+
+def save_pretrained(flow: TrainedFlow, folder: Path) -> None:
+    """Write ``flow`` as a pretrained folder: ``model.*`` and ``norm.*`` tensors, and a config.json holding
+    its header's ``PRETRAINED_KEYS`` (no optimizer state, no view: what sampling needs, and the record)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = model_tensors(flow.flow, flow.source_norm, flow.target_norm)
+    save_checkpoint(folder / PRETRAINED_WEIGHTS, tensors, {"format": "n2n"})
+    config = {"n2n_pretrained": 1, "n2n_version": __version__,
+              **{key: flow.meta.get(key) for key in PRETRAINED_KEYS}}
+    write_text_atomic(folder / PRETRAINED_CONFIG, json.dumps(config, indent=2) + "\n")
+
+
+def load_pretrained(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and header of a pretrained folder (the header as a checkpoint's, without a view)."""
+    try:
+        config = json.loads((folder / PRETRAINED_CONFIG).read_text())
+        with safe_open(folder / PRETRAINED_WEIGHTS, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:
+        raise CheckpointError(f"{folder} is not a readable n2n translator ({type(e).__name__}: {e}); save it again "
+                              "with Translator.save_pretrained") from e
+    if not isinstance(config, dict) or config.get("n2n_pretrained") != 1 or "model" not in config:
+        raise CheckpointError(f"{folder / PRETRAINED_CONFIG} is not an n2n translator's config (no n2n_pretrained "
+                              "and model entries)")
+    return tensors, config
+
+
+def is_pretrained(run: Path) -> bool:
+    """Whether ``run`` is a pretrained folder rather than a run folder (which holds a checkpoint)."""
+    return run.is_dir() and not (run / CHECKPOINT).exists() and (run / PRETRAINED_CONFIG).is_file()
+
+
+def load(run: Path | str, device: str | torch.device = "cpu", checkpoint: str = "best") -> TrainedFlow:
+    """A trained translator from a run folder (its ``checkpoint``: ``train.checkpoint.load_run``), a checkpoint
+    file, or a saved translator's folder (``save_pretrained``), in eval mode on ``device``."""
+    run = Path(run)
+    if not is_pretrained(run):
+        return load_run(run, device, checkpoint)
+    return trained_flow(*load_pretrained(run), run, device)
+
+
+def locate(run: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
             token: str | None = None) -> Path:
     """A run folder, checkpoint file or saved folder as it is; else a Hub id, downloaded into (or, offline,
     found in) the Hugging Face cache. A local path is always tried first."""
@@ -85,21 +142,17 @@ def model_card(flow: TrainedFlow, run: Path, license: str = "other", repo_id: st
     dataset = (meta["target"].get("dataset") or {}).get("name", "?")
     kind = meta["model"].get("translator", "coupling")
     name = repo_id or f"{source.get('spec', '?')} → {target.get('spec', '?')}"
-    parameters = sum(p.numel() for p in flow.flow.parameters())
+    facts = run_summary(meta, sum(p.numel() for p in flow.flow.parameters()))
     lines = ["---", "library_name: n2n", f"license: {license}",
              "tags:", "- n2n", "- network-to-network", "- conditional-invertible-network", f"- {kind}", "---", "",
              f"# {name}", "",
              f"An n2n translator (network-to-network translation): samples of the latent of **{target.get('spec')}** "
              f"given the latent of **{source.get('spec')}**, learnt from their cached latents with both experts "
-             f"frozen. Translator: `{kind}` ({parameters:,} parameters), step {meta.get('step')}.", "",
+             "frozen.", "", *(part for line in facts for part in (line, "")),
              "## Data", "",
              f"Pairs of the `{dataset}` dataset: {meta['source'].get('count', '?')} source rows × "
              f"{meta['target'].get('count', '?')} target rows ({meta['source'].get('dim')} → "
              f"{meta['target'].get('dim')} dims), {meta['train'].get('holdout')} of the keys held out.", ""]
-    nll, floor = meta.get("heldout_bpd"), meta.get("linear_gaussian_bpd")
-    if nll is not None:
-        beside = f" (the linear-Gaussian floor: {floor:.3f})" if floor is not None else ""
-        lines += [f"Held-out NLL: {nll:.3f} bits/dim{beside}.", ""]
     lines += scores(run)
     usage = repo_id or "PATH/TO/THIS/FOLDER"
     lines += ["## Usage", "", "```python", "import n2n", "",
@@ -112,15 +165,14 @@ def model_card(flow: TrainedFlow, run: Path, license: str = "other", repo_id: st
 
 
 def scores(run: Path) -> list[str]:
-    """The run's n2n-eval table (its eval.json, where it was scored) as Markdown lines; none without it."""
+    """The run's n2n-eval table (its eval.json, where it was scored: every row, the dataset's included) as
+    Markdown lines; none without it."""
     folder = run if run.is_dir() else run.parent
     report_file = folder / "eval.json"
     if not report_file.is_file() or not ((folder / CHECKPOINT).exists() or is_pretrained(folder)):
         return []
     report = json.loads(report_file.read_text())
-    names = [TRANSLATORS[name] for name in columns(report)]
-    rows = [row for row in report_rows(report, ScoreTable()) if any(row[1:])]
-    table = [f"| metric | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|",
-             *(f"| {' | '.join(row)} |" for row in rows)]
+    table = score_rows(report)
+    caption = [table.caption, ""] if table.caption else []
     return ["## Scores", "", f"`n2n-eval` on {report['translation']['pairs']} held-out pairs at step "
-            f"{report['step']}:", "", *table, ""]
+            f"{report['step']}:", "", *table.markdown(), "", *caption]

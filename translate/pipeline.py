@@ -1,4 +1,4 @@
-"""A trained run as a translator: source input -> source expert -> cINN sample -> target expert.
+"""A trained run as a translator: source input -> source expert -> translator sample -> target expert.
 
 The checkpoint names both stores, and each store names the expert (spec, weights, digest) that
 wrote it, so a run folder alone is enough to rebuild the whole pipeline.
@@ -7,6 +7,7 @@ wrote it, so a run folder alone is enough to rebuild the whole pipeline.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from n2n.errors import N2NError
 from n2n.extract.experts import Expert, expert_of
 from n2n.options import check_fields, setting
 from n2n.shards.view import view_stores
-from n2n.train.checkpoint import TrainedFlow, load_run, run_view
+from n2n.train.checkpoint import TrainedFlow, run_view
+from n2n.translate import hub
 
 
 class TranslateError(N2NError):
@@ -45,7 +47,7 @@ class SamplingConfig:
 
 
 class Translator:
-    """A trained run, ready to use: inputs -> source expert -> cINN samples -> target expert.
+    """A trained run, ready to use: inputs -> source expert -> translator samples -> target expert.
 
     ``Translator.load(run)`` rebuilds both experts from the identities their stores recorded in the
     run (spec, weights, digest), so the run folder alone is enough. Inputs are what the source
@@ -53,8 +55,15 @@ class Translator:
     image expert. Samples are reproducible from ``seed``.
     """
 
-    def __init__(self, flow: TrainedFlow, source: Expert, target: Expert, source_layer: str, run: Path) -> None:
-        self.flow, self.source, self.target, self.source_layer, self.run = flow, source, target, source_layer, run
+    def __init__(self, trained: TrainedFlow, source: Expert, target: Expert, source_layer: str, run: Path) -> None:
+        self.trained, self.source, self.target, self.source_layer, self.run = trained, source, target, source_layer, run
+
+    @property
+    def flow(self) -> TrainedFlow:
+        """Deprecated name of ``trained`` (it read ``translator.flow.flow`` for the network)."""
+        warnings.warn("Translator.flow is deprecated: use Translator.trained (its network: .trained.flow)",
+                      DeprecationWarning, stacklevel=2)
+        return self.trained
 
     @classmethod
     def load(cls, run: str | os.PathLike, *, source_weights: str | os.PathLike | None = None,
@@ -65,16 +74,14 @@ class Translator:
         a checkpoint file, a saved translator's folder (``save_pretrained``) or its Hugging Face Hub id.
         ``checkpoint``: a run folder's best weights (best.safetensors, its best held-out NLL; the last
         where it has none) or its ``last`` (checkpoint.safetensors)."""
-        from n2n.translate.hub import resolve
-
-        run = resolve(run)
-        flow = load_run(run, device, checkpoint)
-        meta = flow.meta
+        run = hub.locate(run)
+        trained = hub.load(run, device, checkpoint)
+        meta = trained.meta
         stores = run_stores(meta, run)
         source = expert_of(meta["source"], "source", _path(source_weights), console, stores[0]).to(device)
         target = expert_of(meta["target"], "target", _path(target_weights), console, stores[1]).to(device)
         layer = (meta["source"].get("expert") or {}).get("layer") or source.layers[0]
-        return cls(flow, source, target, layer, run)
+        return cls(trained, source, target, layer, run)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
@@ -83,24 +90,18 @@ class Translator:
         """``load`` with the Hub's keywords (transformers' and diffusers' spelling): a Hub id, downloaded at
         ``revision`` into ``cache_dir`` (or found there with HF_HUB_OFFLINE=1), or a local folder.
         ``options``: ``load``'s (``source_weights``, ``target_weights``, ``device``)."""
-        from n2n.translate.hub import resolve
-
-        return cls.load(resolve(name_or_path, revision=revision, cache_dir=cache_dir, token=token), **options)
+        return cls.load(hub.locate(name_or_path, revision=revision, cache_dir=cache_dir, token=token), **options)
 
     def save_pretrained(self, folder: str | os.PathLike, *, license: str = "other") -> Path:
         """Write this translator as a Hub model folder: model.safetensors, config.json and a README.md model
         card (with the run's n2n-eval table where it was scored); ``from_pretrained(folder)`` loads it."""
-        from n2n.translate.hub import save
-
-        return save(self.flow, self.run, folder, license)
+        return hub.save(self.trained, self.run, folder, license)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     license: str = "other", commit_message: str = "Upload n2n translator") -> str:
         """Upload the ``save_pretrained`` folder to the Hub repo ``repo_id`` (created if missing, through
         ``huggingface_hub``; log in first: ``huggingface-cli login`` or ``token=``); the commit's URL."""
-        from n2n.translate.hub import push
-
-        return push(self.flow, self.run, repo_id, private=private, token=token, license=license,
+        return hub.push(self.trained, self.run, repo_id, private=private, token=token, license=license,
                     commit_message=commit_message)
 
     def items(self, inputs: Sequence[object]) -> list[dict]:
@@ -139,9 +140,9 @@ class Translator:
         latents [B, cond_dim] already encoded. z ~ N(0, T^2 I) through the inverse flow."""
         SamplingConfig(n, temperature, seed, steps, guidance)  # each checked, before any work
         source = inputs if isinstance(inputs, torch.Tensor) else self.encode(inputs)
-        device = next(self.flow.flow.parameters()).device
+        device = next(self.trained.flow.parameters()).device
         generator = torch.Generator(device).manual_seed(seed)
-        latents = self.flow.sample(source.to(device).repeat_interleave(n, dim=0), temperature, generator, steps,
+        latents = self.trained.sample(source.to(device).repeat_interleave(n, dim=0), temperature, generator, steps,
                                    guidance)
         return latents.view(len(source), n, -1).cpu()
 

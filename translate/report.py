@@ -1,29 +1,89 @@
-"""An eval.json as the rows of its table: one renderer for what n2n-eval prints and draws, what a
-saved translator's model card and ``n2n serve`` show. It reads a report and nothing else, so that the
-evaluation, the Hub format and the page each import it and not one another.
+"""A run's facts and its eval.json as text: the one renderer of what n2n-eval prints and draws, what a saved
+translator's model card and ``n2n serve`` show. It reads a checkpoint's header and a report and nothing
+else (a report records its dataset's rows), so that the evaluation, the Hub format and the page each
+import it and not one another, and a report downloaded without its dataset's plug-in reads whole.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from n2n.scoring import ScoreTable
+from n2n.scoring import ScoreTable, upgrade_report
 
-TRANSLATORS = {"cinn": "cINN", "linear": "linear LS", "mlp": "MLP", "procrustes": "Procrustes",
-               "source": "source itself"}  # the last only where source and target share a space
+LABELS = {"translator": "translator", "linear": "linear LS", "mlp": "MLP", "procrustes": "Procrustes",
+          "source": "source itself"}  # the last only where source and target share a space
+POOL = 1024  # candidates of vec2vec's retrieval
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A report as a table: a header per column (the metric's, then one per translator), the rows, and a
+    caption under them."""
+
+    headers: list[str]
+    rows: list[tuple[str, ...]]
+    caption: str = ""
+
+    def markdown(self) -> list[str]:
+        """The table as Markdown lines; the rows with a number only."""
+        return [f"| {' | '.join(self.headers)} |", "|---" * len(self.headers) + "|",
+                *(f"| {' | '.join(row)} |" for row in self.rows if any(row[1:]))]
+
+
+def run_summary(meta: dict, parameters: int) -> list[str]:
+    """What a run is, as Markdown sentences: its experts, translator kind and size, step, and its held-out NLL
+    beside the linear-Gaussian floor (``meta``: a checkpoint's header)."""
+    source, target = ((meta[side].get("expert") or {}).get("spec", "?") for side in ("source", "target"))
+    kind = meta["model"].get("translator", "coupling")
+    lines = [f"`{source}` → `{target}`: a {kind} translator of {parameters:,} parameters, step {meta.get('step')}."]
+    nll, floor = meta.get("heldout_bpd"), meta.get("linear_gaussian_bpd")
+    if nll is not None:
+        beside = f" (the linear-Gaussian floor: {floor:.3f})" if floor is not None else ""
+        lines.append(f"Held-out NLL: {nll:.3f} bits/dim{beside}.")
+    return lines
 
 
 def columns(report: dict) -> list[str]:
     """The translators of a report's table: every one scored (the source itself only in a shared space)."""
-    scores = report.get("translation") or {}
-    return [name for name in TRANSLATORS if name != "source" or name in scores]
+    scores = upgrade_report(report).get("translation") or {}
+    return [name for name in LABELS if name != "source" or name in scores]
 
 
-POOL = 1024  # candidates of vec2vec's retrieval
+def headers(report: dict) -> list[str]:
+    """The table's headers: the metric, then each translator (``title`` names the run's kind)."""
+    return ["metric", *(LABELS[name] for name in columns(report))]
+
+
+def title(report: dict) -> str:
+    """A report's title: the run, its step and, where the report records it, its translator's kind."""
+    kind = f", a {report['kind']} translator" if report.get("kind") else ""
+    return f"n2n-eval {report['run']} (step {report['step']}{kind})"
+
+
+def score_rows(report: dict, dataset: ScoreTable | None = None) -> Scores:
+    """Every row of a report (an eval.json of any version): the held-out NLL (the linear column holds the
+    linear-Gaussian floor), the translation scores, and the dataset's rows, as the report recorded them or
+    as ``dataset`` gives them (the run's translator and the MLP; the other columns empty)."""
+    report = upgrade_report(report)
+    if dataset is None:
+        recorded = report.get("dataset_table") or {}
+        dataset = ScoreTable([tuple(row) for row in recorded.get("rows", [])], recorded.get("caption", ""))
+    floor, names = report.get("linear_gaussian_bpd"), columns(report)
+
+    def row(metric: str, **cells: str) -> tuple[str, ...]:
+        return (metric, *(cells.get(name, "") for name in names))
+
+    nll = row("held-out NLL (bits/dim)", translator=f"{report['heldout_bpd']:.4f}",
+              linear="" if floor is None else f"{floor:.4f}")
+    rows = [nll, *translation_rows(report), *(row(metric, translator=ours, mlp=mlp)
+                                              for metric, ours, mlp in dataset.rows)]
+    return Scores(headers(report), rows, dataset.caption)
 
 
 def translation_rows(report: dict) -> list[tuple[str, ...]]:
-    """The printed rows of ``translation_scores``: (metric, one cell per translator of ``columns``)."""
+    """The rows of a report's ``translation`` scores: (metric, one cell per translator of ``columns``)."""
+    report = upgrade_report(report)
     scores = report.get("translation")
     if not scores:
         return []
@@ -33,7 +93,7 @@ def translation_rows(report: dict) -> list[tuple[str, ...]]:
         def cell(name: str) -> str:
             try:
                 return format(pick(scores[name]), fmt)
-            except KeyError:  # a score this translator does not have (best of n: the cINN's), or an older report
+            except KeyError:  # a score this translator does not have (best of n: the run's), or an older report
                 return ""
         return (label, *(cell(name) for name in columns(report)))
 
@@ -54,18 +114,3 @@ def translation_rows(report: dict) -> list[tuple[str, ...]]:
         row("precision (k-NN, k=3)", lambda s: s["precision"], ".3f"),
         row("recall (k-NN, k=3)", lambda s: s["recall"], ".3f"),
     ]
-
-
-def report_rows(report: dict, scores: ScoreTable) -> list[tuple[str, ...]]:
-    """Every row of the report's table: (metric, one cell per translator of ``columns``); the linear column of
-    the NLL row is the linear-Gaussian floor, and the dataset's rows (``scores``: cINN, MLP) leave the others
-    empty."""
-    floor = report.get("linear_gaussian_bpd")
-    names = columns(report)
-
-    def row(metric: str, **cells: str) -> tuple[str, ...]:
-        return (metric, *(cells.get(name, "") for name in names))
-
-    nll = row("held-out NLL (bits/dim)", cinn=f"{report['heldout_bpd']:.4f}",
-              linear="" if floor is None else f"{floor:.4f}")
-    return [nll, *translation_rows(report), *(row(metric, cinn=cinn, mlp=mlp) for metric, cinn, mlp in scores.rows)]

@@ -15,8 +15,10 @@ source expert reads) is a message on the page, not a stack trace. The server bin
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -26,9 +28,11 @@ from PIL import Image
 
 from n2n.cli import CONTEXT, reports_errors
 from n2n.errors import N2NError
-from n2n.options import check_value
+from n2n.extract.datasets import read_captions
+from n2n.options import check_fields, click_options, config_option, load_options, setting
 from n2n.shards import Store, open_store
 from n2n.translate.pipeline import SamplingConfig, Translator, run_stores
+from n2n.translate.report import Scores, run_summary, score_rows
 
 CAPTION_BANK = 50_000  # target-store rows a caption is looked for among (the first ones)
 NEAREST = 3  # captions shown per sample
@@ -44,15 +48,16 @@ class Served:
 
     name: str
     translator: Translator
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # the sliders' start; steps, guidance
     store: Store | None = None  # the target store, where the run's view is at hand
     bank: torch.Tensor | None = None  # its first rows, L2-normalised, for nearest captions
 
     @classmethod
-    def load(cls, run: str, device: str) -> Served:
+    def load(cls, run: str, device: str, sampling: SamplingConfig | None = None) -> Served:
         translator = Translator.load(run, device=device)
-        served = cls(Path(str(run).rstrip("/")).name or str(run), translator)
+        served = cls(Path(str(run).rstrip("/")).name or str(run), translator, sampling or SamplingConfig())
         if translator.target.modality == "text":
-            target = run_stores(translator.flow.meta, translator.run)[1]
+            target = run_stores(translator.trained.meta, translator.run)[1]
             if target is not None:
                 served.store = open_store(target)
                 rows = min(len(served.store), CAPTION_BANK)
@@ -78,7 +83,8 @@ class Served:
 
     def images(self, inputs: list, n: int, temperature: float, seed: int) -> list[Image.Image]:
         """The decoded samples as PIL images, row-major (input, sample)."""
-        decoded = self.translator.translate(inputs, n=n, temperature=temperature, seed=seed)
+        decoded = self.translator.translate(inputs, n=n, temperature=temperature, seed=seed,
+                                            steps=self.sampling.steps, guidance=self.sampling.guidance)
         flat = decoded.reshape(-1, *decoded.shape[-3:])
         return [Image.fromarray(to_uint8(image)) for image in flat]
 
@@ -87,9 +93,8 @@ class Served:
         if self.bank is None:
             raise ServeError(f"{self.name}: its view's stores are not here, so there are no captions to show: "
                              "serve the run folder beside its shards/")
-        from n2n.translate.texts import read_captions
-
-        latents = self.translator.sample(inputs, n=n, temperature=temperature, seed=seed).flatten(0, 1)
+        latents = self.translator.sample(inputs, n=n, temperature=temperature, seed=seed, steps=self.sampling.steps,
+                                         guidance=self.sampling.guidance).flatten(0, 1)
         cosine = F.normalize(latents.float(), dim=1) @ self.bank.T
         best = cosine.topk(min(NEAREST, len(self.bank)), dim=1)
         rows = np.unique(best.indices.numpy())
@@ -99,18 +104,10 @@ class Served:
                 for rank, (r, c) in enumerate(zip(idx, cos, strict=True))]
 
     def about(self) -> str:
-        """What the run is, as Markdown."""
-        meta = self.translator.flow.meta
-        source, target = (meta[side].get("expert") or {} for side in ("source", "target"))
-        parameters = sum(p.numel() for p in self.translator.flow.flow.parameters())
-        nll, floor = meta.get("heldout_bpd"), meta.get("linear_gaussian_bpd")
-        lines = [f"**{self.name}**: `{source.get('spec')}` → `{target.get('spec')}`, "
-                 f"a {meta['model'].get('translator', 'coupling')} translator of {parameters:,} parameters at step "
-                 f"{meta.get('step')}, from `{self.translator.run}`."]
-        if nll is not None:
-            lines.append(f"Held-out NLL {nll:.3f} bits/dim" + (f" (the linear-Gaussian floor: {floor:.3f})." if floor
-                                                               is not None else "."))
-        return "\n\n".join(lines)
+        """What the run is, as Markdown (``translate.report.run_summary``, as the model card says it)."""
+        trained = self.translator.trained
+        facts = run_summary(trained.meta, sum(p.numel() for p in trained.flow.parameters()))
+        return "\n\n".join([f"**{self.name}**, from `{self.translator.run}`: {facts[0]}", *facts[1:]])
 
     @property
     def folder(self) -> Path:
@@ -122,16 +119,10 @@ class Served:
         """The run's pictures that exist: eval.png, loss.png."""
         return {name: self.folder / name for name in ("eval.png", "loss.png") if (self.folder / name).is_file()}
 
-    def scores(self) -> list[list[str]] | None:
-        """The run's n2n-eval table (its eval.json), or None."""
+    def scores(self) -> Scores | None:
+        """The run's n2n-eval table (its eval.json, every row as n2n-eval prints it), or None."""
         report = self.folder / "eval.json"
-        if not report.is_file():
-            return None
-        from n2n.translate.evaluate import dataset_table
-        from n2n.translate.report import report_rows
-
-        data = json.loads(report.read_text())
-        return [list(row) for row in report_rows(data, dataset_table(data))]
+        return score_rows(json.loads(report.read_text())) if report.is_file() else None
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -145,8 +136,6 @@ def build(served: list[Served]):
         import gradio as gr
     except ImportError as err:
         raise ServeError("n2n serve needs gradio: pip install 'n2n[serve]'") from err
-    from n2n.translate.evaluate import TRANSLATORS
-
     def guarded(fn):
         def call(*args):
             try:
@@ -162,11 +151,12 @@ def build(served: list[Served]):
                 gr.Markdown(run.about())
                 modality = run.translator.source.modality
                 with gr.Row():
-                    n = gr.Slider(1, 16, value=SamplingConfig.n if modality == "text" else 4, step=1,
+                    start = run.sampling
+                    n = gr.Slider(1, 16, value=min(start.n, 16) if modality == "text" else min(start.n, 4), step=1,
                                   label="samples", elem_id=f"n-{index}")
-                    temperature = gr.Slider(0.0, 2.0, value=SamplingConfig.temperature, step=0.05,
+                    temperature = gr.Slider(0.0, 2.0, value=start.temperature, step=0.05,
                                             label="temperature (the scale of z)", elem_id=f"temperature-{index}")
-                    seed = gr.Number(value=SamplingConfig.seed, precision=0, minimum=0, label="seed",
+                    seed = gr.Number(value=start.seed, precision=0, minimum=0, label="seed",
                                      elem_id=f"seed-{index}")
                 if modality == "text":
                     source = gr.Textbox(label="caption", placeholder="a small red circle in the top left",
@@ -187,8 +177,10 @@ def build(served: list[Served]):
                 with gr.Accordion("the run's scores and curves", open=False):
                     table = run.scores()
                     if table is not None:
-                        headers = ["metric", *TRANSLATORS.values()][: len(table[0])]
-                        gr.Dataframe(value=table, headers=headers, interactive=False)
+                        gr.Dataframe(value=[list(row) for row in table.rows], headers=table.headers,
+                                     interactive=False)
+                        if table.caption:
+                            gr.Markdown(table.caption)
                     for name, path in run.files().items():
                         gr.Image(value=str(path), label=name, interactive=False)
     return page
@@ -203,35 +195,50 @@ def inputs(value: object, modality: str, run: Served) -> object:
     return value.convert("RGB")
 
 
-def serve(runs: list[str], host: str = "127.0.0.1", port: int | None = None, device: str = "cpu",
-          block: bool = True):
-    """Load ``runs`` and serve their page; returns the Gradio app (``block=False`` for tests and notebooks)."""
+@dataclass(frozen=True)
+class ServeConfig:
+    """Where ``n2n serve`` listens and runs; how it samples is ``SamplingConfig`` (the page's sliders start at
+    its ``n``, ``temperature`` and ``seed``; ``steps`` and ``guidance`` hold for every request)."""
+
+    host: str = setting("127.0.0.1", "Address to bind: 127.0.0.1 serves this machine only; 0.0.0.0 serves the "
+                                     "network.")
+    port: int | None = setting(None, "Port. [default: Gradio's, 7860, or the next free one]", min=1, max=65535)
+    device: str = setting("cpu", "Where the translators and experts run: cpu, cuda or cuda:N.")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def serve(runs: list[str] | None = None, host: str | None = None, port: int | None = None, device: str | None = None,
+          block: bool = True, *, config: str | os.PathLike | None = None, **options: Any):
+    """Load ``runs`` and serve their page; returns the Gradio app (``block=False`` for tests and notebooks).
+    ``options``: ``ServeConfig``'s fields (``host``, ``port``, ``device``) and ``SamplingConfig``'s (``n``,
+    ``temperature``, ``seed``, ``steps``, ``guidance``); ``config``: a YAML file of them (and ``run``), which
+    keyword arguments override, as ``n2n serve --config`` reads it."""
+    given = {"run": runs, "host": host, "port": port, "device": device, **options}
+    mine, (where, sampling) = load_options(config, given, ServeConfig, SamplingConfig, own={"run": None})
+    where, sampling = ServeConfig(**where), SamplingConfig(**sampling)  # each checked before any run is loaded
+    runs = [mine["run"]] if isinstance(mine["run"], str | os.PathLike) else list(mine["run"] or [])
     if not runs:
         raise ServeError("no run to serve: give one or more --run")
-    if port is not None:
-        check_value("port", port, integer=True, min=1, max=65535)
-    page = build([Served.load(run, device) for run in runs])
+    page = build([Served.load(run, where.device, sampling) for run in runs])
     page.queue(default_concurrency_limit=1)
-    page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, quiet=True)
+    page.launch(server_name=where.host, server_port=where.port, prevent_thread_lock=not block, show_error=True,
+                quiet=True)
     return page
 
 
-@click.group(context_settings=CONTEXT)
-def cli() -> None:
-    """n2n's umbrella command: ``n2n serve`` (the others are n2n-extract, n2n-train, n2n-translate, ...)."""
-
-
-@cli.command("serve", context_settings=CONTEXT)
-@click.option("--run", "runs", multiple=True, required=True,
+@click.command("serve", context_settings=CONTEXT)
+@config_option
+@click.option("--run", "run", multiple=True,
               help="A run folder, a saved translator's folder or its Hugging Face Hub id (repeatable: a tab each).")
-@click.option("--host", default="127.0.0.1", help="Address to bind: 127.0.0.1 serves this machine only; 0.0.0.0 "
-                                                  "serves the network.")
-@click.option("--port", type=int, default=None, help="Port (default: Gradio's, 7860, or the next free one).")
-@click.option("--device", default="cpu", help="Where the translators and experts run: cpu, cuda or cuda:N.")
+@click_options(ServeConfig)
+@click_options(SamplingConfig)
 @reports_errors
-def serve_command(runs: tuple[str, ...], host: str, port: int | None, device: str) -> None:
+def main(run: tuple[str, ...], **options: Any) -> None:
     """Try translators in a browser: a page with a tab per run. A text source: type a caption, get decoded
-    samples; an image source: upload one, read the nearest captions of each sample.
+    samples; an image source: upload one, read the nearest captions of each sample. --n, --temperature and
+    --seed set where the page's sliders start; --steps and --guidance hold for every request.
 
     Example: n2n serve --run runs/minilm_ae --run runs/ae_minilm"""
-    serve(list(runs), host, port, device)
+    serve(list(run), **options)

@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
@@ -28,6 +29,7 @@ from rich.console import Console
 from n2n import plugins
 from n2n.errors import N2NError
 from n2n.options import check_value
+from n2n.shards import Store
 
 MODALITIES = ("image", "text", "label")
 
@@ -109,7 +111,7 @@ class ItemDataset(torch.utils.data.Dataset, ABC):
     @classmethod
     def translation_scorer(cls) -> object | None:
         """What ``n2n.evaluate`` measures on a run over this dataset beyond the held-out NLL: a
-        ``n2n.scoring.TranslationScorer``, handed the held-out pairs and the cINN and MLP
+        ``n2n.scoring.TranslationScorer``, handed the held-out pairs and the run's translator and MLP
         baseline to compare (shapes: a judge reads decoded samples). None, the default: the NLL alone."""
         return None
 
@@ -232,3 +234,18 @@ __all__ = [
     "open_dataset",
     "reopen_dataset",
 ]
+
+
+def read_captions(store: Store, rows: np.ndarray) -> list[str]:
+    """The caption of each of ``store``'s ``rows``: its dataset item (by key) and caption number (sub)."""
+    dataset = reopen_dataset(store.meta["dataset"]).with_modalities(["text"])
+    wanted = {str(key) for key in store.keys[rows]}
+    index = {}
+    for i in range(len(dataset)):
+        key = dataset.key(i)
+        if key in wanted:
+            index[key] = i
+            if len(index) == len(wanted):
+                break
+    return [dataset[index[str(key)]]["text"][int(sub)] for key, sub in zip(store.keys[rows], store.sub[rows],
+                                                                           strict=True)]

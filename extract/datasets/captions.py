@@ -29,7 +29,7 @@ from PIL import Image
 
 from n2n.extract.datasets import DatasetError
 from n2n.extract.experts import first_line, folder_name, hub_offline, weights_digest
-from n2n.shards.paths import write_text_atomic
+from n2n.files import write_text_atomic
 
 CHUNK = 256  # items per cache file: the most captioning a crash can cost
 INFO = "captions.json"

@@ -7,7 +7,7 @@ store), so:
   entropy of the attributes it leaves open (1 = all values equally often, 0 = always the same).
 - image -> text: sample text latents for held-out images and retrieve the nearest held-out caption;
   it is right when every attribute it names matches the image.
-Each predictor ``n2n.evaluate`` hands over (the cINN and the MLP baseline) is scored the same way.
+Each predictor ``n2n.evaluate`` hands over (the run's translator and the MLP baseline) is scored the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from n2n.extract.datasets.shapes_judge import DEFAULT_PATH, IMAGE_SIZE, ShapesJudge, accuracy, load_judge
 from n2n.extract.datasets.shapes_world import ATTRIBUTES, COLORS, POSITIONS, SHAPES, SIZES, render
 from n2n.extract.experts import Expert
-from n2n.scoring import HeldOut, Predictor, ScoreTable
+from n2n.scoring import HeldOut, Predictor, ScoreTable, upgrade_report
 
 VALUES = {"color": len(COLORS), "shape": len(SHAPES), "size": len(SIZES), "position": len(POSITIONS)}
 REAL_IMAGES = 500  # held-out items whose real image the judge reads, to show it can be trusted
@@ -150,12 +150,13 @@ class ShapesScorer:
         return {}
 
     def table(self, report: dict) -> ScoreTable:
+        report = upgrade_report(report)  # an eval.json of any version
         if "judge_real_accuracy" in report:
             return _text_to_image_table(report)
-        if "cinn" in report:
-            return ScoreTable([("nearest caption fits the image", _percent(report["cinn"]["accuracy"]),
+        if "translator" in report:
+            return ScoreTable([("nearest caption fits the image", _percent(report["translator"]["accuracy"]),
                                 _percent(report["mlp"]["accuracy"]))],
-                              f"a random caption fits {100 * report['cinn']['chance']:.1f}% of the time")
+                              f"a random caption fits {100 * report['translator']['chance']:.1f}% of the time")
         return ScoreTable()
 
 
@@ -164,7 +165,7 @@ def _percent(value: float | None) -> str:
 
 
 def _text_to_image_table(report: dict) -> ScoreTable:
-    models = (report["cinn"], report["mlp"])
+    models = (report["translator"], report["mlp"])
     rows = [(f"{attr} accuracy (named)", *(_percent(m["accuracy"][attr]) for m in models)) for attr in ATTRIBUTES]
     rows += [(f"{attr} entropy (open; perfect {report['uniform_entropy'][attr]:.2f})",
               *("-" if m["open_entropy"][attr] is None else f"{m['open_entropy'][attr]:.2f}" for m in models))

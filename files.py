@@ -1,4 +1,6 @@
-"""Where stores live: local paths or fsspec URLs, and writes that readers never see half-done.
+"""Where n2n writes: local paths or fsspec URLs, and writes that readers never see half-done.
+
+Every stage writes through these (stores, runs, reports), so they sit below all of them.
 
 A store's path may be an fsspec URL (``s3://``, ``gs://``, ``memory://``): it is then a
 ``upath.UPath`` with pathlib's API, and a file is replaced by one PUT (which object stores make
