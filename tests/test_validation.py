@@ -12,12 +12,12 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from n2n.evaluate.cli import main as n2n_eval
 from n2n.extract.cli import main as n2n_extract
 from n2n.extract.train_ae import main as n2n_train_ae
 from n2n.shards.cli import main as n2n_shards
 from n2n.train.cli import main as n2n_train
 from n2n.translate.cli import main as n2n_translate
-from n2n.evaluate.cli import main as n2n_eval
 
 # command -> (click command, the arguments that make a run otherwise valid; {tmp} is a fresh folder)
 COMMANDS = {
