@@ -86,17 +86,10 @@ def train(view: View | str | os.PathLike | None = None, out: str | os.PathLike |
     ranks = Ranks.from_env()
     console = console if console and ranks.main else Console(stderr=True, quiet=not ranks.main)  # one voice
     if resume:
-        if not checkpoint.exists():
-            raise CheckpointError(f"--resume: no checkpoint in {out}; drop --resume to start this run")
-        meta = read_meta(checkpoint)
-        cfg, flow_config = resumed_settings(meta, cfg, flow_config, set(options), checkpoint)
-        if view_path is None:
-            view_path = run_view(meta, out)
-        else:
-            check_fits(meta, view_path, checkpoint)
-        if meta["step"] >= cfg.steps:  # a rerun of a finished run (make demo): nothing to load
+        cfg, flow_config, view_path, step = resumed(out, view_path, cfg, flow_config, set(options))
+        if step >= cfg.steps:  # a rerun of a finished run (make demo): nothing to load
             if progress:
-                console.print(f"{out} is already at step {meta['step']}: nothing to train (a larger --steps goes on)")
+                console.print(f"{out} is already at step {step}: nothing to train (a larger --steps goes on)")
             return out
     elif checkpoint.exists():
         raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
@@ -104,15 +97,40 @@ def train(view: View | str | os.PathLike | None = None, out: str | os.PathLike |
     if init_from is not None and resume:
         raise TrainError(f"--init-from {init_from} starts a new run; --resume goes on with {out}'s own weights: "
                          "give one of them")
-
-    dev = device_of(device, ranks)
-    lock = hold(out, "trained") if ranks.main else None  # one run per folder; rank 0 alone writes it
-    joined = ranks.init("nccl" if dev.type == "cuda" else "gloo")
     resolved = {"shards": view_path, "out": out, **dataclasses.asdict(cfg), **dataclasses.asdict(flow_config),
                 "device": device, "compile": compile, "stream": stream, "init_from": init_from}
+    summary = fit_locked(view_path, out, cfg, flow_config, ranks, device, resume=resume, compile=compile,
+                         stream=stream, progress=progress, console=console, config=resolved, init_from=init_from)
+    if progress and ranks.main:
+        print_summary(summary, console)
+    return out
+
+
+def resumed(out: Path, view_path: Path | None, cfg: TrainConfig, flow_config: FlowConfig,
+            given: set[str]) -> tuple[TrainConfig, FlowConfig, Path, int]:
+    """What ``--resume`` of the run in ``out`` goes on with: its own settings (``resumed_settings``), its view
+    (``view_path`` where given, checked to fit), and the step it is at."""
+    checkpoint = out / CHECKPOINT
+    if not checkpoint.exists():
+        raise CheckpointError(f"--resume: no checkpoint in {out}; drop --resume to start this run")
+    meta = read_meta(checkpoint)
+    cfg, flow_config = resumed_settings(meta, cfg, flow_config, given, checkpoint)
+    if view_path is None:
+        view_path = run_view(meta, out)
+    else:
+        check_fits(meta, view_path, checkpoint)
+    return cfg, flow_config, view_path, meta["step"]
+
+
+def fit_locked(view_path: Path, out: Path, cfg: TrainConfig, flow_config: FlowConfig, ranks: Ranks, device: str,
+               **fit_options: Any) -> dict:
+    """``fit`` on ``device`` with the run folder's lock held (rank 0 alone writes it) and the process group
+    joined under torchrun, both released however it ends; running out of memory is a TrainError."""
+    dev = device_of(device, ranks)
+    lock = hold(out, "trained") if ranks.main else None  # one run per folder
+    joined = ranks.init("nccl" if dev.type == "cuda" else "gloo")
     try:
-        summary = fit(view_path, out, cfg, flow_config, resume=resume, dev=dev, compile=compile, stream=stream,
-                      progress=progress, console=console, ranks=ranks, config=resolved, init_from=init_from)
+        return fit(view_path, out, cfg, flow_config, dev=dev, ranks=ranks, **fit_options)
     except RuntimeError as err:  # torch.OutOfMemoryError is one
         if not out_of_memory(err):
             raise
@@ -123,9 +141,6 @@ def train(view: View | str | os.PathLike | None = None, out: str | os.PathLike |
             dist.destroy_process_group()
         if lock is not None:
             lock.release()
-    if progress and ranks.main:
-        print_summary(summary, console)
-    return out
 
 
 def check_dims(view: Path, source_dim: int | None, target_dim: int | None) -> None:
