@@ -211,6 +211,15 @@ class ContinuousFlow(nn.Module):
                          solver or self.config.solver)
         return x
 
+    def residual(self, x: Tensor, c: Tensor, steps: int | None = None, solver: str | None = None) -> Tensor:
+        """v [B, dim]: x run back along the conditional field from t = 1 to 0, then through the linear stage
+        (``forward``'s map without the divergence, so no backward pass). ``reverse(v, c)`` gives x back up to
+        the solver's error, which shrinks with ``steps`` (measured in the docs' editing guide)."""
+        v = self.field(c)
+        (x0,) = integrate(lambda t, s: (v(s[0], t),), (x,), 1.0, 0.0, steps or self.config.ode_steps,
+                          solver or self.config.solver)
+        return self.linear_stage(x0, c)[0] if self.linear_stage is not None else x0
+
     def sample(self, c: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
                steps: int | None = None, solver: str | None = None, guidance: float = 1.0) -> Tensor:
         """Draw x ~ p(x | c): z ~ N(0, temperature^2 I), then ``reverse``. One sample per row of c."""

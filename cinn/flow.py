@@ -447,6 +447,12 @@ class ConditionalFlow(nn.Module):
             z = block.reverse(z, h)
         return self.linear_stage.reverse(z, c) if self.linear_stage is not None else z
 
+    def residual(self, x: Tensor, c: Tensor) -> Tensor:
+        """v = f(x | c) [B, dim]: what x holds that c does not explain, in N(0, I)'s units; ``reverse(v, c2)``
+        keeps it under another condition (the paper's modification through the residual). Exact: the same
+        map as ``forward``, without the log-determinant."""
+        return self(x, c)[0]
+
     def draw(self, size: int, generator: torch.Generator) -> tuple[Tensor, ...]:
         """The random inputs of ``loss`` for a batch of ``size`` (none: the NLL is exact)."""
         return ()

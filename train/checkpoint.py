@@ -168,6 +168,24 @@ class TrainedFlow:
         return self.target_norm.inverse(self.flow.sample(c, temperature, generator,
                                                          **sampling_options(self.flow, steps=steps, guidance=guidance)))
 
+    @torch.no_grad()
+    def residual(self, target: torch.Tensor, source: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """v [B, dim] per (target, source) row pair, both in stored units: what each target holds that its
+        source does not explain (the flow's residual of the standardised pair). ``steps``: a continuous
+        translator's ODE steps."""
+        x, c = self.target_norm(target.float()), self.source_norm(source.float())
+        return self.flow.residual(x, c, **sampling_options(self.flow, steps=steps))
+
+    @torch.no_grad()
+    def recombine(self, v: torch.Tensor, source: torch.Tensor, steps: int | None = None,
+                  guidance: float = 1.0) -> torch.Tensor:
+        """Target latents [B, dim] in stored units: each residual of ``v`` [B, dim] under the source row beside
+        it; ``recombine(residual(x, c), c)`` is x again (exactly for a coupling translator; up to the ODE
+        solver's error for a continuous one)."""
+        c = self.source_norm(source.float())
+        x = self.flow.reverse(v.to(c.dtype), c, **sampling_options(self.flow, steps=steps, guidance=guidance))
+        return self.target_norm.inverse(x)
+
 
 def sampling_options(flow: nn.Module, **given: Any) -> dict[str, Any]:
     """The options of ``given`` that are set (not None, guidance not 1) for ``flow.sample``; one its kind does

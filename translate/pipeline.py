@@ -104,13 +104,15 @@ class Translator:
         return hub.push(self.trained, self.run, repo_id, private=private, token=token, license=license,
                     commit_message=commit_message)
 
-    def items(self, inputs: Sequence[object]) -> list[dict]:
-        """Dataset-like items for the source expert; an input of the wrong kind is a TranslateError."""
+    def items(self, inputs: Sequence[object], side: str = "source") -> list[dict]:
+        """Dataset-like items for the ``side`` ("source" or "target") expert; an input of the wrong kind is a
+        TranslateError."""
         if isinstance(inputs, str | Image.Image | os.PathLike):
             inputs = [inputs]
         if not len(inputs):
             raise TranslateError("nothing to translate: give one or more inputs")
-        modality = self.source.modality
+        expert = self.source if side == "source" else self.target
+        modality = expert.modality
         items = []
         for value in inputs:
             if modality == "text" and isinstance(value, str) and value.strip():
@@ -121,16 +123,78 @@ class Translator:
                 items.append({"image": read_image(Path(value))})
             else:
                 wanted = "a non-empty caption (str)" if modality == "text" else "an image (PIL image or file path)"
-                raise TranslateError(f"input {str(value)[:60]!r}: the run's source expert {self.source.spec} reads "
+                raise TranslateError(f"input {str(value)[:60]!r}: the run's {side} expert {expert.spec} reads "
                                      f"{modality}; give {wanted}")
         return items
 
     @torch.no_grad()
-    def encode(self, inputs: Sequence[object]) -> torch.Tensor:
-        """Source latents [len(inputs), cond_dim], one per input (a caption / an image)."""
-        rows = [self.source.rows(item)[0] for item in self.items(inputs)]
-        batch = {k: v.to(self.source.device) for k, v in self.source.collate(rows).items()}
-        return self.source.encode(batch, [self.source_layer])[self.source_layer].float()
+    def encode(self, inputs: Sequence[object] | torch.Tensor, side: str = "source") -> torch.Tensor:
+        """Latents of the ``side`` expert [len(inputs), dim], one per input (a caption / an image), or
+        ``inputs`` themselves where they are latents already (checked to be that side's size)."""
+        expert = self.source if side == "source" else self.target
+        layer = self.source_layer if side == "source" else self.target_layer
+        dim = self.trained.flow.cond_dim if side == "source" else self.trained.flow.dim
+        if isinstance(inputs, torch.Tensor):
+            if inputs.ndim != 2 or inputs.shape[1] != dim:
+                raise TranslateError(f"{side} latents of shape {tuple(inputs.shape)}: this run's {side} latents are "
+                                     f"[N, {dim}] ({expert.spec}); give latents of its {side} store, or its inputs")
+            return inputs.float()
+        rows = [expert.rows(item)[0] for item in self.items(inputs, side)]
+        batch = {k: v.to(expert.device) for k, v in expert.collate(rows).items()}
+        return expert.encode(batch, [layer])[layer].float()
+
+    @property
+    def target_layer(self) -> str:
+        """The target expert's layer the run's target store holds."""
+        return (self.trained.meta["target"].get("expert") or {}).get("layer") or self.target.layers[0]
+
+    # --- the residual: what a target holds that its source does not say ------------------------------------
+
+    @torch.no_grad()
+    def residual(self, targets: Sequence[object] | torch.Tensor, sources: Sequence[object] | torch.Tensor,
+                 steps: int | None = SamplingConfig.steps) -> torch.Tensor:
+        """v [N, dim], one per (target, source) pair: what each target holds that its source does not explain
+        (for text -> image, what a caption leaves open: where, how large). ``targets``: what the target expert
+        reads (images for an image target) or target latents [N, dim]; ``sources``: the source expert's inputs
+        (captions) or source latents, one per target. ``steps``: a continuous translator's ODE steps."""
+        x, c = self.encode(targets, "target"), self.encode(sources, "source")
+        if len(x) != len(c):
+            raise TranslateError(f"{len(x)} targets and {len(c)} sources: a residual is taken of each target under "
+                                 "its own source; give one source per target")
+        device = next(self.trained.flow.parameters()).device
+        return self.trained.residual(x.to(device), c.to(device), steps).cpu()
+
+    @torch.no_grad()
+    def recombine(self, v: torch.Tensor, sources: Sequence[object] | torch.Tensor,
+                  steps: int | None = SamplingConfig.steps, guidance: float = SamplingConfig.guidance) -> torch.Tensor:
+        """Target latents [len(v), len(sources), dim]: every residual of ``v`` [N, dim] under every source,
+        x' = f^-1(v | c'), so what the source names changes and what the residual holds stays.
+        ``recombine(residual(x, c), c)`` gives x back: exactly (float rounding) for a coupling translator, up to
+        the ODE solver's error for a continuous one."""
+        dim = self.trained.flow.dim
+        if not isinstance(v, torch.Tensor) or v.ndim != 2 or v.shape[1] != dim:
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise TranslateError(f"residuals of shape {shape}: this run's residuals are [N, {dim}]; take them with "
+                                 "this run's Translator.residual")
+        SamplingConfig(steps=steps, guidance=guidance)  # each checked, before any work
+        c = self.encode(sources, "source")
+        device = next(self.trained.flow.parameters()).device
+        pairs_v = v.float().repeat_interleave(len(c), 0).to(device)
+        pairs_c = c.repeat(len(v), 1).to(device)
+        return self.trained.recombine(pairs_v, pairs_c, steps, guidance).view(len(v), len(c), -1).cpu()
+
+    def edit(self, targets: Sequence[object] | torch.Tensor, sources_from: Sequence[object] | torch.Tensor,
+             sources_to: Sequence[object] | torch.Tensor, steps: int | None = SamplingConfig.steps,
+             guidance: float = SamplingConfig.guidance, decode: bool | None = None) -> torch.Tensor:
+        """Each target under each new source, its residual kept: ``recombine(residual(targets, sources_from),
+        sources_to)``, decoded where the target expert decodes (images [N, len(sources_to), 3, H, W] in [0, 1];
+        ``decode=False``: the latents [N, len(sources_to), dim]). An exemplar works the same: its residual
+        under captions that describe another picture."""
+        if decode and not self.target.can_decode:
+            raise TranslateError(f"the target expert {self.target.spec} has no decoder, so an edit cannot be drawn; "
+                                 "ask for latents (decode=False, or n2n-translate --out edit.npy)")
+        latents = self.recombine(self.residual(targets, sources_from, steps), sources_to, steps, guidance)
+        return self.decode(latents) if (self.target.can_decode if decode is None else decode) else latents
 
     @torch.no_grad()
     def sample(self, inputs: Sequence[object] | torch.Tensor, n: int = SamplingConfig.n,
@@ -139,7 +203,7 @@ class Translator:
         """n target latents per input: [len(inputs), n, dim] on the CPU. ``inputs`` may also be source
         latents [B, cond_dim] already encoded. z ~ N(0, T^2 I) through the inverse flow."""
         SamplingConfig(n, temperature, seed, steps, guidance)  # each checked, before any work
-        source = inputs if isinstance(inputs, torch.Tensor) else self.encode(inputs)
+        source = self.encode(inputs)
         device = next(self.trained.flow.parameters()).device
         generator = torch.Generator(device).manual_seed(seed)
         latents = self.trained.sample(source.to(device).repeat_interleave(n, dim=0), temperature, generator, steps,
