@@ -101,7 +101,8 @@ def test_bad_edits_are_one_line_and_leave_nothing_behind(runs, shapes, tmp_path,
               "has no decoder, so edits cannot be drawn"),
              (runs["coupling"], ["--edit", tmp_path / "missing.png", "--from", caption, "--text", "a red circle"],
               "edit.png", "no such image file"),
-             (runs["coupling"], ["--from", caption, "--text", "a red circle"], "edit.png", "give the target with --edit"),
+             (runs["coupling"], ["--from", caption, "--text", "a red circle"], "edit.png",
+              "give the target with --edit"),
              (runs["coupling"], ["--edit", picture, "--edit", picture, "--from", caption, "--from", caption,
                                  "--from", caption, "--text", "a red"], "edit.png", "2 --edit and 3 --from")]
     for run, args, name, message in cases:
