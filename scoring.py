@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from n2n.shards import Store
 
 Predictor = Callable[[torch.Tensor, int], torch.Tensor]
+Editor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(target latents [N, dim] in stored units, their standardised sources [N, dim], new standardised sources
+[N, dim]) -> the targets under the new sources, their residuals kept (``Translator.edit`` on latents)."""
 """(standardised source rows [B, dim], n) -> n target latents per row [B * n, dim], row-major, in the
 target store's units (what the target expert decodes)."""
 
@@ -48,6 +51,10 @@ class HeldOut:
     target_truth: dict[str, dict] | None
     options: Any  # n2n-eval's options (evaluate.api.EvalConfig): samples, max_rows, seed, judge, ...
     console: Console | None  # for progress; None when progress is off
+    # Editing through the residual, where the run's translator and source expert allow it (None elsewhere):
+    encode_source: Callable[[list[dict]], torch.Tensor] | None = None  # dataset-like items (each with the field
+    # the source expert reads: "text": [caption], "attributes": {...}) -> standardised source latents [N, dim]
+    edit: Editor | None = None
 
 
 @dataclass

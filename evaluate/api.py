@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +52,9 @@ from n2n.evaluate.texts import caption_lines, nearest_captions
 from n2n.extract.datasets import DatasetError, dataset_class
 from n2n.extract.experts import expert_of
 from n2n.options import check_fields, load_options, setting
-from n2n.scoring import HeldOut, Predictor, Predictors, ScoreTable, TranslationScorer
+from n2n.scoring import Editor, HeldOut, Predictor, Predictors, ScoreTable, TranslationScorer
 from n2n.shards import as_path, is_remote
-from n2n.shards.view import open_view
+from n2n.shards.view import View, open_view
 from n2n.train.checkpoint import CHECKPOINT, CHECKPOINTS, TrainedFlow, read_meta, run_view
 from n2n.train.data import PairedLatents, load_pairs
 from n2n.train.heldout import FLOOR_ROWS, fit_floor, floor_bpd, floor_pairs, heldout_bpd
@@ -139,7 +140,35 @@ def held_out(trained: TrainedFlow, data: PairedLatents, cfg: EvalConfig, floor: 
                    predictors=Predictors(translator=translator, linear=linear, mlp=regress), target_expert=target,
                    target_store=view.target,
                    source_truth=read_attributes(view.source.path), target_truth=read_attributes(view.target.path),
-                   options=cfg, console=None if quiet else console())
+                   options=cfg, console=None if quiet else console(), encode_source=source_encoder(trained, view),
+                   edit=editor(trained))
+
+
+def source_encoder(trained: TrainedFlow, view: View) -> Callable[[list[dict]], torch.Tensor]:
+    """Dataset-like items -> standardised source latents, through the run's source expert, loaded on first
+    use (a scorer that edits asks for new sources; nothing else in the evaluation runs an expert)."""
+    expert = functools.cache(lambda: expert_of(trained.meta["source"], "source", None, console(),
+                                               store=view.source.path))
+
+    @torch.no_grad()
+    def encode(items: list[dict]) -> torch.Tensor:
+        source = expert()
+        layer = (trained.meta["source"].get("expert") or {}).get("layer") or source.layers[0]
+        rows = [source.rows(item)[0] for item in items]
+        batch = {k: v.to(source.device) for k, v in source.collate(rows).items()}
+        return trained.source_norm(source.encode(batch, [layer])[layer].float())
+
+    return encode
+
+
+def editor(trained: TrainedFlow) -> Editor:
+    """The run's edit on latents: each target's residual under its source, recombined under the new one."""
+    @torch.no_grad()
+    def edit(target: torch.Tensor, source: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        v = trained.flow.residual(trained.target_norm(target.float()), source)
+        return trained.target_norm.inverse(trained.flow.reverse(v, new))
+
+    return edit
 
 
 # ---------------------------------------------------------------- every view's part

@@ -373,6 +373,7 @@ def plan(cfg: ExtractConfig) -> Job:
             f"{', '.join(dataset.modalities)}; pick an expert for one of those"
         )
     dataset = dataset.with_modalities([expert.modality])  # a text expert never decodes the images
+    expert = expert.bound_to(dataset)
     layers = pick_layers(cfg, expert)
     items = min(len(dataset), cfg.limit) if cfg.limit else len(dataset)
     paths = store_paths(cfg, expert, layers)

@@ -317,7 +317,7 @@ def write_folder(png):
 
 def test_folder_labels_in_sorted_class_order_and_keys_without_extension(tmp_path, write_folder):
     ds = open_dataset("folder", write_folder(tmp_path / "imgs"))
-    assert ds.modalities == ("image", "label") and ds.classes == ["n00", "n01", "n02"]
+    assert ds.modalities == ("image", "label", "attributes") and ds.classes == ["n00", "n01", "n02"]
     assert [ds.key(i) for i in range(len(ds))] == ["n01/img_001", "n02/a", "n02/b"]
     assert [ds[i]["label"] for i in range(3)] == [1, 2, 2]
     assert np.abs(pixels(ds[1]["image"])[16, 16] - RGB["green"]).max() < 30  # the JPEG decodes

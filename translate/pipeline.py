@@ -121,8 +121,14 @@ class Translator:
                 items.append({"image": value.convert("RGB")})
             elif modality == "image" and isinstance(value, str | os.PathLike):
                 items.append({"image": read_image(Path(value))})
+            elif modality == "attributes" and isinstance(value, dict) and value:
+                items.append({"attributes": value})
+            elif modality == "attributes" and isinstance(value, str) and value.strip():
+                items.append({"attributes": expert.parse(value)})  # a label as written: "square", "shape=square"
             else:
-                wanted = "a non-empty caption (str)" if modality == "text" else "an image (PIL image or file path)"
+                wanted = {"text": "a non-empty caption (str)", "image": "an image (PIL image or file path)",
+                          "attributes": "a label (a dict, or text such as 'square' or 'shape=square')"}.get(
+                              modality, f"what it reads ({modality})")
                 raise TranslateError(f"input {str(value)[:60]!r}: the run's {side} expert {expert.spec} reads "
                                      f"{modality}; give {wanted}")
         return items

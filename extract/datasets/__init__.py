@@ -31,7 +31,7 @@ from n2n.errors import N2NError
 from n2n.options import check_value
 from n2n.shards import Store
 
-MODALITIES = ("image", "text", "label")
+MODALITIES = ("image", "text", "label", "attributes")
 
 
 class DatasetError(N2NError):
@@ -64,7 +64,8 @@ class ItemDataset(torch.utils.data.Dataset, ABC):
       ``DatasetError`` with a one-line message;
     - implements ``__len__``, ``key(index)`` (a unique string, without decoding anything) and
       ``__getitem__(index)``: {"key": key(index), and one entry per modality in ``self.modalities``}
-      with "image" a PIL RGB image, "text" a list of captions, "label" an int. An unusable item
+      with "image" a PIL RGB image, "text" a list of captions, "label" an int, "attributes" a dict of the
+      item's labels by name (what the ``label`` expert reads; ``attribute_values`` lists them). An unusable item
       raises ``ItemError``: the loop records it by key and goes on;
     - is deterministic: the same options and index give the same item in every process and run
       (seed random streams from strings or numbers, never from ``hash()`` or global state);
@@ -107,6 +108,11 @@ class ItemDataset(torch.utils.data.Dataset, ABC):
         dataset's stores (``shards/<data>/``): what is cached there serves every store of the same data
         and survives a crash, so a rerun only makes what is missing.
         """
+
+    def attribute_values(self) -> dict[str, list[str]]:
+        """The labels its items' "attributes" carry: each attribute's name and its values, in a fixed order
+        (the ``label`` expert's one-hot codes follow it). The default: none."""
+        return {}
 
     @classmethod
     def translation_scorer(cls) -> object | None:

@@ -35,7 +35,7 @@ class FolderDataset(ItemDataset):
     """Images labelled by their class folder."""
 
     name = "folder"
-    modalities = ("image", "label")
+    modalities = ("image", "label", "attributes")
 
     def __init__(self, root: str | Path | None, split: str = "train") -> None:
         super().__init__(root, split)
@@ -76,6 +76,10 @@ class FolderDataset(ItemDataset):
     def key(self, index: int) -> str:
         return self.keys[self.check_index(index)]
 
+    def attribute_values(self) -> dict[str, list[str]]:
+        """One attribute, ``class``: the class folders' names, in sorted order (the labels' order)."""
+        return {"class": list(self.classes)}
+
     def __getitem__(self, index: int) -> dict:
         index = self.check_index(index)
         item = {"key": self.keys[index]}
@@ -83,6 +87,8 @@ class FolderDataset(ItemDataset):
             item["image"] = decode_image(self.base / self.files[index], self.keys[index])
         if "label" in self.modalities:
             item["label"] = self.labels[index]
+        if "attributes" in self.modalities:
+            item["attributes"] = {"class": self.classes[self.labels[index]]}
         return item
 
     def describe(self) -> dict:

@@ -47,7 +47,7 @@ class ShapesDataset(ItemDataset):
     """Synthetic captioned shapes; deterministic from (seed, split, index), nothing read from disk."""
 
     name = "shapes"
-    modalities = ("image", "text", "label")
+    modalities = ("image", "text", "label", "attributes")
 
     def __init__(self, root: str | Path | None = None, split: str = "train", seed: int = 0, size: int = 64,
                  count: int | None = None) -> None:
@@ -84,7 +84,13 @@ class ShapesDataset(ItemDataset):
             item["text"] = captions
         if "label" in self.modalities:
             item["label"] = SHAPES.index(attrs["shape"])
+        if "attributes" in self.modalities:
+            item["attributes"] = {name: attrs[name] for name in ATTRIBUTES}
         return item
+
+    def attribute_values(self) -> dict[str, list[str]]:
+        """Colour, shape, size and position, each with every value the world draws."""
+        return {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
 
     @classmethod
     def translation_scorer(cls) -> ShapesScorer:

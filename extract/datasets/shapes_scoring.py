@@ -13,17 +13,20 @@ Each predictor ``n2n.evaluate`` hands over (the run's translator and the MLP bas
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 
 import numpy as np
 import torch
 
 from n2n.extract.datasets.shapes_judge import DEFAULT_PATH, IMAGE_SIZE, ShapesJudge, accuracy, load_judge
-from n2n.extract.datasets.shapes_world import ATTRIBUTES, COLORS, POSITIONS, SHAPES, SIZES, render
+from n2n.extract.datasets.shapes_world import ATTRIBUTES, COLORS, POSITIONS, SHAPES, SIZES, caption, render
 from n2n.extract.experts import Expert
 from n2n.scoring import HeldOut, Predictor, ScoreTable, upgrade_report
 
-VALUES = {"color": len(COLORS), "shape": len(SHAPES), "size": len(SIZES), "position": len(POSITIONS)}
+CHOICES = {"color": COLORS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
+VALUES = {attr: len(values) for attr, values in CHOICES.items()}
+EDITED_IMAGES = 200  # held-out images edited: each attribute its caption names, changed once
 REAL_IMAGES = 500  # held-out items whose real image the judge reads, to show it can be trusted
 OPEN_CAPTIONS = 64  # captions per attribute left open whose samples measure diversity
 
@@ -122,6 +125,55 @@ def text_to_image(held_out: HeldOut, target: Expert) -> dict:
     for name, predict in held_out.predictors.items():
         report[name] = text_to_image_scores(predict, judge, target, truth, held_out.key, held_out.source_sub,
                                             held_out.source, n_open=options.samples, max_rows=options.max_rows)
+    if held_out.edit is not None and held_out.encode_source is not None:
+        report["edits"] = edit_scores(held_out, judge, target)
+    return report
+
+
+def edit_scores(held_out: HeldOut, judge: ShapesJudge, target: Expert) -> dict:
+    """Edits of held-out images through the residual, read by the judge. For each of up to ``EDITED_IMAGES``
+    images (under its first held-out caption) and each attribute the caption names, the caption is written
+    again with that attribute changed to another value; the image is then recombined under it. ``success``:
+    the judge reads the new value; ``kept_named`` / ``kept_open``: every other attribute, named in the caption
+    or left open, reads as on the real image (open ones only the residual can keep). Beside the edit, two
+    baselines: ``resampling`` (a fresh sample under the new caption: what translating does) and
+    ``mlp_arithmetic`` (x + g(c') - g(c) with the MLP baseline g)."""
+    truth, seed = held_out.source_truth, held_out.options.seed
+    _, first = np.unique(held_out.target_row, return_index=True)
+    rng = random.Random(f"shapes-edits/{seed}")
+    cases, items = [], []  # (held-out row, edited attribute, new value); the new caption as an item
+    for row in np.sort(first)[:EDITED_IMAGES]:
+        key = str(held_out.key[row])
+        named = truth[key]["captions"][int(held_out.source_sub[row])]
+        for attr in (a for a in ATTRIBUTES if named[a]):
+            new = rng.choice([value for value in CHOICES[attr] if value != truth[key][attr]])
+            attrs = {**truth[key], attr: new}
+            cases.append((int(row), attr, new))
+            items.append({"text": [caption(attrs, named, rng)], "attributes": {a: attrs[a] for a in ATTRIBUTES}})
+    if not cases:
+        return {"images": 0}
+    rows = torch.tensor([row for row, _, _ in cases])
+    x, c, new_c = held_out.target[rows].float(), held_out.source[rows], held_out.encode_source(items)
+    mlp = held_out.predictors["mlp"]
+    edited = {"translator": held_out.edit(x, c, new_c), "resampling": held_out.predictors["translator"](new_c, 1),
+              "mlp_arithmetic": x + mlp(new_c, 1) - mlp(c, 1)}
+    real_attrs = [truth[str(held_out.key[row])] for row, _, _ in cases]
+    real = torch.stack([torch.from_numpy(np.asarray(render(a, IMAGE_SIZE), dtype=np.float32) / 255).permute(2, 0, 1)
+                        for a in real_attrs])
+    original = judge.predict(real)
+    report: dict = {"images": len({row for row, _, _ in cases}), "edits": len(cases)}
+    for name, latents in edited.items():
+        seen = judged(judge, target, latents)
+        success = {attr: [seen[attr][i] == new for i, (_, a, new) in enumerate(cases) if a == attr]
+                   for attr in ATTRIBUTES}
+        kept = {"named": [], "open": []}
+        for i, (row, attr, _) in enumerate(cases):
+            named = truth[str(held_out.key[row])]["captions"][int(held_out.source_sub[row])]
+            for other in (o for o in ATTRIBUTES if o != attr):
+                kept["named" if named[other] else "open"].append(seen[other][i] == original[other][i])
+        report[name] = {"success": {a: float(np.mean(v)) if v else None for a, v in success.items()},
+                        "kept_named": float(np.mean(kept["named"])) if kept["named"] else None,
+                        "kept_open": float(np.mean(kept["open"])) if kept["open"] else None}
     return report
 
 
@@ -171,4 +223,17 @@ def _text_to_image_table(report: dict) -> ScoreTable:
               *("-" if m["open_entropy"][attr] is None else f"{m['open_entropy'][attr]:.2f}" for m in models))
              for attr in ATTRIBUTES]
     judge = ", ".join(f"{a} {100 * v:.1f}%" for a, v in report["judge_real_accuracy"].items())
+    edits = report.get("edits") or {}
+    if edits.get("edits"):
+        ours, arithmetic, resampling = edits["translator"], edits["mlp_arithmetic"], edits["resampling"]
+        rows += [(f"edit {attr}: success", *(_percent(m["success"][attr]) for m in (ours, arithmetic)))
+                 for attr in ATTRIBUTES]
+        rows += [(f"edit: {what} attributes kept", *(_percent(m[f"kept_{what}"]) for m in (ours, arithmetic)))
+                 for what in ("named", "open")]
+        mean = np.mean([v for v in resampling["success"].values() if v is not None])
+        rows += [("edit by resampling: success, named kept, open kept",
+                  f"{_percent(mean)}, {_percent(resampling['kept_named'])}, {_percent(resampling['kept_open'])}",
+                  "")]
+        judge += (f"; edits: {edits['edits']} of {edits['images']} held-out images through the residual, the MLP "
+                  "column by latent arithmetic x + g(c') - g(c)")
     return ScoreTable(rows, f"judge on real held-out images: {judge}")

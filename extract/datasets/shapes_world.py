@@ -110,7 +110,7 @@ def render(attrs: dict, size: int) -> Image.Image:
 # ---------------------------------------------------------------- captions
 
 
-def _caption(attrs: dict, named: dict[str, bool], rng: random.Random) -> str:
+def caption(attrs: dict, named: dict[str, bool], rng: random.Random) -> str:
     """One caption naming exactly the attributes flagged in ``named``, with synonyms and a template."""
     words = [rng.choice(table[attrs[a]]) for a, table in (("size", SIZE_WORDS), ("color", COLOR_WORDS))
              if named[a]]
@@ -144,6 +144,6 @@ def draw_item(seed: int, split: str, index: int) -> tuple[dict, list[str]]:
     attrs["row"], attrs["col"] = divmod(POSITIONS.index(attrs["position"]), 3)
     rng = random.Random(stream + "/captions")
     named = [_named(rng) for _ in range(CAPTIONS_PER_ITEM)]
-    captions = [_caption(attrs, flags, rng) for flags in named]
+    captions = [caption(attrs, flags, rng) for flags in named]
     attrs["captions"] = named
     return attrs, captions

@@ -44,7 +44,7 @@ from n2n import plugins
 from n2n.errors import N2NError
 
 # The model part is lazy so that a path keeps any '@' that is not followed by a bare layer name at the end.
-_SPEC = re.compile(r"(?P<name>[A-Za-z0-9_-]+)(?::(?P<model>.+?))?(?:@(?P<layer>[A-Za-z0-9_-]+))?")
+_SPEC = re.compile(r"(?P<name>[A-Za-z0-9_-]+)(?::(?P<model>.+?))?(?:@(?P<layer>[A-Za-z0-9_+-]+))?")  # label@color+shape
 
 
 class ExpertError(N2NError):
@@ -215,7 +215,8 @@ class Expert(ABC):
       size, tokenizer, normalisation), recorded in every store so that latents made from
       differently prepared inputs never pair;
     - generators implement ``decode(latent)``: images [B, 3, H, W] in [0, 1];
-    - an expert whose latents share a space with another's (CLIP's two towers) overrides ``space``.
+    - an expert whose latents share a space with another's (CLIP's two towers) overrides ``space``;
+    - an expert whose latents depend on the dataset's vocabulary (``label``) overrides ``bound_to``.
 
     ``identity`` is not overridden: it adds the weights' digest and the providing distribution.
     """
@@ -276,6 +277,12 @@ class Expert(ABC):
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] from latents; only generators (sdvae, biggan, ae) can."""
         raise ExpertError(f"expert {self.spec} cannot decode: it has no generator (generators: sdvae, biggan, ae)")
+
+    def bound_to(self, dataset: object) -> Expert:
+        """This expert as it reads ``dataset`` (an ``ItemDataset``); extraction calls it once the dataset is
+        open. The default: itself. The ``label`` expert takes the dataset's values of its attributes here
+        (and records them as its options, so that its store rebuilds it)."""
+        return self
 
     def space(self, layer: str) -> str | None:
         """The embedding space ``layer``'s latents lie in where another expert's latents lie in it too and
