@@ -55,6 +55,9 @@ class HeldOut:
     encode_source: Callable[[list[dict]], torch.Tensor] | None = None  # dataset-like items (each with the field
     # the source expert reads: "text": [caption], "attributes": {...}) -> standardised source latents [N, dim]
     edit: Editor | None = None
+    # The attributes every source names where the source expert is a dataset's labels (label@shape: "shape");
+    # None where each source says its own (a caption: source_truth's flags). Loads the source expert.
+    source_names: Callable[[], tuple[str, ...] | None] | None = None
 
 
 @dataclass

@@ -50,11 +50,11 @@ from n2n.evaluate.metrics import (
 )
 from n2n.evaluate.texts import caption_lines, nearest_captions
 from n2n.extract.datasets import DatasetError, dataset_class
-from n2n.extract.experts import expert_of
+from n2n.extract.experts import Expert, expert_of
 from n2n.options import check_fields, load_options, setting
 from n2n.scoring import Editor, HeldOut, Predictor, Predictors, ScoreTable, TranslationScorer
 from n2n.shards import as_path, is_remote
-from n2n.shards.view import View, open_view
+from n2n.shards.view import open_view
 from n2n.train.checkpoint import CHECKPOINT, CHECKPOINTS, TrainedFlow, read_meta, run_view
 from n2n.train.data import PairedLatents, load_pairs
 from n2n.train.heldout import FLOOR_ROWS, fit_floor, floor_bpd, floor_pairs, heldout_bpd
@@ -134,21 +134,21 @@ def held_out(trained: TrainedFlow, data: PairedLatents, cfg: EvalConfig, floor: 
     view, (source_rows, target_rows) = data.view, data.held_rows
     target = functools.cache(lambda: expert_of(trained.meta["target"], "target", None, console(),
                                                store=view.target.path))
+    source = functools.cache(lambda: expert_of(trained.meta["source"], "source", None, console(),
+                                               store=view.source.path))
     return HeldOut(key=data.held_key, source_sub=view.source.sub[source_rows], target_sub=view.target.sub[target_rows],
                    target_row=target_rows, source=data.held_source[:],
                    target=data.held_target.latents[torch.from_numpy(target_rows)],
                    predictors=Predictors(translator=translator, linear=linear, mlp=regress), target_expert=target,
                    target_store=view.target,
                    source_truth=read_attributes(view.source.path), target_truth=read_attributes(view.target.path),
-                   options=cfg, console=None if quiet else console(), encode_source=source_encoder(trained, view),
-                   edit=editor(trained))
+                   options=cfg, console=None if quiet else console(), encode_source=source_encoder(trained, source),
+                   edit=editor(trained), source_names=lambda: getattr(source(), "attributes", None))
 
 
-def source_encoder(trained: TrainedFlow, view: View) -> Callable[[list[dict]], torch.Tensor]:
-    """Dataset-like items -> standardised source latents, through the run's source expert, loaded on first
-    use (a scorer that edits asks for new sources; nothing else in the evaluation runs an expert)."""
-    expert = functools.cache(lambda: expert_of(trained.meta["source"], "source", None, console(),
-                                               store=view.source.path))
+def source_encoder(trained: TrainedFlow, expert: Callable[[], Expert]) -> Callable[[list[dict]], torch.Tensor]:
+    """Dataset-like items -> standardised source latents, through the run's source ``expert`` (loaded on first
+    call: a scorer that edits asks for new sources; nothing else in the evaluation runs an expert)."""
 
     @torch.no_grad()
     def encode(items: list[dict]) -> torch.Tensor:

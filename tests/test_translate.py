@@ -141,6 +141,13 @@ def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge,
     assert set(report["translation"]) >= {"translator", "linear", "mlp"}
     with Image.open(tmp_path / "eval.png") as picture:
         assert picture.format == "PNG" and picture.size[1] > picture.size[0] * 0.8
+    # Edits through the residual, beside resampling and the MLP's latent arithmetic, read by the judge.
+    edits = report["edits"]
+    assert edits["images"] >= 1 and edits["edits"] >= edits["images"]
+    for name in ("translator", "resampling", "mlp_arithmetic"):
+        assert all(v is None or 0 <= v <= 1 for v in edits[name]["success"].values())
+        assert edits[name]["kept_named"] is None or 0 <= edits[name]["kept_named"] <= 1
+    assert "edit shape: success" in result.output and "edit by resampling" in result.output
     # The report reads whole alone: its kind and its dataset's rows are in it, as every reader shows them.
     scores = score_rows(report)
     assert report["kind"] == "coupling" and scores.headers[1] == "translator"
