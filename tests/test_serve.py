@@ -208,3 +208,61 @@ def test_serve_takes_its_options_as_every_command_does(runs, invoke):
     with pytest.raises(n2n.N2NError, match="--guidance: this run's coupling translator"):
         served.images([CAPTION], 1, 1.0, 0)
     assert len(Served.load(str(runs["text"]), "cpu", SamplingConfig(n=2)).images([CAPTION], 2, 1.0, 0)) == 2
+
+
+def bomb_png(path: Path, side: int = 20_000) -> Path:
+    """A PNG whose header says side x side pixels (a decompression bomb's size), with almost no data: PIL refuses
+    it on opening, before decoding anything."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_upload_that_is_no_image_or_a_bomb_is_a_message_in_n2ns_words(server, browser, tmp_path):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    cases = [(not_image, "is not an image n2n can read"), (bomb_png(tmp_path / "bomb.png"), "too large to open")]
+    for path, message in cases:
+        browser.get(server["url"])
+        wait(browser, lambda d: d.find_elements(By.XPATH, "//button[@role='tab' and contains(., 'image_text')]"))[
+            0].click()
+        upload = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#image-1 input[type=file]"))
+        upload.send_keys(str(path))
+        time.sleep(1)
+        browser.find_element(By.CSS_SELECTOR, "#go-1").click()
+        wait(browser, lambda d, message=message: message in d.page_source, 60)
+        assert "Could not preprocess" not in browser.page_source
+    assert server["process"].poll() is None  # the server goes on
+
+
+def test_the_edit_tab_shows_the_reconstruction_and_the_edit(server, runs, browser, tmp_path):
+    picture = tmp_path / "circle.png"
+    Image.fromarray(np.asarray(render_item())).save(picture)
+    browser.get(server["url"])
+    wait(browser, lambda d: d.find_element(By.XPATH, "//button[contains(., 'edit an image')]")).click()
+    upload = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#edit-image-0 input[type=file]"))
+    upload.send_keys(str(picture))
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#edit-image-0 img"), 60)
+    browser.find_element(By.CSS_SELECTOR, "#edit-from-0 textarea").send_keys(CAPTION)
+    browser.find_element(By.CSS_SELECTOR, "#edit-to-0 textarea").send_keys("a small blue circle in the top left")
+    browser.find_element(By.CSS_SELECTOR, "#edit-go-0").click()
+    images = wait(browser, lambda d: (found := d.find_elements(By.CSS_SELECTOR, "#edit-gallery-0 img")) and
+                  len(found) >= 2 and found)
+    browser.save_screenshot(str(tmp_path / "edit.png"))
+    shown = [fetch(image.get_attribute("src")) for image in images[:2]]
+    expected = Served.load(str(runs["text"]), "cpu").edit(Image.open(picture).convert("RGB"), CAPTION,
+                                                          "a small blue circle in the top left")
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(shown, expected, strict=True))
+
+
+def render_item() -> Image.Image:
+    from n2n.extract.datasets.shapes_world import render
+
+    return render({"color": "red", "shape": "circle", "size": "small", "position": "top-left"}, 32)

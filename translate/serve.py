@@ -24,7 +24,7 @@ import click
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from n2n.cli import CONTEXT, reports_errors
 from n2n.errors import N2NError
@@ -80,6 +80,20 @@ class Served:
                 raise ServeError(f"the caption is {length} tokens long; {source.spec} reads at most {limit}: "
                                  "shorten it")
         return text
+
+    def edit(self, image: Image.Image, caption: str, new: str) -> list[Image.Image]:
+        """The image's reconstruction (its residual under its own caption) and its residual under the new
+        caption, decoded: before and after (``Translator.edit``)."""
+        decoded = self.translator.edit([image], [self.check_caption(caption)], [self.check_caption(caption),
+                                                                                 self.check_caption(new)],
+                                       steps=self.sampling.steps, guidance=self.sampling.guidance)
+        return [Image.fromarray(to_uint8(picture)) for picture in decoded[0]]
+
+    @property
+    def edits(self) -> bool:
+        """Whether the page offers edits: a caption source and a target that is an image and decodes."""
+        return (self.translator.source.modality == "text" and self.translator.target.modality == "image"
+                and self.translator.target.can_decode)
 
     def images(self, inputs: list, n: int, temperature: float, seed: int) -> list[Image.Image]:
         """The decoded samples as PIL images, row-major (input, sample)."""
@@ -162,7 +176,7 @@ def build(served: list[Served]):
                     source = gr.Textbox(label="caption", placeholder="a small red circle in the top left",
                                         elem_id=f"caption-{index}")
                 else:
-                    source = gr.Image(type="pil", label="image", sources=["upload"], elem_id=f"image-{index}")
+                    source = image_field(gr, "image", f"image-{index}")
                 go = gr.Button("translate", variant="primary", elem_id=f"go-{index}")
                 if run.translator.target.can_decode:
                     out = gr.Gallery(label="samples", columns=4, format="png", elem_id=f"gallery-{index}")
@@ -174,6 +188,18 @@ def build(served: list[Served]):
                     handler = guarded(lambda src, k, t, s, run=run, modality=modality: run.captions(
                         [inputs(src, modality, run)], int(k), float(t), int(s)))
                 go.click(handler, [source, n, temperature, seed], out, api_name=f"translate_{index}")
+                if run.edits:
+                    with gr.Accordion("edit an image: keep what its caption leaves open, change what it says",
+                                      open=False):
+                        picture = image_field(gr, "an image of the target's kind", f"edit-image-{index}")
+                        with gr.Row():
+                            old = gr.Textbox(label="its caption", elem_id=f"edit-from-{index}")
+                            new = gr.Textbox(label="the new caption", elem_id=f"edit-to-{index}")
+                        edit = gr.Button("edit", elem_id=f"edit-go-{index}")
+                        after = gr.Gallery(label="its reconstruction, then the edit", columns=2, format="png",
+                                           elem_id=f"edit-gallery-{index}")
+                        edit.click(guarded(lambda img, a, b, run=run: run.edit(inputs(img, "image", run), a, b)),
+                                   [picture, old, new], after, api_name=f"edit_{index}")
                 with gr.Accordion("the run's scores and curves", open=False):
                     table = run.scores()
                     if table is not None:
@@ -187,12 +213,50 @@ def build(served: list[Served]):
 
 
 def inputs(value: object, modality: str, run: Served) -> object:
-    """One input for the translator from a page's field, checked."""
+    """One input for the translator from a page's field, checked: a caption, or an uploaded image (a file's
+    path, as the page's image fields hand it over, or a PIL image)."""
     if modality == "text":
         return run.check_caption(value)
+    if isinstance(value, str | Path) and str(value):
+        return read_upload(Path(value))
     if not isinstance(value, Image.Image):
         raise ServeError("upload an image first (a PNG or JPEG file)")
     return value.convert("RGB")
+
+
+def read_upload(path: Path) -> Image.Image:
+    """An uploaded file as an RGB image; one that is not an image, or whose size is a decompression bomb's
+    (PIL's limit), is a ServeError in n2n's words."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise ServeError(f"the upload is too large to open safely ({err}); upload a smaller image") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ServeError("the upload is not an image n2n can read: upload a PNG or JPEG file") from None
+
+
+def image_field(gr, label: str, elem_id: str):  # noqa: ANN001, ANN201 (gradio is imported where the page is built)
+    """An upload field that hands the translator the file's path, so that n2n opens it (``read_upload``): an
+    upload Gradio cannot open (not an image, a decompression bomb) is then n2n's one-line message on the page,
+    not Gradio's "Could not preprocess input component"."""
+    field = gr.Image(type="filepath", label=label, sources=["upload"], elem_id=elem_id)
+    preprocess = field.preprocess
+
+    def checked(payload):  # noqa: ANN001, ANN202
+        try:
+            return preprocess(payload)
+        except Exception:  # Gradio opened it with PIL first: the file is not one n2n can use either
+            message = "the upload is not an image n2n can read: upload a PNG or JPEG file"
+            try:
+                if getattr(payload, "path", None):
+                    read_upload(Path(payload.path))
+            except ServeError as err:  # what is wrong with it, in n2n's words
+                message = str(err)
+            raise gr.Error(message) from None
+
+    field.preprocess = checked
+    return field
 
 
 @dataclass(frozen=True)
