@@ -38,7 +38,7 @@ import torch
 from n2n.cli import console
 from n2n.errors import N2NError
 from n2n.evaluate.baseline import fit_procrustes, train_mlp
-from n2n.evaluate.figures import eval_figure, gallery
+from n2n.evaluate.figures import edit_gallery, eval_figure, gallery
 from n2n.evaluate.metrics import (
     LinearGaussian,
     frechet_distance,
@@ -357,9 +357,16 @@ def draw(report: dict, held: HeldOut, out: Path) -> Path:
             note = f"no samples drawn: the target expert {held.target_expert().spec} does not decode"
     except N2NError as err:
         note = f"no samples drawn: {err}"
+    edits = None
+    examples = (report.get("edits") or {}).get("examples")
+    if examples and held.edit is not None and held.encode_source is not None:
+        try:
+            edits = edit_gallery(held, examples)
+        except N2NError as err:
+            note = f"no edits drawn: {err}"
     pairs = report["translation"]["pairs"]
     title = f"n2n-eval {Path(report['run']).name} (step {report['step']}): {pairs} held-out pairs"
-    return eval_figure(title, score_rows(report), images, note, out, lines)
+    return eval_figure(title, score_rows(report), images, note, out, lines, edits)
 
 
 def dataset_table(report: dict) -> ScoreTable:

@@ -20,6 +20,7 @@ from n2n.train.plots import save_png
 from n2n.translate.report import Scores
 
 COLUMNS = ("truth", "linear LS", "MLP")
+EDIT_COLUMNS = ("original", "edit", "resampling", "MLP arithmetic")
 
 
 def gallery(held: HeldOut, pairs: int = 4, samples: int = 6) -> torch.Tensor:
@@ -38,10 +39,24 @@ def gallery(held: HeldOut, pairs: int = 4, samples: int = 6) -> torch.Tensor:
     return images.reshape(len(chosen), latents.shape[1], *images.shape[1:])
 
 
+def edit_gallery(held: HeldOut, examples: list[dict]) -> tuple[torch.Tensor, list[str]]:
+    """Images [len(examples), 4, 3, H, W] in [0, 1] and a label per row: for each example a dataset's scorer
+    recorded (``{"row": held-out row, "item": the new source as an item, "label"}``), the original target, its
+    edit through the residual, a fresh sample under the new source and the MLP's latent arithmetic."""
+    rows = torch.tensor([example["row"] for example in examples])
+    x, c, new = held.target[rows].float(), held.source[rows], held.encode_source([e["item"] for e in examples])
+    mlp = held.predictors["mlp"]
+    latents = torch.stack([x, held.edit(x, c, new), held.predictors["translator"](new, 1),
+                           x + mlp(new, 1) - mlp(c, 1)], dim=1)
+    images = held.target_expert().decode(latents.flatten(0, 1)).float().cpu()
+    return images.reshape(len(examples), len(EDIT_COLUMNS), *images.shape[1:]), [e["label"] for e in examples]
+
+
 def eval_figure(title: str, scores: Scores, images: torch.Tensor | None, note: str | None, out: Path,
-                lines: list[str] | None = None) -> Path:
+                lines: list[str] | None = None, edits: tuple[torch.Tensor, list[str]] | None = None) -> Path:
     """Draw the table (``scores``: ``translate.report.score_rows``) and, if given, the ``gallery`` images or
-    ``lines`` of text (the captions nearest to a text target's predictions); write ``out`` atomically."""
+    ``lines`` of text (the captions nearest to a text target's predictions), and the ``edit_gallery``; write
+    ``out`` atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from torchvision.utils import make_grid
@@ -51,9 +66,13 @@ def eval_figure(title: str, scores: Scores, images: torch.Tensor | None, note: s
     table_height = 0.22 * (len(rows) + 2)
     image_height = 0 if grid is None else 9 * grid.shape[1] / grid.shape[2]
     text_height = 0.135 * (len(lines) + 2) if lines else 0
-    fig = Figure(figsize=(9, table_height + image_height + text_height + 0.6), dpi=110)  # no pyplot: nothing global
+    edit_grid = None if edits is None else make_grid(edits[0].flatten(0, 1), nrow=len(EDIT_COLUMNS), padding=2,
+                                                     pad_value=1)
+    edit_height = 0 if edit_grid is None else 4.5 * edit_grid.shape[1] / edit_grid.shape[2]
+    fig = Figure(figsize=(9, table_height + image_height + text_height + edit_height + 0.6), dpi=110)  # no pyplot
     FigureCanvasAgg(fig)
-    heights = [table_height] + ([image_height] if grid is not None else []) + ([text_height] if lines else [])
+    heights = ([table_height] + ([image_height] if grid is not None else []) + ([text_height] if lines else [])
+               + ([edit_height] if edit_grid is not None else []))
     axes = fig.subplots(len(heights), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)[:, 0]
     axes[0].axis("off")
     table = axes[0].table(cellText=[list(row[1:]) for row in rows], rowLabels=[row[0] for row in rows],
@@ -69,9 +88,18 @@ def eval_figure(title: str, scores: Scores, images: torch.Tensor | None, note: s
         axes[1].set_yticks([])
         axes[1].set_title("held-out pairs: the truth, the baselines' predictions, the translator's samples", fontsize=9)
     if lines:
-        axes[-1].axis("off")
-        axes[-1].set_title("held-out sources: the caption nearest (cosine) to each prediction", fontsize=9)
-        axes[-1].text(0, 1, "\n".join(lines), family="monospace", fontsize=7, va="top", transform=axes[-1].transAxes)
+        axis = axes[1 + (grid is not None)]
+        axis.axis("off")
+        axis.set_title("held-out sources: the caption nearest (cosine) to each prediction", fontsize=9)
+        axis.text(0, 1, "\n".join(lines), family="monospace", fontsize=7, va="top", transform=axis.transAxes)
+    if edit_grid is not None:
+        axis, rows_of = axes[-1], edits[0].shape[0]
+        axis.imshow(edit_grid.permute(1, 2, 0).numpy())
+        axis.set_xticks([(i + 0.5) * edit_grid.shape[2] / len(EDIT_COLUMNS) for i in range(len(EDIT_COLUMNS))],
+                        EDIT_COLUMNS, fontsize=7)
+        axis.set_yticks([(i + 0.5) * edit_grid.shape[1] / rows_of for i in range(rows_of)], edits[1], fontsize=7)
+        axis.set_title("held-out images edited through the residual, beside resampling and the MLP's arithmetic",
+                       fontsize=9)
     if note:
         fig.text(0.01, 0.005, textwrap.shorten(note, 160), fontsize=7, color="dimgray")
     fig.tight_layout()

@@ -152,3 +152,20 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, n2n_extract, 
     same_store(tmp_path / "clean" / "hf" / "minilm", out / "hf" / "minilm")
     assert np.array_equal(n2n.open_store(out / "hf" / "minilm").keys, n2n.open_store(tmp_path / "clean" / "hf" /
                                                                                        "minilm").keys)
+
+
+def test_a_label_column_is_what_the_label_expert_reads(tmp_path):
+    """--data-option label_columns=NAME: a ClassLabel column as its names, a plain column as its values."""
+    folder = tmp_path / "labelled"
+    features = datasets.Features({"id": datasets.Value("string"), "caption": datasets.Value("string"),
+                                  "kind": datasets.ClassLabel(names=["cat", "dog"]), "mood": datasets.Value("string")})
+    datasets.Dataset.from_dict({"id": ["a", "b", "c"], "caption": ["x", "y", "z"], "kind": [1, 0, 1],
+                                "mood": ["calm", "wild", "calm"]}, features=features).save_to_disk(str(folder))
+    dataset = open_dataset("hf", folder, label_columns="kind,mood")
+    assert dataset.attribute_values() == {"kind": ["cat", "dog"], "mood": ["calm", "wild"]}
+    assert dataset[0]["attributes"] == {"kind": "dog", "mood": "calm"}
+    store = n2n.extract("label@kind+mood", "hf", data_root=folder, data_options={"label_columns": "kind,mood"},
+                        out=tmp_path / "shards", num_workers=0, progress=False)
+    assert store.take(np.arange(3)).astype(np.float32).tolist() == [[0, 1, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0]]
+    with pytest.raises(n2n.N2NError, match="no column 'colour' \\(label_columns\\); its columns: id, caption"):
+        open_dataset("hf", folder, label_columns="colour")

@@ -148,6 +148,7 @@ def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge,
         assert all(v is None or 0 <= v <= 1 for v in edits[name]["success"].values())
         assert edits[name]["kept_named"] is None or 0 <= edits[name]["kept_named"] <= 1
     assert "edit shape: success" in result.output and "edit by resampling" in result.output
+    assert 1 <= len(edits["examples"]) <= 4 and all("→" in example["label"] for example in edits["examples"])
     # The report reads whole alone: its kind and its dataset's rows are in it, as every reader shows them.
     scores = score_rows(report)
     assert report["kind"] == "coupling" and scores.headers[1] == "translator"

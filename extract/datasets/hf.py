@@ -13,7 +13,9 @@ where that is unambiguous: the one ``Image`` column, the one column of strings o
 and a key column named ``key``, ``id``, ``__key__`` or ``image_id``. Without a key column an item's key
 is its row number, and the dataset's fingerprint is recorded in every store, so stores of two
 versions of the data never pair. Images are decoded here (corrupt bytes are an item error, listed in
-errors.jsonl), captions checked as every dataset's are.
+errors.jsonl), captions checked as every dataset's are. ``label_columns=a,b`` names columns whose values
+are labels: the ``label`` expert reads them (``label@a``), as one-hot codes of a ClassLabel's names or of the
+column's distinct values.
 
 Workers open the dataset again from the same arguments (Arrow tables are memory-mapped: nothing is
 copied), so the dataset pickles small and holds no open file across a fork.
@@ -87,7 +89,8 @@ class HFDataset(ItemDataset):
     modalities = ("image", "text")
 
     def __init__(self, root: str | Path | None, split: str = "train", image_column: str | None = None,
-                 text_column: str | None = None, key_column: str | None = None) -> None:
+                 text_column: str | None = None, key_column: str | None = None,
+                 label_columns: str | None = None) -> None:
         super().__init__(root, split)
         if root is None:
             raise DatasetError("dataset hf: no --data-root: give a save_to_disk folder, a folder of Parquet/Arrow "
@@ -104,7 +107,13 @@ class HFDataset(ItemDataset):
         # key_column= (empty) numbers the rows even where a column looks like a key
         self.key_column = None if key_column == "" else pick(self.source, "key", key_column, keys[:1], columns,
                                                              "key_column")
-        texts = [c for c, f in data.features.items() if is_text(f) and c != self.key_column and c not in KEY_NAMES]
+        self.label_columns = [name.strip() for name in (label_columns or "").split(",") if name.strip()]
+        for name in self.label_columns:
+            if name not in columns:
+                raise DatasetError(f"dataset hf: {self.source} has no column {name!r} (label_columns); its columns: "
+                                   f"{', '.join(columns)}")
+        texts = [c for c, f in data.features.items() if is_text(f) and c != self.key_column and c not in KEY_NAMES
+                 and c not in self.label_columns]
         self.image_column = pick(self.source, "image", image_column, images, columns, "image_column")
         self.text_column = pick(self.source, "text", text_column, texts, columns, "text_column")
         if self.image_column is None and self.text_column is None:
@@ -112,6 +121,12 @@ class HFDataset(ItemDataset):
                                f"columns: {', '.join(columns)}); name them with --data-option image_column=NAME or "
                                "text_column=NAME")
         self.modalities = tuple(m for m, c in (("image", self.image_column), ("text", self.text_column)) if c)
+        # each label column's values: a ClassLabel's names (its rows hold their index), else its distinct values
+        self.values = {name: list(data.features[name].names) if isinstance(data.features[name], datasets.ClassLabel)
+                       else sorted({str(value) for value in data[name]}) for name in self.label_columns}
+        self.named = {name: isinstance(data.features[name], datasets.ClassLabel) for name in self.label_columns}
+        if self.label_columns:
+            self.modalities = (*self.modalities, "attributes")
         self.count = len(data)
         self.fingerprint = data._fingerprint
         self.keys = [str(k) for k in data[self.key_column]] if self.key_column else None
@@ -150,10 +165,19 @@ class HFDataset(ItemDataset):
         if "text" in self.modalities:
             text = row[self.text_column]
             item["text"] = check_captions(key, [text] if isinstance(text, str) else text or [])
+        if "attributes" in self.modalities:
+            item["attributes"] = {name: self.values[name][row[name]] if self.named[name] else str(row[name])
+                                  for name in self.label_columns}
         return item
 
+    def attribute_values(self) -> dict[str, list[str]]:
+        """The label columns (``--data-option label_columns=a,b``), each with its values: a ClassLabel's names,
+        else the column's distinct values, sorted."""
+        return {name: list(values) for name, values in self.values.items()}
+
     def describe(self) -> dict:
-        columns = {"image": self.image_column, "text": self.text_column, "key": self.key_column}
+        columns = {"image": self.image_column, "text": self.text_column, "key": self.key_column,
+                   **({"labels": self.label_columns} if self.label_columns else {})}
         record = {**super().describe(), "columns": columns}
         if self.key_column is None:
             record["fingerprint"] = self.fingerprint  # row numbers are keys only within this version of the data

@@ -28,6 +28,7 @@ from n2n.scoring import HeldOut, Predictor, ScoreTable, upgrade_report
 CHOICES = {"color": COLORS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
 VALUES = {attr: len(values) for attr, values in CHOICES.items()}
 EDITED_IMAGES = 200  # held-out images edited: each attribute its caption names, changed once
+EDIT_EXAMPLES = 4  # edits of different images that eval.png draws
 REAL_IMAGES = 500  # held-out items whose real image the judge reads, to show it can be trusted
 OPEN_CAPTIONS = 64  # captions per attribute left open whose samples measure diversity
 
@@ -174,7 +175,10 @@ def edit_scores(held_out: HeldOut, judge: ShapesJudge, target: Expert) -> dict:
     real = torch.stack([torch.from_numpy(np.asarray(render(a, IMAGE_SIZE), dtype=np.float32) / 255).permute(2, 0, 1)
                         for a in real_attrs])
     original = judge.predict(real)
-    report: dict = {"images": len({row for row, _, _ in cases}), "edits": len(cases)}
+    report: dict = {"images": len({row for row, _, _ in cases}), "edits": len(cases), "examples": []}
+    for (row, attr, new), item in zip(cases, items, strict=True):  # eval.png's row of edits: one per image
+        if len(report["examples"]) < EDIT_EXAMPLES and all(e["row"] != row for e in report["examples"]):
+            report["examples"].append({"row": row, "item": item, "label": f"{attr} → {new}"})
     for name, latents in edited.items():
         seen = judged(judge, target, latents)
         success = {attr: [seen[attr][i] == new for i, (_, a, new) in enumerate(cases) if a == attr]
