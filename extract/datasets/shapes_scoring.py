@@ -183,14 +183,18 @@ def edit_scores(held_out: HeldOut, judge: ShapesJudge, target: Expert) -> dict:
         seen = judged(judge, target, latents)
         success = {attr: [seen[attr][i] == new for i, (_, a, new) in enumerate(cases) if a == attr]
                    for attr in ATTRIBUTES}
-        kept = {"named": [], "open": []}
+        kept: dict[str, list[bool]] = {"named": [], "open": [], **{f"open_{a}": [] for a in ATTRIBUTES}}
         for i, (row, attr, _) in enumerate(cases):
             named = source_named(held_out, row)
             for other in (o for o in ATTRIBUTES if o != attr):
-                kept["named" if named[other] else "open"].append(seen[other][i] == original[other][i])
+                same = seen[other][i] == original[other][i]
+                kept["named" if named[other] else "open"].append(same)
+                if not named[other]:
+                    kept[f"open_{other}"].append(same)
+        mean = {what: float(np.mean(values)) if values else None for what, values in kept.items()}
         report[name] = {"success": {a: float(np.mean(v)) if v else None for a, v in success.items()},
-                        "kept_named": float(np.mean(kept["named"])) if kept["named"] else None,
-                        "kept_open": float(np.mean(kept["open"])) if kept["open"] else None}
+                        "kept_named": mean["named"], "kept_open": mean["open"],
+                        "kept_open_by_attribute": {a: mean[f"open_{a}"] for a in ATTRIBUTES}}
     return report
 
 
