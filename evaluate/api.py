@@ -154,7 +154,11 @@ def source_encoder(trained: TrainedFlow, expert: Callable[[], Expert]) -> Callab
     def encode(items: list[dict]) -> torch.Tensor:
         source = expert()
         layer = (trained.meta["source"].get("expert") or {}).get("layer") or source.layers[0]
-        rows = [source.rows(item)[0] for item in items]
+        try:
+            rows = [source.rows(item)[0] for item in items]
+        except KeyError as err:
+            raise N2NError(f"the source expert {source.spec} reads {source.modality!r}, which the scorer's new "
+                           f"sources lack ({err})") from None
         batch = {k: v.to(source.device) for k, v in source.collate(rows).items()}
         return trained.source_norm(source.encode(batch, [layer])[layer].float())
 

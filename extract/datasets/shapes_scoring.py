@@ -163,7 +163,8 @@ def edit_scores(held_out: HeldOut, judge: ShapesJudge, target: Expert) -> dict:
             new = rng.choice([value for value in CHOICES[attr] if value != truth[key][attr]])
             attrs = {**truth[key], attr: new}
             cases.append((int(row), attr, new))
-            items.append({"text": [caption(attrs, named, rng)], "attributes": {a: attrs[a] for a in ATTRIBUTES}})
+            items.append({"text": [caption(attrs, named, rng)], "attributes": {a: attrs[a] for a in ATTRIBUTES},
+                          "image": render(attrs, IMAGE_SIZE)})  # whichever the source expert reads
     if not cases:
         return {"images": 0}
     rows = torch.tensor([row for row, _, _ in cases])
@@ -178,7 +179,8 @@ def edit_scores(held_out: HeldOut, judge: ShapesJudge, target: Expert) -> dict:
     report: dict = {"images": len({row for row, _, _ in cases}), "edits": len(cases), "examples": []}
     for (row, attr, new), item in zip(cases, items, strict=True):  # eval.png's row of edits: one per image
         if len(report["examples"]) < EDIT_EXAMPLES and all(e["row"] != row for e in report["examples"]):
-            report["examples"].append({"row": row, "item": item, "label": f"{attr} → {new}"})
+            written = {field: value for field, value in item.items() if field != "image"}  # eval.json holds text
+            report["examples"].append({"row": row, "item": written, "label": f"{attr} → {new}"})
     for name, latents in edited.items():
         seen = judged(judge, target, latents)
         success = {attr: [seen[attr][i] == new for i, (_, a, new) in enumerate(cases) if a == attr]
