@@ -122,7 +122,8 @@ class ContinuousFlow(nn.Module):
 
     KIND = "continuous"  # FlowConfig.translator's name for it
     LOSS = "flow_matching"  # ``loss`` is flow matching's mean squared error, not a likelihood
-    SAMPLING = ("steps", "solver", "guidance")  # what ``sample`` takes besides the temperature
+    SAMPLING = ("steps", "solver", "guidance")  # what ``sample`` takes besides the temperature (guidance: where
+    # training dropped conditions; ``sampling``)
 
     def __init__(self, dim: int, cond_dim: int, config: FlowConfig | None = None, **options: Any) -> None:
         super().__init__()
@@ -140,6 +141,12 @@ class ContinuousFlow(nn.Module):
         self.register_buffer("scale", torch.ones(dim))
         # The embedding of "no condition", for classifier-free guidance; only where training drops conditions.
         self.null = nn.Parameter(torch.zeros(self.config.embedding_dim)) if self.config.cond_dropout > 0 else None
+
+    @property
+    def sampling(self) -> tuple[str, ...]:
+        """What this translator's ``sample`` takes besides the temperature: ``SAMPLING``, less guidance where
+        training kept every condition (there is no unconditional velocity to guide against)."""
+        return self.SAMPLING if self.null is not None else tuple(o for o in self.SAMPLING if o != "guidance")
 
     def to_dict(self) -> dict[str, Any]:
         """What rebuilds this translator (``cinn.translators.flow_from_dict``); a checkpoint's ``model`` header."""

@@ -401,6 +401,7 @@ class ConditionalFlow(nn.Module):
     KIND = "coupling"  # FlowConfig.translator's name for it
     LOSS = "nll"  # ``loss`` is the exact NLL in nats per pair (logged as bits/dim)
     SAMPLING = ()  # what ``sample`` takes besides the temperature: nothing, a sample is one pass
+    sampling = SAMPLING  # the same for every instance
 
     def __init__(self, dim: int, cond_dim: int, config: FlowConfig | None = None, **options: Any) -> None:
         super().__init__()

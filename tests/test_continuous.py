@@ -149,6 +149,7 @@ def test_guidance_needs_a_translator_trained_with_condition_dropout():
     plain = moved(ContinuousFlow(4, 3, velocity_width=16, velocity_blocks=1))
     with pytest.raises(ValueError, match="--cond-dropout"):
         plain.sample(c, guidance=2.0)
+    assert "guidance" not in plain.sampling and "guidance" in ContinuousFlow.SAMPLING
     guided = moved(ContinuousFlow(4, 3, velocity_width=16, velocity_blocks=1, cond_dropout=0.2))
     draw = lambda g: guided.sample(c, generator=torch.Generator().manual_seed(0), guidance=g)  # noqa: E731
     with torch.no_grad():
@@ -183,6 +184,10 @@ def test_sampling_options_of_a_continuous_translator_are_refused_for_a_coupling_
         translator.sample(torch.randn(2, 6), steps=4, guidance=2.0)
     with pytest.raises(N2NError, match=r"steps \(--steps\) = 0"):
         SamplingConfig(steps=0)
+    # a continuous run trained without --cond-dropout has no guidance either: one line saying why, no traceback
+    assert n2n_train("--shards", gaussian_view, "--out", tmp_path / "c", "--steps", 2, *CONTINUOUS).exit_code == 0
+    with pytest.raises(CheckpointError, match="--guidance: .* samples with --steps, --solver .*--cond-dropout"):
+        load_run(tmp_path / "c").sample(torch.randn(2, 6), guidance=2.0)
 
 
 def test_the_coupling_nll_of_a_started_flow_is_the_laws_row_by_row(gaussian_view):

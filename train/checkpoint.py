@@ -189,14 +189,16 @@ class TrainedFlow:
 
 def sampling_options(flow: nn.Module, **given: Any) -> dict[str, Any]:
     """The options of ``given`` that are set (not None, guidance not 1) for ``flow.sample``; one its kind does
-    not sample with (``flow.SAMPLING``) is a CheckpointError naming it."""
+    not sample with (``flow.sampling``) is a CheckpointError naming it."""
     unset = {"guidance": 1.0}
     options = {name: value for name, value in given.items() if value is not None and value != unset.get(name)}
-    extra = [name for name in options if name not in flow.SAMPLING]
+    extra = [name for name in options if name not in flow.sampling]
     if extra:
-        takes = ", ".join(f"--{name}" for name in flow.SAMPLING) or "nothing but the temperature (one pass)"
+        takes = ", ".join(f"--{name}" for name in flow.sampling) or "nothing but the temperature (one pass)"
+        why = (" (guidance needs a translator trained with --cond-dropout)" if "guidance" in extra
+               and "guidance" in flow.SAMPLING else "")
         raise CheckpointError(f"{' and '.join('--' + name for name in extra)}: this run's {flow.KIND} translator "
-                              f"samples with {takes}; leave {'them' if len(extra) > 1 else 'it'} out")
+                              f"samples with {takes}{why}; leave {'them' if len(extra) > 1 else 'it'} out")
     return options
 
 
