@@ -50,7 +50,7 @@ from n2n.evaluate.metrics import (
 )
 from n2n.evaluate.texts import caption_lines, nearest_captions
 from n2n.extract.datasets import DatasetError, dataset_class
-from n2n.extract.experts import Expert, expert_of
+from n2n.extract.experts import Expert, expert_of, stored_layer
 from n2n.options import check_fields, load_options, setting
 from n2n.scoring import Editor, HeldOut, Predictor, Predictors, ScoreTable, TranslationScorer
 from n2n.shards import as_path, is_remote
@@ -153,14 +153,12 @@ def source_encoder(trained: TrainedFlow, expert: Callable[[], Expert]) -> Callab
     @torch.no_grad()
     def encode(items: list[dict]) -> torch.Tensor:
         source = expert()
-        layer = (trained.meta["source"].get("expert") or {}).get("layer") or source.layers[0]
         try:
-            rows = [source.rows(item)[0] for item in items]
+            latents = source.encode_items(items, stored_layer(trained.meta["source"], source))
         except KeyError as err:
             raise N2NError(f"the source expert {source.spec} reads {source.modality!r}, which the scorer's new "
                            f"sources lack ({err})") from None
-        batch = {k: v.to(source.device) for k, v in source.collate(rows).items()}
-        return trained.source_norm(source.encode(batch, [layer])[layer].float())
+        return trained.source_norm(latents)
 
     return encode
 

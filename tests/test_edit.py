@@ -93,6 +93,8 @@ def test_bad_edits_are_one_line_and_leave_nothing_behind(runs, shapes, tmp_path,
         translator.residual([42], [caption])
     with pytest.raises(n2n.N2NError, match="input missing.png is not a readable image"):
         translator.residual(["missing.png"], [caption])
+    with pytest.raises(n2n.N2NError, match=r"steps \(--steps\) = 0"):
+        translator.residual([shapes[0]["image"]], [caption], steps=0)
     with pytest.raises(n2n.N2NError, match="2 targets and 1 sources"):
         translator.residual([shapes[0]["image"], shapes[1]["image"]], [caption])
     picture = tmp_path / "target.png"

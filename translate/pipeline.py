@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 
 from n2n.errors import N2NError
-from n2n.extract.experts import Expert, expert_of
+from n2n.extract.experts import Expert, expert_of, stored_layer
 from n2n.options import check_fields, setting
 from n2n.shards.view import view_stores
 from n2n.train.checkpoint import TrainedFlow, run_view
@@ -80,7 +80,7 @@ class Translator:
         stores = run_stores(meta, run)
         source = expert_of(meta["source"], "source", _path(source_weights), console, stores[0]).to(device)
         target = expert_of(meta["target"], "target", _path(target_weights), console, stores[1]).to(device)
-        layer = (meta["source"].get("expert") or {}).get("layer") or source.layers[0]
+        layer = stored_layer(meta["source"], source)
         return cls(trained, source, target, layer, run)
 
     @classmethod
@@ -145,14 +145,12 @@ class Translator:
                 raise TranslateError(f"{side} latents of shape {tuple(inputs.shape)}: this run's {side} latents are "
                                      f"[N, {dim}] ({expert.spec}); give latents of its {side} store, or its inputs")
             return inputs.float()
-        rows = [expert.rows(item)[0] for item in self.items(inputs, side)]
-        batch = {k: v.to(expert.device) for k, v in expert.collate(rows).items()}
-        return expert.encode(batch, [layer])[layer].float()
+        return expert.encode_items(self.items(inputs, side), layer)
 
     @property
     def target_layer(self) -> str:
         """The target expert's layer the run's target store holds."""
-        return (self.trained.meta["target"].get("expert") or {}).get("layer") or self.target.layers[0]
+        return stored_layer(self.trained.meta["target"], self.target)
 
     # --- the residual: what a target holds that its source does not say ------------------------------------
 
@@ -163,6 +161,7 @@ class Translator:
         (for text -> image, what a caption leaves open: where, how large). ``targets``: what the target expert
         reads (images for an image target) or target latents [N, dim]; ``sources``: the source expert's inputs
         (captions) or source latents, one per target. ``steps``: a continuous translator's ODE steps."""
+        SamplingConfig(steps=steps)  # checked before any work
         x, c = self.encode(targets, "target"), self.encode(sources, "source")
         if len(x) != len(c):
             raise TranslateError(f"{len(x)} targets and {len(c)} sources: a residual is taken of each target under "

@@ -84,9 +84,9 @@ class Served:
     def edit(self, image: Image.Image, caption: str, new: str) -> list[Image.Image]:
         """The image's reconstruction (its residual under its own caption) and its residual under the new
         caption, decoded: before and after (``Translator.edit``)."""
-        decoded = self.translator.edit([image], [self.check_caption(caption)], [self.check_caption(caption),
-                                                                                 self.check_caption(new)],
-                                       steps=self.sampling.steps, guidance=self.sampling.guidance)
+        caption, new = self.check_caption(caption), self.check_caption(new)
+        decoded = self.translator.edit([image], [caption], [caption, new], steps=self.sampling.steps,
+                                       guidance=self.sampling.guidance)
         return [Image.fromarray(to_uint8(picture)) for picture in decoded[0]]
 
     @property

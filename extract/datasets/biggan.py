@@ -123,8 +123,7 @@ class BigGANDataset(ItemDataset):
         """The generator's images of items ``indices`` at the dataset's truncation, in one batch."""
         expert = self.generator(device)
         draws = [self.draw(index) for index in indices]
-        rows = [row for z, class_index, _ in draws for row in expert.rows({"z": z, "class": class_index})]
-        latent = expert.encode({k: v.to(expert.device) for k, v in expert.collate(rows).items()})["latent"]
+        latent = expert.encode_items([{"z": z, "class": class_index} for z, class_index, _ in draws], "latent")
         images = (expert.decode(latent, self.truncation).permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
         return [Image.fromarray(image) for image in images]
 

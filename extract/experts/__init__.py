@@ -91,6 +91,11 @@ def load_expert(spec: str, weights: str | Path | None = None, plugin: str | None
     return expert
 
 
+def stored_layer(identity: dict, expert: Expert) -> str:
+    """The layer of ``expert`` that the store of ``identity`` (a store's or a run side's record) holds."""
+    return (identity.get("expert") or {}).get("layer") or expert.layers[0]
+
+
 def expert_of(identity: dict, side: str, weights: Path | None, console: Console | None = None,
               store: Path | None = None) -> Expert:
     """Load the expert that wrote one side's store; ``weights`` overrides where its weights come from.
@@ -274,6 +279,14 @@ class Expert(ABC):
             out = self.forward(batch, layers)
         return {layer: out[layer].float() for layer in layers}
 
+    def encode_items(self, items: Sequence[dict], layer: str | None = None) -> torch.Tensor:
+        """[len(items), dims[layer]] float32 on the expert's device: each dataset-like item's first row, batched
+        and encoded as extraction encodes a batch (``layer``: the first by default). How inputs that are not in
+        a store (a caption to translate, an edited one) get the latent their store would hold."""
+        layer = layer or self.layers[0]
+        batch = {k: v.to(self.device) for k, v in self.collate([self.rows(item)[0] for item in items]).items()}
+        return self.encode(batch, [layer])[layer]
+
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] from latents; only generators (sdvae, biggan, ae) can."""
         raise ExpertError(f"expert {self.spec} cannot decode: it has no generator (generators: sdvae, biggan, ae)")
@@ -300,7 +313,7 @@ class Expert(ABC):
                 "preprocess": self.preprocess(), **options, "plugin": self.plugin}
 
 
-__all__ = ["Expert", "ExpertError", "expert_of", "known_experts", "load_expert"]
+__all__ = ["Expert", "ExpertError", "expert_of", "known_experts", "load_expert", "stored_layer"]
 
 
 def save_model_folder(module: torch.nn.Module, config: dict, path: str | Path, weights: str = "model.safetensors",
