@@ -17,6 +17,7 @@ None, and the caller reads the tar member by member, as strictly as ever.
 from __future__ import annotations
 
 import io
+import threading
 from functools import cache
 
 import numpy as np
@@ -30,6 +31,17 @@ NAME_BYTES = 24  # the row number, the longest field (".latent.npy") and its NUL
 # Header fields (POSIX ustar), as byte ranges of a header block.
 SIZE, CHKSUM, TYPE, PREFIX = slice(124, 136), slice(148, 156), 156, 345
 SIZE_WORDS = slice(120, 136)  # the size and, before it, the end of the gid: 8-byte aligned
+
+
+_NPY_HEADERS = threading.Lock()
+
+
+def load_npy(member: bytes) -> np.ndarray:
+    """A .npy member's array, never a pickle. numpy parses the header with ``ast.literal_eval``,
+    which CPython 3.11 can fail in two threads at once ("AST constructor recursion depth
+    mismatch", python/cpython#106905); tars are read on a thread per core, so one parse at a time."""
+    with _NPY_HEADERS:
+        return np.load(io.BytesIO(member), allow_pickle=False)
 
 
 def _blocks(size: int) -> int:
@@ -163,7 +175,7 @@ def _first_latent(buffer: np.ndarray, dim: int, dtype: np.dtype) -> bytes | None
         return None
     member = buffer[at.latent_data : at.latent_data + int(size[0])].tobytes()
     try:
-        vector = np.load(io.BytesIO(member), allow_pickle=False)
+        vector = load_npy(member)
     except (ValueError, EOFError):
         return None
     if vector.shape != (dim,) or vector.dtype != dtype:

@@ -25,7 +25,7 @@ from n2n.shards.backend import Block, as_unicode
 from n2n.shards.errors import StoreError
 from n2n.shards.layout import Layout
 from n2n.shards.meta import META_NAME
-from n2n.shards.tar_rows import pack, unpack
+from n2n.shards.tar_rows import load_npy, pack, unpack
 
 T, R = TypeVar("T"), TypeVar("R")
 
@@ -182,7 +182,7 @@ class WdsBackend:
         return int(match[1]) - start, match[2]
 
     def _vector(self, data: bytes) -> np.ndarray:
-        vector = np.load(io.BytesIO(data), allow_pickle=False)
+        vector = load_npy(data)
         if vector.shape != (self.meta["dim"],) or vector.dtype != np.dtype(self.meta["dtype"]):
             raise ValueError(
                 f"a latent is {vector.dtype} {vector.shape}, "

@@ -155,3 +155,23 @@ def test_tars_written_by_tarwriter_before_are_read_fast(tmp_path):
     tar.write_bytes(tarwriter_bytes(0, *data))
     keys, sub, latents = unpack(np.fromfile(tar, np.uint8), 0, 20, 6, F16)
     assert keys.tolist() == data[0].tolist() and np.array_equal(sub, data[1]) and np.array_equal(latents, data[2])
+
+
+def test_load_npy_reads_from_many_threads_at_once_and_never_unpickles():
+    """Tars are read on a thread per core; each thread parses .npy headers (``load_npy``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from n2n.shards.tar_rows import load_npy
+
+    members = []
+    for dim in range(1, 65):
+        stream = io.BytesIO()
+        np.save(stream, np.arange(dim, dtype=np.float16))
+        members.append(stream.getvalue())
+    with ThreadPoolExecutor(8) as pool:
+        vectors = list(pool.map(load_npy, members * 50))
+    assert [len(v) for v in vectors] == list(range(1, 65)) * 50
+    stream = io.BytesIO()
+    np.save(stream, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_npy(stream.getvalue())
