@@ -8,7 +8,7 @@ DATA_ROOT ?=
 OUT     ?=
 ARGS    ?=
 
-.PHONY: install dev test test-slow lint docs demo serve bench extract train synthetic check-synthetic gpu-wheels gpu-check clean
+.PHONY: install dev test test-slow lint docs demo diagnose serve bench extract train synthetic check-synthetic gpu-wheels gpu-check clean
 
 # install: n2n and what it runs on (the demo's needs); dev: also the tools of tests, lint, docs and benchmarks.
 install: .venv/installed
@@ -34,6 +34,13 @@ demo: install
 	  $(BIN)/n2n-eval --run runs/ae_minilm --out demo/eval-ae_minilm.json
 	$(BIN)/python -c 'import n2n.evaluate.cli as e, json; [e.print_report(json.load(open(f))) \
 	  for f in ("demo/eval.json", "demo/eval-ae_minilm.json")]'
+
+# What each layer of an expert keeps (docs/guides/diagnosing.md): a shape classifier's layers seen through the demo's
+# autoencoder, whose store it reuses; on a fresh clone the autoencoder and the classifier are trained first.
+diagnose: install
+	$(BIN)/n2n-train-ae --config $(DEMO)/ae-shapes.yaml
+	$(BIN)/n2n-train-classifier --data shapes --label shape --out experts/classifier-shapes
+	$(BIN)/n2n-diagnose --config configs/diagnose/shapes.yaml
 
 # Try translators in a browser: make serve RUN="runs/minilm_ae runs/ae_minilm" (the demo's two by default).
 RUN ?= runs/minilm_ae runs/ae_minilm
@@ -83,7 +90,7 @@ lint: dev
 # reference is read from the source by griffe, which finds a package by its folder's name: the repository
 # root is the package folder, so build/docs-src/n2n/ links to the package's own files (not to the root
 # itself, which holds .venv and build/).
-PACKAGE_FILES := __init__.py cli.py errors.py files.py options.py plugins.py scoring.py cinn parallel shards extract train translate evaluate
+PACKAGE_FILES := __init__.py cli.py errors.py files.py options.py plugins.py scoring.py cinn parallel shards extract train translate evaluate diagnose
 docs: dev
 	rm -rf build/docs-src && mkdir -p build/docs-src/n2n
 	for f in $(PACKAGE_FILES); do ln -s ../../../$$f build/docs-src/n2n/$$f; done
@@ -139,4 +146,4 @@ gpu-check: dev
 endif
 
 clean:
-	rm -rf runs .pytest_cache demo/eval*.json demo/*.png
+	rm -rf runs diagnoses .pytest_cache demo/eval*.json demo/*.png

@@ -50,6 +50,7 @@ _API = {
     "train": "n2n.train",
     "Translator": "n2n.translate.pipeline:Translator",
     "evaluate": "n2n.evaluate",
+    "diagnose": "n2n.diagnose",
     "Store": "n2n.shards:Store",
     "View": "n2n.shards:View",
     "open_store": "n2n.shards:open_store",

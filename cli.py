@@ -81,4 +81,4 @@ class Commands(click.Group):
 @click.group(cls=Commands, context_settings=CONTEXT)
 def main() -> None:
     """n2n's umbrella command: ``n2n serve`` (the stages are n2n-extract, n2n-shards, n2n-train, n2n-translate,
-    n2n-eval)."""
+    n2n-eval; n2n-diagnose diagnoses an expert)."""

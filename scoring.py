@@ -9,7 +9,9 @@ stages, so a dataset (stage 1) imports nothing from the evaluation.
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -77,6 +79,31 @@ class TranslationScorer(Protocol):
 
     def table(self, report: dict) -> ScoreTable:
         """The rows of the printed table for the entries ``score`` added to ``report`` (none if absent)."""
+
+    # Optional, for n2n-diagnose (``getattr(scorer, "read_decoded", None)``): what a person would read off the
+    # images ``target`` decodes from ``latents`` [N, dim], {attribute: [value per latent]}, each value one of
+    # the dataset's ``attribute_values``. ``judge`` is n2n-diagnose's --judge (None: the scorer's default).
+    # def read_decoded(self, target: Expert, latents: torch.Tensor, judge: Path | None,
+    #                  console: Console | None) -> dict[str, list[str]]: ...
+
+
+def normalized_entropy(values: list[str], n_values: int) -> float:
+    """Entropy of the values' frequencies over that of ``n_values`` equally frequent values."""
+    counts = np.array(list(Counter(values).values()), dtype=np.float64)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum() / math.log(n_values))
+
+
+def uniform_entropy(n_values: int, n_samples: int, trials: int = 4000, seed: int = 0) -> float:
+    """What a perfect sampler scores: the mean normalised entropy of ``n_samples`` uniform draws.
+
+    Below 1 because a few samples rarely cover every value (16 draws over 9 positions: 0.87), so a
+    diversity score is read against this, not against 1.
+    """
+    draws = np.random.default_rng(seed).integers(n_values, size=(trials, n_samples))
+    p = (draws[..., None] == np.arange(n_values)).mean(1)
+    logs = np.log(np.where(p > 0, p, 1.0))
+    return float(-(p * logs).sum(1).mean() / math.log(n_values))
 
 
 OLD_NAMES = {"cinn": "translator"}  # eval.json's names before a continuous translator could be scored

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = ("cinn", "parallel", "shards", "extract", "train", "translate", "evaluate")
+FOLDERS = ("cinn", "parallel", "shards", "extract", "train", "translate", "evaluate", "diagnose")
 TABLE = REPO / "docs" / "contributing.md"
 
 

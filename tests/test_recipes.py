@@ -95,3 +95,18 @@ def test_eval_scores_the_source_itself_where_both_stores_share_a_space(tmp_path,
     other = n2n.train(n2n.pair(pooled, text), tmp_path / "pooled", steps=10, n_flows=2, hidden_dim=16, holdout=0.25,
                       compile=False, progress=False)
     assert "source" not in n2n.evaluate(other, samples=2, baseline_steps=10, progress=False)["translation"]
+
+
+def test_diagnosing_timm_stages_through_the_sdvae(tmp_path, models, resnet18_file, small_judge):
+    """The Diagnosing guide's GPU recipe at toy size: a timm ResNet's stages -> SD's VAE, one store per stage from
+    one pass, a run per stage, each stage's samples scored by the shapes judge."""
+    report = n2n.diagnose("timm:resnet18", "stage1,stage4", f"sdvae:{models['sdvae']}", "shapes",
+                          expert_weights=resnet18_file, decoder_options={"size": 32}, data_options={"size": 32},
+                          limit=ITEMS, steps=6, shards=tmp_path / "shards", out=tmp_path / "diagnosis", inputs=4,
+                          samples=2, rows=1, shown=1, judge=small_judge, reference=False, device="cpu",
+                          progress=False, train_options={"n_flows": 2, "hidden_dim": 16, "batch_size": 16,
+                                                         "holdout": 0.2, "logger": "none"})
+    assert list(report["layers"]) == ["stage1", "stage4"]
+    assert report["layers"]["stage1"]["dim"] == 64 and report["layers"]["stage4"]["dim"] == 512
+    assert open_store(tmp_path / "shards" / "shapes" / "timm-resnet18@stage4").dim == 512
+    assert Image.open(tmp_path / "diagnosis" / "diagnosis.png").height >= 32

@@ -12,18 +12,18 @@ Each predictor ``n2n.evaluate`` hands over (the run's translator and the MLP bas
 
 from __future__ import annotations
 
-import math
 import random
-from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from n2n.errors import N2NError
 from n2n.extract.datasets.shapes_judge import DEFAULT_PATH, IMAGE_SIZE, ShapesJudge, accuracy, load_judge
 from n2n.extract.datasets.shapes_world import ATTRIBUTES, COLORS, POSITIONS, SHAPES, SIZES, caption, render
 from n2n.extract.experts import Expert
-from n2n.scoring import HeldOut, Predictor, ScoreTable, upgrade_report
+from n2n.scoring import HeldOut, Predictor, ScoreTable, normalized_entropy, uniform_entropy, upgrade_report
 
 CHOICES = {"color": COLORS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
 VALUES = {attr: len(values) for attr, values in CHOICES.items()}
@@ -31,25 +31,6 @@ EDITED_IMAGES = 200  # held-out images edited: each attribute its caption names,
 EDIT_EXAMPLES = 4  # edits of different images that eval.png draws
 REAL_IMAGES = 500  # held-out items whose real image the judge reads, to show it can be trusted
 OPEN_CAPTIONS = 64  # captions per attribute left open whose samples measure diversity
-
-
-def normalized_entropy(values: list[str], n_values: int) -> float:
-    """Entropy of the values' frequencies over that of ``n_values`` equally frequent values."""
-    counts = np.array(list(Counter(values).values()), dtype=np.float64)
-    p = counts / counts.sum()
-    return float(-(p * np.log(p)).sum() / math.log(n_values))
-
-
-def uniform_entropy(n_values: int, n_samples: int, trials: int = 4000, seed: int = 0) -> float:
-    """What a perfect sampler scores: the mean normalised entropy of ``n_samples`` uniform draws.
-
-    Below 1 because a few samples rarely cover every value (16 draws over 9 positions: 0.87), so a
-    diversity score is read against this, not against 1.
-    """
-    draws = np.random.default_rng(seed).integers(n_values, size=(trials, n_samples))
-    p = (draws[..., None] == np.arange(n_values)).mean(1)
-    logs = np.log(np.where(p > 0, p, 1.0))
-    return float(-(p * logs).sum(1).mean() / math.log(n_values))
 
 
 @torch.no_grad()
@@ -223,6 +204,12 @@ class ShapesScorer:
         if held_out.source_truth is not None and held_out.target_truth is not None:
             return image_to_text(held_out)
         return {}
+
+    def read_decoded(self, target: Expert, latents: torch.Tensor, judge: Path | None = None,
+                     console: Console | None = None) -> dict[str, list[str]]:
+        """The judge's reading of colour, shape, size and position off what ``target`` decodes from ``latents``
+        (n2n-diagnose; the judge is trained first, in about a minute, where ``judge`` holds none)."""
+        return judged(load_judge(judge or DEFAULT_PATH, console=console), target, latents)
 
     def table(self, report: dict) -> ScoreTable:
         report = upgrade_report(report)  # an eval.json of any version
