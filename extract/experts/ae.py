@@ -24,7 +24,7 @@ FORMAT = "n2n-conv-autoencoder"
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
 
-def conv_block(conv: nn.Module, channels: int) -> nn.Sequential:
+def _block(conv: nn.Module, channels: int) -> nn.Sequential:
     # GroupNorm, not BatchNorm: a latent must not depend on the other images of its batch.
     return nn.Sequential(conv, nn.GroupNorm(math.gcd(channels, 8), channels), nn.SiLU())
 
@@ -65,13 +65,13 @@ class ConvAutoencoder(nn.Module):
                        "variational": variational}
         self.latent_dim, self.variational = latent_dim, variational
         self.encoder = nn.Sequential(
-            *(conv_block(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), c_out)
+            *(_block(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), c_out)
               for c_in, c_out in pairwise([3, *channels])),
             nn.Flatten(), nn.Linear(channels[-1] * side * side, latent_dim * (2 if variational else 1)))
         back = [*reversed(channels), channels[0]]
         self.decoder = nn.Sequential(
             nn.Linear(latent_dim, channels[-1] * side * side), nn.Unflatten(1, (channels[-1], side, side)),
-            *(nn.Sequential(Upsample2x(), conv_block(nn.Conv2d(c_in, c_out, 3, padding=1), c_out))
+            *(nn.Sequential(Upsample2x(), _block(nn.Conv2d(c_in, c_out, 3, padding=1), c_out))
               for c_in, c_out in pairwise(back)),
             nn.Conv2d(channels[0], 3, 3, padding=1), nn.Sigmoid())
 
