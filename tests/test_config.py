@@ -166,18 +166,26 @@ def test_the_demo_is_described_by_config_files():
 
 
 def test_every_config_file_in_the_repository_is_one_its_command_takes():
-    """configs/**/*.yaml: each file's keys are options of the command it is for (n2n-train where it names a
-    view, n2n-extract where it names an expert, n2n-train-ae otherwise)."""
+    """configs/**/*.yaml: each file's keys are options of the command it is for (n2n-diagnose where it names a
+    decoder, and its train_options n2n-train's; n2n-train where it names a view, n2n-extract where it names an
+    expert, n2n-train-ae otherwise)."""
+    from n2n.diagnose.cli import main as n2n_diagnose
     from n2n.options import check_names, option_name
+
+    def names(command) -> set[str]:
+        return {option_name(opt) for p in command.params for opt in p.opts} | {p.name for p in command.params}
 
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.rglob("*.yaml"))
-    assert len(files) >= 7
+    assert len(files) >= 8
     for path in files:
         values = n2n.options.read_config(path)
-        command = n2n_train if "shards" in values else n2n_extract if "expert" in values else n2n_train_ae
-        names = {option_name(opt) for p in command.params for opt in p.opts} | {p.name for p in command.params}
-        check_names(values, names, str(path))
+        if "decoder" in values:
+            command = n2n_diagnose
+            check_names(values.get("train_options") or {}, names(n2n_train), f"{path} train_options")
+        else:
+            command = n2n_train if "shards" in values else n2n_extract if "expert" in values else n2n_train_ae
+        check_names(values, names(command), str(path))
 
 
 @pytest.mark.parametrize("kind", ["coupling", "continuous"])

@@ -52,9 +52,9 @@ def picture(size=(100, 70), mode="RGB") -> Image.Image:
 
 
 def test_known_experts_and_unknown_spec():
-    assert known_experts() == ["ae", "bert", "biggan", "clip", "label", "minilm", "sdvae", "timm"]
+    assert known_experts() == ["ae", "bert", "biggan", "classifier", "clip", "label", "minilm", "sdvae", "timm"]
     with pytest.raises(ExpertError,
-                       match="unknown expert 'resnet'.*ae, bert, biggan, clip, label, minilm, sdvae, timm"):
+                       match="unknown expert 'resnet'.*ae, bert, biggan, classifier, clip, label, minilm, sdvae, timm"):
         load_expert("resnet")
 
 

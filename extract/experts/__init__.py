@@ -1,9 +1,10 @@
 """Experts: frozen networks addressed by a spec string ``name[:model][@layer]``.
 
 The ``name`` is a family, found through ``n2n.plugins`` (kind "expert", entry-point group
-``n2n.experts``). n2n's own families (ae, bert, biggan, clip, minilm, sdvae, timm) are entry points of n2n's
-pyproject.toml like anyone's, so there is one path, and a family is imported only when a spec names
-it: listing experts or reporting a bad spec never pays for importing transformers, timm or BigGAN.
+``n2n.experts``). n2n's own families (ae, bert, biggan, classifier, clip, label, minilm, sdvae, timm) are
+entry points of n2n's pyproject.toml like anyone's, so there is one path, and a family is imported only when
+a spec names it: listing experts or reporting a bad spec never pays for importing transformers, timm or
+BigGAN.
 
 What a plug-in implements:
 
