@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -238,23 +239,25 @@ def judge_shapes(model: ConvAutoencoder, cfg: TrainAEConfig, device: torch.devic
             "val_mse": float(((recon - real) ** 2).mean())}
 
 
-def saved_autoencoder(out: Path) -> bool:
-    """Whether ``out`` already holds a loadable autoencoder (then the run is skipped)."""
+def saved_model(out: Path, load: Callable[[Path], object], what: str, error: type[N2NError]) -> bool:
+    """Whether ``out`` already holds a model ``load`` reads (then a training run is skipped); an ``out`` holding
+    something else is ``error``, naming ``what`` it should hold and the way on. n2n-train-ae and
+    n2n-train-classifier share it."""
     if not out.exists():
         return False
     try:
-        load_autoencoder(out)
+        load(out)
     except (OSError, ValueError, RuntimeError) as err:
         if out.is_dir() and not any(out.iterdir()):
             return False
-        raise TrainAEError(f"--out {out} exists but holds no loadable autoencoder ({first_line(err)}); "
-                           "pass --overwrite to replace it or choose another --out") from err
+        raise error(f"--out {out} exists but holds no loadable {what} ({first_line(err)}); "
+                    "pass --overwrite to replace it or choose another --out") from err
     return True
 
 
 def train_autoencoder(cfg: TrainAEConfig, progress_console: Console = console) -> dict:
     """Train, save to ``cfg.out`` and write ``cfg.out/report.json``; the report (``skipped`` if already done)."""
-    if not cfg.overwrite and saved_autoencoder(cfg.out):
+    if not cfg.overwrite and saved_model(cfg.out, load_autoencoder, "autoencoder", TrainAEError):
         return {"skipped": True, "out": str(cfg.out)}
     device = resolve_device(cfg.device)
     dataset = open_images(cfg)

@@ -25,9 +25,8 @@ from n2n import plugins
 from n2n.cli import CONTEXT, reports_errors
 from n2n.errors import N2NError
 from n2n.extract.datasets import DatasetError, ItemDataset, ItemError, open_dataset
-from n2n.extract.experts import first_line
 from n2n.extract.experts.classifier import ConvClassifier, load_classifier, save_classifier
-from n2n.extract.train_ae import MAX_IN_MEMORY_BYTES, resolve_device
+from n2n.extract.train_ae import MAX_IN_MEMORY_BYTES, resolve_device, saved_model
 from n2n.files import write_text_atomic
 from n2n.options import CONFIG_FILE, check_fields, click_options, config_option, config_text, from_params, setting
 
@@ -175,23 +174,9 @@ def accuracy(model: ConvClassifier, images: torch.Tensor, labels: torch.Tensor) 
     return hits / len(labels)
 
 
-def saved_classifier(out: Path) -> bool:
-    """Whether ``out`` already holds a loadable classifier (then the run is skipped)."""
-    if not out.exists():
-        return False
-    try:
-        load_classifier(out)
-    except (OSError, ValueError, RuntimeError) as err:
-        if out.is_dir() and not any(out.iterdir()):
-            return False
-        raise TrainClassifierError(f"--out {out} exists but holds no loadable classifier ({first_line(err)}); "
-                                   "pass --overwrite to replace it or choose another --out") from err
-    return True
-
-
 def train_classifier(cfg: TrainClassifierConfig, progress_console: Console = console) -> dict:
     """Train, save to ``cfg.out`` and write ``cfg.out/report.json``; the report (``skipped`` if already done)."""
-    if not cfg.overwrite and saved_classifier(cfg.out):
+    if not cfg.overwrite and saved_model(cfg.out, load_classifier, "classifier", TrainClassifierError):
         return {"skipped": True, "out": str(cfg.out)}
     device = resolve_device(cfg.device)
     train_set, classes = labelled_dataset(cfg, "train")

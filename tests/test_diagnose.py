@@ -190,3 +190,12 @@ def test_kept_free_and_chance_are_what_they_say():
 def test_the_config_checks_the_api_too():
     with pytest.raises(N2NError, match="--inputs"):
         DiagnoseConfig(expert="x", layers=["a", "b"], decoder="y", data="shapes", inputs=0)
+
+
+def test_an_out_holding_something_else_is_refused_without_overwrite(tmp_path, invoke):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = invoke(train_classifier_main, *CLASSIFIER, "--out", out)
+    assert result.exit_code == 2 and "holds no loadable classifier" in result.output and "--overwrite" in result.output
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
