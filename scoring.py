@@ -80,6 +80,11 @@ class TranslationScorer(Protocol):
     def table(self, report: dict) -> ScoreTable:
         """The rows of the printed table for the entries ``score`` added to ``report`` (none if absent)."""
 
+    # Optional, for n2n-eval's fidelity–diversity curve (``getattr(scorer, "curve_point", None)``): the dataset's
+    # scores of one point, the run's translator at one temperature (or a baseline) as ``predict``:
+    # {"judge": fidelity in [0, 1] or None, "open_entropy": diversity in [0, 1] or None}.
+    # def curve_point(self, held_out: HeldOut, predict: Predictor) -> dict: ...
+
     # Optional, for n2n-diagnose (``getattr(scorer, "read_decoded", None)``): what a person would read off the
     # images ``target`` decodes from ``latents`` [N, dim], {attribute: [value per latent]}, each value one of
     # the dataset's ``attribute_values``. ``judge`` is n2n-diagnose's --judge (None: the scorer's default).

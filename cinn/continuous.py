@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from n2n.cinn.flow import FlowConfig, make_embedder, shape_of, sized
-from n2n.cinn.gaussian import LinearGaussian
-from n2n.cinn.linear_stage import LinearGaussianStage, rename_old_stage
+from n2n.cinn.flow import FlowConfig, first_stage, make_embedder, shape_of, sized
+from n2n.cinn.gaussian import GaussianLaw
+from n2n.cinn.linear_stage import rename_old_stage
 
 EXACT_DIVERGENCE_DIMS = 64  # up to this many target dims the divergence is exact (one backward pass per dim)
 TIME_FREQUENCIES = 32  # sinusoidal features of t: sin and cos at 32 frequencies from 1 to 1000
@@ -132,8 +132,9 @@ class ContinuousFlow(nn.Module):
         self.embedder = make_embedder(cond_dim, self.config)
         # Fixed, not trained: flow matching's loss is measured in the stage's units, so an optimizer free to
         # shrink them would shrink the loss, not fit the law.
-        self.linear_stage = (LinearGaussianStage(dim, cond_dim).requires_grad_(False)
-                             if self.config.start_from_floor else None)
+        self.linear_stage = first_stage(dim, cond_dim, self.config)
+        if self.linear_stage is not None:
+            self.linear_stage.requires_grad_(False)
         self.velocity = VelocityNet(dim, self.config.embedding_dim, self.config.velocity_width,
                                     self.config.velocity_blocks)
         # Each dim's residual standard deviation under the law it starts from (1 without one): the unit of
@@ -177,11 +178,11 @@ class ContinuousFlow(nn.Module):
         return (self.velocity(x_t, t, h) - (x - x0) / self.scale).pow(2).mean()
 
     @torch.no_grad()
-    def start_from(self, law: LinearGaussian) -> None:
+    def start_from(self, law: GaussianLaw) -> None:
         """Start at ``law``: the paths then run from its draws (the velocity starts at zero: the identity),
         each dim's velocity in units of its residual standard deviation."""
         self.linear_stage.start_from(law)
-        self.scale.copy_(torch.diagonal(law.cov).sqrt().to(self.scale.dtype))
+        self.scale.copy_(law.variance.sqrt().to(self.scale.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         """A checkpoint written before velocities had per-dim units ran them in standardised units (scale 1);
@@ -229,9 +230,32 @@ class ContinuousFlow(nn.Module):
 
     def sample(self, c: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
                steps: int | None = None, solver: str | None = None, guidance: float = 1.0) -> Tensor:
-        """Draw x ~ p(x | c): z ~ N(0, temperature^2 I), then ``reverse``. One sample per row of c."""
+        """Draw x ~ p(x | c) at temperature 1: z ~ N(0, I), then ``reverse``. One sample per row of c.
+
+        Below 1, the temperature T is a knob from the regression's answer to the full distribution: z ~ N(0, T^2 I)
+        and the path stops at t = T, where it jumps to the end the velocity predicts (``predicted_end``): the
+        mean of the targets given the path so far. At T = 0 that is E[x | c] as the velocity net estimates it
+        (deterministic: the path starts at the law's mean). Scaling z alone, as the coupling kind does, ran the
+        ODE to the end and landed on one target near the law's mean, never on their mean: measured on the demo's
+        image -> text view, the judge found the image in the nearest caption 35% of the time at T = 0, against
+        the MLP's 58% (docs/benchmarks.md, "Fidelity and diversity"). Above 1, z is scaled and the path runs to
+        the end."""
         z = torch.randn(c.shape[0], self.dim, device=c.device, dtype=c.dtype, generator=generator)
-        return self.reverse(temperature * z, c, steps, solver, guidance)
+        if temperature >= 1:
+            return self.reverse(temperature * z, c, steps, solver, guidance)
+        return self.predicted_end(temperature * z, c, temperature, steps, solver, guidance)
+
+    def predicted_end(self, z: Tensor, c: Tensor, time: float, steps: int | None = None, solver: str | None = None,
+                      guidance: float = 1.0) -> Tensor:
+        """The path from z's start x0 solved to t = ``time`` (as many of ``reverse``'s steps as that span holds,
+        at least one where it is above 0), then x_t + (1 - t) v(x_t, t): on straight paths, the velocity's
+        estimate of E[x | x_t, c], which at t = 0 is E[x | c] whatever x0 is."""
+        v = self.field(c, guidance)
+        x = self.source(z, c)
+        span = max(1, round((steps or self.config.ode_steps) * time)) if time > 0 else 0
+        if span:
+            (x,) = integrate(lambda t, s: (v(s[0], t),), (x,), 0.0, time, span, solver or self.config.solver)
+        return x + (1 - time) * v(x, time)
 
     def forward(self, x: Tensor, c: Tensor, steps: int | None = None, solver: str | None = None,
                 probe_seed: int = 0) -> tuple[Tensor, Tensor]:

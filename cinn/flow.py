@@ -28,12 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from n2n.cinn.gaussian import LinearGaussian
-from n2n.cinn.linear_stage import LinearGaussianStage, rename_old_stage
+from n2n.cinn.gaussian import GaussianLaw
+from n2n.cinn.linear_stage import LinearGaussianStage, LowRankStage, rename_old_stage
 from n2n.cinn.loss import nll
+from n2n.cinn.lowrank_gaussian import FULL_WIDTH, RANK
 from n2n.options import check_fields, setting
 
 NORMS = ("layer", "batch", "none")
+BASES = ("linear", "mlp")  # FlowConfig.base: the mean of the law a translator starts from
+LAWS = ("auto", "full", "lowrank")  # FlowConfig.law: its covariance
 
 
 def mlp(
@@ -308,6 +311,19 @@ class FlowConfig:
         True, "Start at the linear-Gaussian law p(target | source) fitted on the train pairs: a conditional affine "
               "first stage (mean W c + b, whitened by the residuals' Cholesky factor), trainable for the coupling "
               "flow, the source of the paths for the continuous one. Off: start at N(0, I), as net2net.")
+    # Measured (docs/benchmarks.md, "Fidelity and diversity"): on the demo's image -> text view the linear law's
+    # translator stayed far below n2n-eval's MLP at every temperature; started at the MLP's law it is that MLP at
+    # temperature 0 and the full distribution at 1.
+    base: str = setting("linear", "The mean of the law a translator starts from (--start-from-floor). linear: ridge "
+                                  "regression W c + b; mlp: an MLP regression (--base-width) fitted first, so that "
+                                  "temperature 0 is its prediction, refined.", choices=BASES)
+    base_width: int = setting(512, "Width of the MLP mean of --base mlp (two hidden layers).", min=1)
+    base_steps: int = setting(2000, "Training steps of the MLP mean of --base mlp (n2n-eval's MLP baseline: 2000).",
+                              min=1)
+    law: str = setting("auto", "The law's covariance. full: d x d (its Cholesky factor in the first stage); lowrank: "
+                               "low rank plus diagonal, O(d x --law-rank) (cinn.lowrank_gaussian); auto: full up to "
+                               f"{FULL_WIDTH} target dims, lowrank above.", choices=LAWS)
+    law_rank: int = setting(RANK, "Principal directions of the residuals a lowrank law keeps.", min=1)
     translator: str = setting(
         "coupling", "The kind of invertible translator. coupling: the cINN of coupling blocks, trained by maximum "
                     "likelihood (net2net); continuous: an ODE whose velocity net v(x, t, c) is trained by flow "
@@ -328,7 +344,7 @@ class FlowConfig:
 
 
 # What a checkpoint header written before a field existed meant by its absence (not today's default).
-LEGACY = {"coupling": "affine", "embedder": "mlp", "start_from_floor": False, "translator": "coupling"}
+LEGACY = {"coupling": "affine", "embedder": "mlp", "start_from_floor": False, "translator": "coupling", "law": "full"}
 
 
 def upgrade_header(model: dict[str, Any]) -> dict[str, Any]:
@@ -357,6 +373,24 @@ def sized(dim: int, config: FlowConfig) -> FlowConfig:
     low, high = EMBEDDING_RANGE
     open_sizes = {name: value for name, value in NET2NET_SIZES.items() if getattr(config, name) is None}
     return dataclasses.replace(config, embedding_dim=config.embedding_dim or min(max(dim, low), high), **open_sizes)
+
+
+def low_rank(dim: int, law: str) -> bool:
+    """Whether a target of ``dim`` dims gets the low-rank law (``FlowConfig.law``)."""
+    return law == "lowrank" or (law == "auto" and dim > FULL_WIDTH)
+
+
+def first_stage(dim: int, cond_dim: int, config: FlowConfig) -> LinearGaussianStage | LowRankStage | None:
+    """The stage that sets a translator on its law (``config.start_from_floor``; its mean ``config.base``, its
+    covariance ``config.law``)."""
+    if not config.start_from_floor:
+        return None
+    if low_rank(dim, config.law):
+        if config.base == "mlp":
+            raise ValueError(f"--base mlp has a full covariance, and a target of {dim} dims gets the low-rank law: "
+                             f"give --base linear, or --law full where {dim} x {dim} fits")
+        return LowRankStage(dim, cond_dim, config.law_rank)
+    return LinearGaussianStage(dim, cond_dim, config.base_width if config.base == "mlp" else None)
 
 
 def make_embedder(cond_dim: int, config: FlowConfig) -> nn.Module:
@@ -409,7 +443,7 @@ class ConditionalFlow(nn.Module):
         self.dim, self.cond_dim = dim, cond_dim
         self.embedder = make_embedder(cond_dim, self.config)
         # Before the blocks, on the raw condition: the law it starts from is linear in c, not in h.
-        self.linear_stage = LinearGaussianStage(dim, cond_dim) if self.config.start_from_floor else None
+        self.linear_stage = first_stage(dim, cond_dim, self.config)
         self.blocks = nn.ModuleList(FlowBlock(dim, self.config, seed=i) for i in range(self.config.n_flows))
 
     def to_dict(self) -> dict[str, Any]:
@@ -463,7 +497,7 @@ class ConditionalFlow(nn.Module):
         return nll(*self(x, c)).mean()
 
     @torch.no_grad()
-    def start_from(self, law: LinearGaussian) -> None:
+    def start_from(self, law: GaussianLaw) -> None:
         """Start at ``law``: the first stage set to it and every ActNorm at the identity (its data-dependent
         init would move the flow off the law). With glow couplings (identity at the start) the flow's NLL
         is then the law's."""

@@ -163,8 +163,47 @@ def _cholesky(cov: Tensor) -> Tensor:
     return factor
 
 
+class GaussianLaw:
+    """What every Gaussian law p(target | source) = N(mean(source), Sigma) offers once it has a ``_mean64``
+    (float64 [N, dt]), a ``chol`` (Sigma's lower Cholesky factor) and a ``dim``: draws and its NLL."""
+
+    chol: Tensor
+    dim: int
+
+    def _mean64(self, source: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def variance(self) -> Tensor:
+        """Sigma's diagonal [dt]: each target dim's residual variance under the law."""
+        return torch.diagonal(self.cov)
+
+    def sample(self, source: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n draws per row, row-major like ``repeat_interleave`` (the shape of a ``Predictor``): [N * n, dt]."""
+        mean = self._mean64(source).repeat_interleave(n, 0)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return (mean + noise @ self.chol.T).to(source.dtype)
+
+    def nll(self, source: Tensor, target: Tensor) -> Tensor:
+        """Per-row -log p(target | source) in nats (float64): [N]."""
+        residual = (target.double() - self._mean64(source)).T  # [dt, N]
+        z = torch.linalg.solve_triangular(self.chol, residual, upper=False)
+        half_logdet = torch.log(torch.diagonal(self.chol)).sum()
+        return 0.5 * z.pow(2).sum(0) + 0.5 * self.dim * LOG_2PI + half_logdet
+
+    def nll_bits_per_dim(self, source: Tensor, target: Tensor, chunk: int | None = None) -> float:
+        """Mean held-out NLL in bits/dim, the unit of ``heldout_bpd``; in chunks of rows to bound memory (default:
+        2^24 numbers a chunk, 65,536 rows of 256 dims, 256 of 65,536)."""
+        if len(source) == 0:
+            raise ValueError("nll_bits_per_dim needs at least one row")
+        chunk = chunk or max(1, 2**24 // self.dim)
+        total = sum(float(self.nll(source[i : i + chunk], target[i : i + chunk]).sum())
+                    for i in range(0, len(source), chunk))
+        return float(bits_per_dim(total / len(source), self.dim))
+
+
 @dataclass(frozen=True)
-class LinearGaussian:
+class LinearGaussian(GaussianLaw):
     """p(target | source) = N(W source + b, Sigma): the floor a conditional flow must clear.
 
     (W, b) is ridge regression, each target dim's penalty chosen by cross-validation over whole groups;
@@ -212,7 +251,7 @@ class LinearGaussian:
 
     def describe(self) -> str:
         """One line on what this law is, as n2n-train prints it."""
-        kind = f"N(W c + b, Sigma) over {self.dim} dims"
+        kind = f"linear-Gaussian law, N(W c + b, Sigma) over {self.dim} dims"
         return kind if self.regularisation is None else f"{kind}: {self.regularisation.describe()}"
 
     @property
@@ -226,24 +265,3 @@ class LinearGaussian:
     def mean(self, source: Tensor) -> Tensor:
         """The least-squares prediction W source + b: [N, ds] -> [N, dt]."""
         return self._mean64(source).to(source.dtype)
-
-    def sample(self, source: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n draws per row, row-major like ``repeat_interleave`` (the shape of a ``Predictor``): [N * n, dt]."""
-        mean = self._mean64(source).repeat_interleave(n, 0)
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-        return (mean + noise @ self.chol.T).to(source.dtype)
-
-    def nll(self, source: Tensor, target: Tensor) -> Tensor:
-        """Per-row -log p(target | source) in nats (float64): [N]."""
-        residual = (target.double() - self._mean64(source)).T  # [dt, N]
-        z = torch.linalg.solve_triangular(self.chol, residual, upper=False)
-        half_logdet = torch.log(torch.diagonal(self.chol)).sum()
-        return 0.5 * z.pow(2).sum(0) + 0.5 * self.dim * LOG_2PI + half_logdet
-
-    def nll_bits_per_dim(self, source: Tensor, target: Tensor, chunk: int = 65536) -> float:
-        """Mean held-out NLL in bits/dim, the unit of ``heldout_bpd``; in chunks of rows to bound memory."""
-        if len(source) == 0:
-            raise ValueError("nll_bits_per_dim needs at least one row")
-        total = sum(float(self.nll(source[i : i + chunk], target[i : i + chunk]).sum())
-                    for i in range(0, len(source), chunk))
-        return float(bits_per_dim(total / len(source), self.dim))

@@ -38,6 +38,7 @@ import torch
 from n2n.cli import console
 from n2n.errors import N2NError
 from n2n.evaluate.baseline import fit_procrustes, train_mlp
+from n2n.evaluate.curve import Sampler, fidelity_diversity, parse_values
 from n2n.evaluate.figures import edit_gallery, eval_figure, gallery
 from n2n.evaluate.metrics import (
     LinearGaussian,
@@ -80,12 +81,31 @@ class EvalConfig:
                                        "experts/judge-shapes for shapes].")
     log: bool = setting(True, "Also log the scores to the run's logger (its n2n-train --logger: TensorBoard by "
                               "default), at the run's step.")
+    curve_temperatures: str = setting("0,0.1,0.25,0.5,0.75,1", "Temperatures of the fidelity–diversity curve, "
+                                      "comma-separated ('' for no curve).")
+    curve_guidance: str = setting("2", "Guidances of the curve besides 1, comma-separated, where the run was trained "
+                                       "with --cond-dropout ('' for none).")
     checkpoint: str = setting("best", "Which weights of a run folder to score: best (best.safetensors, its best "
                                       "held-out NLL; the last where it has none) or last (checkpoint.safetensors).",
                               choices=CHECKPOINTS)
 
     def __post_init__(self) -> None:
         check_fields(self)
+        try:
+            parse_values(self.curve_temperatures, "curve_temperatures", 0.0)
+            parse_values(self.curve_guidance, "curve_guidance", 0.0)
+        except ValueError as err:
+            raise N2NError(str(err)) from None
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        """The curve's temperatures as numbers."""
+        return parse_values(self.curve_temperatures, "curve_temperatures", 0.0)
+
+    @property
+    def guidances(self) -> tuple[float, ...]:
+        """The curve's guidances besides 1, as numbers."""
+        return parse_values(self.curve_guidance, "curve_guidance", 0.0)
 
 
 # ---------------------------------------------------------------- the dataset's part
@@ -119,10 +139,7 @@ def held_out(trained: TrainedFlow, data: PairedLatents, cfg: EvalConfig, floor: 
     generator = torch.Generator().manual_seed(cfg.seed)
     mlp = functools.cache(lambda: train_mlp(data, steps=cfg.baseline_steps, seed=cfg.seed))  # trained if used
 
-    @torch.no_grad()
-    def translator(c: torch.Tensor, n: int) -> torch.Tensor:
-        z = trained.flow.sample(c.repeat_interleave(n, dim=0), cfg.temperature, generator)
-        return trained.target_norm.inverse(z)
+    translator = sampler(trained, cfg.seed, generator)(cfg.temperature, 1.0)
 
     @torch.no_grad()
     def regress(c: torch.Tensor, n: int) -> torch.Tensor:
@@ -144,6 +161,31 @@ def held_out(trained: TrainedFlow, data: PairedLatents, cfg: EvalConfig, floor: 
                    source_truth=read_attributes(view.source.path), target_truth=read_attributes(view.target.path),
                    options=cfg, console=None if quiet else console(), encode_source=source_encoder(trained, source),
                    edit=editor(trained), source_names=lambda: getattr(source(), "attributes", None))
+
+
+def sampler(trained: TrainedFlow, seed: int, generator: torch.Generator | None = None) -> Sampler:
+    """(temperature, guidance) -> the run's translator as a ``Predictor`` sampling so, in stored units. Each
+    predictor draws from ``generator`` where given (the main table's, one stream), else from a generator of its
+    own seeded by ``seed`` (the curve's points: each from the same noise)."""
+    def at(temperature: float, guidance: float) -> Predictor:
+        draws = generator or torch.Generator().manual_seed(seed)
+        options = {"guidance": guidance} if guidance != 1.0 else {}
+
+        @torch.no_grad()
+        def predict(c: torch.Tensor, n: int) -> torch.Tensor:
+            z = trained.flow.sample(c.repeat_interleave(n, dim=0), temperature, draws, **options)
+            return trained.target_norm.inverse(z)
+
+        return predict
+
+    return at
+
+
+def curve(held: HeldOut, trained: TrainedFlow, cfg: EvalConfig, scorer: TranslationScorer | None) -> dict:
+    """``evaluate.curve.fidelity_diversity`` of the run: its guidances only where it samples with guidance."""
+    guidances = cfg.guidances if "guidance" in trained.flow.sampling else ()
+    say = None if held.console is None else (lambda text: held.console.print(f"[dim]{text}"))
+    return fidelity_diversity(held, sampler(trained, cfg.seed), cfg.temperatures, guidances, scorer, say)
 
 
 def source_encoder(trained: TrainedFlow, expert: Callable[[], Expert]) -> Callable[[list[dict]], torch.Tensor]:
@@ -271,6 +313,8 @@ def evaluate(run: str | os.PathLike | None = None, *, config: str | os.PathLike 
     if scorer is not None:
         report |= scorer.score(held)
         report["dataset_table"] = dataclasses.asdict(scorer.table(report))  # so that the report reads whole alone
+    if cfg.temperatures:
+        report["curve"] = curve(held, trained, cfg, scorer)
     report |= read_texts(held)
     if figure is not None:
         report["figure"] = str(draw(report, held, Path(figure)))
@@ -368,7 +412,7 @@ def draw(report: dict, held: HeldOut, out: Path) -> Path:
             note = f"no edits drawn: {err}"
     pairs = report["translation"]["pairs"]
     title = f"n2n-eval {Path(report['run']).name} (step {report['step']}): {pairs} held-out pairs"
-    return eval_figure(title, score_rows(report), images, note, out, lines, edits)
+    return eval_figure(title, score_rows(report), images, note, out, lines, edits, report.get("curve"))
 
 
 def dataset_table(report: dict) -> ScoreTable:

@@ -52,11 +52,45 @@ def edit_gallery(held: HeldOut, examples: list[dict]) -> tuple[torch.Tensor, lis
     return images.reshape(len(examples), len(EDIT_COLUMNS), *images.shape[1:]), [e["label"] for e in examples]
 
 
+CURVE_AXES = (("recall", "cosine", "k-NN recall (diversity)", "cosine to the truth (fidelity)"),
+              ("open_entropy", "judge", "entropy of open attributes (diversity)", "the dataset's judge (fidelity)"))
+BASELINE_MARKS = {"mlp": ("MLP", "s", "tab:red"), "linear": ("linear LS", "D", "tab:gray")}
+
+
+def draw_curve(axes: list, curve: dict) -> None:
+    """The fidelity–diversity curve (``evaluate.curve``) on two axes: cosine against recall, and the dataset's
+    judge against its open entropy (recall where it knows no open attributes); a line per guidance, each point
+    labelled with its temperature, the baselines as single marks."""
+    for axis, (x_key, y_key, x_label, y_label) in zip(axes, CURVE_AXES, strict=True):
+        points = curve["points"]
+        if y_key == "judge" and not any(p.get("judge") is not None for p in points):
+            axis.axis("off")
+            continue
+        if not any(p.get(x_key) is not None for p in points):
+            x_key, x_label = "recall", "k-NN recall (diversity)"
+        for guidance in dict.fromkeys(p["guidance"] for p in points):
+            line = [p for p in points if p["guidance"] == guidance]
+            xs, ys = [p[x_key] for p in line], [p[y_key] for p in line]
+            axis.plot(xs, ys, "o-", ms=4, label="translator" + (f", guidance {guidance:g}" if guidance != 1 else ""))
+            for p, x, y in zip(line, xs, ys, strict=True):
+                axis.annotate(f"T {p['temperature']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for name, scores in curve.get("baselines", {}).items():
+            if scores.get(y_key) is not None:
+                label, marker, color = BASELINE_MARKS.get(name, (name, "x", "black"))
+                axis.plot([scores.get(x_key) or 0.0], [scores[y_key]], marker, color=color, label=label)
+        axis.set_xlabel(x_label, fontsize=7)
+        axis.set_ylabel(y_label, fontsize=7)
+        axis.tick_params(labelsize=6)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
+
+
 def eval_figure(title: str, scores: Scores, images: torch.Tensor | None, note: str | None, out: Path,
-                lines: list[str] | None = None, edits: tuple[torch.Tensor, list[str]] | None = None) -> Path:
-    """Draw the table (``scores``: ``translate.report.score_rows``) and, if given, the ``gallery`` images or
-    ``lines`` of text (the captions nearest to a text target's predictions), and the ``edit_gallery``; write
-    ``out`` atomically."""
+                lines: list[str] | None = None, edits: tuple[torch.Tensor, list[str]] | None = None,
+                curve: dict | None = None) -> Path:
+    """Draw the table (``scores``: ``translate.report.score_rows``), the fidelity–diversity ``curve`` and, if
+    given, the ``gallery`` images or ``lines`` of text (the captions nearest to a text target's predictions),
+    and the ``edit_gallery``; write ``out`` atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from torchvision.utils import make_grid
@@ -69,11 +103,17 @@ def eval_figure(title: str, scores: Scores, images: torch.Tensor | None, note: s
     edit_grid = None if edits is None else make_grid(edits[0].flatten(0, 1), nrow=len(EDIT_COLUMNS), padding=2,
                                                      pad_value=1)
     edit_height = 0 if edit_grid is None else 4.5 * edit_grid.shape[1] / edit_grid.shape[2]
-    fig = Figure(figsize=(9, table_height + image_height + text_height + edit_height + 0.6), dpi=110)  # no pyplot
+    curve_height = 3.2 if curve and curve.get("points") else 0
+    fig = Figure(figsize=(9, table_height + curve_height + image_height + text_height + edit_height + 0.6),
+                 dpi=110)  # no pyplot
     FigureCanvasAgg(fig)
-    heights = ([table_height] + ([image_height] if grid is not None else []) + ([text_height] if lines else [])
-               + ([edit_height] if edit_grid is not None else []))
-    axes = fig.subplots(len(heights), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)[:, 0]
+    heights = ([table_height] + ([curve_height] if curve_height else []) + ([image_height] if grid is not None else [])
+               + ([text_height] if lines else []) + ([edit_height] if edit_grid is not None else []))
+    layout = fig.add_gridspec(len(heights), 1, height_ratios=heights)
+    axes = [fig.add_subplot(layout[0])]
+    if curve_height:
+        draw_curve(list(layout[1].subgridspec(1, 2, wspace=0.3).subplots()), curve)
+    axes += [fig.add_subplot(layout[i]) for i in range(1 + bool(curve_height), len(heights))]
     axes[0].axis("off")
     table = axes[0].table(cellText=[list(row[1:]) for row in rows], rowLabels=[row[0] for row in rows],
                           colLabels=scores.headers[1:], loc="center", cellLoc="right")

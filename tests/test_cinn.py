@@ -189,7 +189,8 @@ def test_a_flow_rebuilds_from_its_dict_and_from_a_header_of_before_flow_config()
     header = flow.to_dict()
     assert header == {"dim": 12, "cond_dim": 7, "n_flows": 2, "hidden_dim": 16, "hidden_depth": 2, "embedding_dim": 64,
                       "embedder": "mlp", "embedder_depth": 2, "embedder_hidden_dim": None, "embedder_norm": "none",
-                      "coupling": "affine", "start_from_floor": False, "translator": "coupling", "velocity_blocks": 3,
+                      "coupling": "affine", "start_from_floor": False, "base": "linear", "base_width": 512,
+                      "base_steps": 2000, "law": "auto", "law_rank": 64, "translator": "coupling", "velocity_blocks": 3,
                       "velocity_width": 512, "ode_steps": 20, "solver": "heun", "cond_dropout": 0.0}
     # as FlowConfig was written before coupling, embedder, embedder_hidden_dim and the continuous translator existed
     new = ("coupling", "embedder", "embedder_hidden_dim", "start_from_floor", "translator", "velocity_blocks",

@@ -137,6 +137,13 @@ def test_eval_text_to_image_writes_scores_beside_the_baseline(runs, small_judge,
     # A regression predicts one image per caption: whatever the judge reads, the same every time.
     assert all(v in (None, 0.0) for v in report["mlp"]["open_entropy"].values())
     assert report["uniform_entropy"]["size"] == pytest.approx(uniform_entropy(2, 4))
+    # The fidelity–diversity curve read by the judge: named attributes' accuracy, open attributes' entropy
+    curve = report["curve"]
+    assert [p["temperature"] for p in curve["points"]] == [0, 0.1, 0.25, 0.5, 0.75, 1]
+    for point in [*curve["points"], curve["baselines"]["mlp"]]:
+        assert 0 <= point["judge"] <= 1 and 0 <= point["open_entropy"] <= 1
+    assert curve["baselines"]["mlp"]["open_entropy"] == 0  # one image per caption
+    assert "the dataset's judge, best on the curve" in result.output
     # eval.png: the table, then decoded held-out samples (the autoencoder decodes): taller than the table alone
     assert set(report["translation"]) >= {"translator", "linear", "mlp"}
     with Image.open(tmp_path / "eval.png") as picture:
@@ -170,6 +177,9 @@ def test_eval_image_to_text_scores_retrieval(runs, small_judge, tmp_path, invoke
     assert 0 < report["translator"]["chance"] < 1 and report["translator"]["chance"] == report["mlp"]["chance"]
     assert 0 <= report["translator"]["accuracy"] <= 1 and 0 <= report["mlp"]["accuracy"] <= 1
     assert "nearest caption fits the image" in result.output
+    curve = report["curve"]  # the judge of image -> text: the caption nearest one sample fits the image
+    assert all(0 <= p["judge"] <= 1 and p["open_entropy"] is None for p in curve["points"])
+    assert curve["baselines"]["mlp"]["judge"] == pytest.approx(report["mlp"]["accuracy"])  # one prediction per image
     # What a person reads of text targets: true captions, and the captions nearest to each prediction.
     from n2n.extract.datasets import open_dataset
 
@@ -269,7 +279,8 @@ def test_eval_of_a_dataset_without_a_scorer_reports_the_generic_metrics(runs, tm
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "eval.json").read_text())
     assert set(report) == {"run", "view", "step", "checkpoint", "kind", "heldout_bpd", "linear_gaussian_bpd",
-                           "translation", "figure"}
+                           "translation", "curve", "figure"}
+    assert all("judge" not in point for point in report["curve"]["points"])  # no scorer: the generic scores only
     assert np.isfinite(report["heldout_bpd"]) and set(report["translation"]) >= {"translator", "linear", "mlp"}
     assert "held-out NLL" in result.output and "accuracy" not in result.output
 

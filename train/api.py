@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from n2n.cinn import FlowConfig, build_flow
+from n2n.cinn.flow import low_rank
 from n2n.options import check_value, flag, load_options, split_options
 from n2n.parallel import Ranks, pick_device
 from n2n.shards import as_path
@@ -94,6 +95,7 @@ def train(view: View | str | os.PathLike | None = None, out: str | os.PathLike |
     elif checkpoint.exists():
         raise TrainError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     check_dims(view_path, source_dim, target_dim)
+    check_law(view_path, flow_config)
     if init_from is not None and resume:
         raise TrainError(f"--init-from {init_from} starts a new run; --resume goes on with {out}'s own weights: "
                          "give one of them")
@@ -141,6 +143,15 @@ def fit_locked(view_path: Path, out: Path, cfg: TrainConfig, flow_config: FlowCo
             dist.destroy_process_group()
         if lock is not None:
             lock.release()
+
+
+def check_law(view: Path, flow_config: FlowConfig) -> None:
+    """``--base mlp`` has a full covariance: refused, before anything is written, where the view's target gets the
+    low-rank law (``FlowConfig.law``)."""
+    dim = open_view(view).target.dim
+    if flow_config.start_from_floor and flow_config.base == "mlp" and low_rank(dim, flow_config.law):
+        raise TrainError(f"--base mlp has a full covariance, and view {view}'s {dim}-dim target gets the low-rank "
+                         f"law: give --base linear, or --law full where {dim} x {dim} fits")
 
 
 def check_dims(view: Path, source_dim: int | None, target_dim: int | None) -> None:

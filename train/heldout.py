@@ -13,12 +13,16 @@ import numpy as np
 import torch
 
 from n2n.cinn import ConditionalFlow, bits_per_dim, nll
-from n2n.cinn.gaussian import LinearGaussian
+from n2n.cinn.flow import low_rank
+from n2n.cinn.gaussian import GaussianLaw, LinearGaussian
+from n2n.cinn.lowrank_gaussian import RANK, LowRankGaussian
+from n2n.cinn.mlp_gaussian import HIDDEN, MLPGaussian
 from n2n.shards.view import open_view
 from n2n.train.data import PairedLatents, Pairs, subsample
 from n2n.train.stream import StreamedPairs, read_rows
 
 FLOOR_ROWS = 50_000  # train pairs the linear-Gaussian floor is fitted on
+ROW_NUMBERS = 2**27  # at most this many target numbers in a low-rank law's fit (1 GiB an array in float64)
 
 
 @torch.no_grad()
@@ -88,15 +92,32 @@ def floor_pairs(data: Pairs, fit_rows: int, seed: int,
     return source, target, group
 
 
-def fit_floor(data: Pairs, fit_rows: int = FLOOR_ROWS, seed: int = 0, noise: float = 0.0) -> LinearGaussian:
+def fit_floor(data: Pairs, fit_rows: int = FLOOR_ROWS, seed: int = 0, noise: float = 0.0, law: str = "auto",
+              rank: int = RANK) -> LinearGaussian | LowRankGaussian:
     """The linear-Gaussian law p(target | source) = N(W source + b, Sigma) (``cinn.gaussian.LinearGaussian``)
     fitted on up to ``fit_rows`` standardised train pairs (``floor_pairs``): the floor a flow must clear, and
     (its mean) the linear least-squares translator n2n-eval reads a run against. Cross-validated ridge and
-    covariance, in float64 on the rows' device: seconds on a CPU for 50k pairs of 384 dims."""
+    covariance, in float64 on the rows' device: seconds on a CPU for 50k pairs of 384 dims. Where the target
+    gets the low-rank law (``law``: ``FlowConfig.law``; above FULL_WIDTH dims by default) it is the
+    ``LowRankGaussian`` of ``rank`` directions, on at most ROW_NUMBERS / dim pairs (2,048 of 65,536 dims)."""
+    dim = data.dims[1]
+    if low_rank(dim, law):
+        rows = max(2, min(fit_rows, ROW_NUMBERS // dim))
+        return LowRankGaussian.fit(*floor_pairs(data, rows, seed, noise), rank=rank)
     return LinearGaussian.fit(*floor_pairs(data, fit_rows, seed, noise))
 
 
-def floor_bpd(law: LinearGaussian, data: Pairs, rows: int) -> float | None:
+def fit_law(data: Pairs, base: str = "linear", width: int = HIDDEN, steps: int = 2000, fit_rows: int = FLOOR_ROWS,
+            seed: int = 0, noise: float = 0.0, law: str = "auto", rank: int = RANK) -> GaussianLaw:
+    """The law a new translator starts from (``FlowConfig.base``): ``fit_floor``'s linear-Gaussian law, or the
+    MLP-Gaussian law (``cinn.mlp_gaussian``: an MLP of ``width`` fitted first, ``steps`` steps) on the same train
+    pairs."""
+    if base == "linear":
+        return fit_floor(data, fit_rows, seed, noise, law, rank)
+    return MLPGaussian.fit(*floor_pairs(data, fit_rows, seed, noise), steps=steps, hidden=width, seed=seed)
+
+
+def floor_bpd(law: GaussianLaw, data: Pairs, rows: int) -> float | None:
     """``law``'s held-out NLL (``held_bpd``), in the units of ``heldout_bpd``, so the two compare directly."""
     return held_bpd(lambda x, c: law.nll(c, x), data, rows)
 

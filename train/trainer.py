@@ -32,7 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from n2n.cinn import ConditionalFlow, ContinuousFlow, FlowConfig, bits_per_dim, build_flow
 from n2n.cinn.flow import upgrade_header
-from n2n.cinn.gaussian import LinearGaussian
+from n2n.cinn.gaussian import GaussianLaw
+from n2n.cinn.mlp_gaussian import MLPGaussian
 from n2n.errors import N2NError
 from n2n.options import CONFIG_FILE, check_fields, config_text, setting
 from n2n.parallel import Ranks
@@ -51,7 +52,7 @@ from n2n.train.checkpoint import (
     view_record,
 )
 from n2n.train.data import Pairs, Standardizer, load_pairs
-from n2n.train.heldout import FLOOR_ROWS, fit_floor, floor_bpd, heldout_bpd, linear_gaussian_bpd
+from n2n.train.heldout import FLOOR_ROWS, fit_law, floor_bpd, heldout_bpd, linear_gaussian_bpd
 from n2n.train.loggers import LOGGERS, Logger, open_logger
 from n2n.train.plots import plot_loss
 from n2n.train.samples import SampleGrid, sample_grid
@@ -184,7 +185,7 @@ def out_of_memory(err: BaseException) -> bool:
 
 
 def run_floor(data: Pairs, cfg: TrainConfig, meta: dict, ranks: Ranks, console: Console,
-              law: LinearGaussian | None = None) -> float | None:
+              law: GaussianLaw | None = None) -> float | None:
     """The run's linear-Gaussian floor: its checkpoint's where one measured it on the same held-out
     rows (a resume stays as cheap as it was), else ``law``'s (the one the translator starts from), else
     measured now. Only the main process measures it: it is reported and saved, never trained on, and no
@@ -203,6 +204,16 @@ def run_floor(data: Pairs, cfg: TrainConfig, meta: dict, ranks: Ranks, console: 
         console.print(f"[yellow]warning: out of memory fitting the linear-Gaussian floor on {FLOOR_ROWS} pairs; "
                       "training without it")
         return None
+
+
+def describe_law(law: GaussianLaw | None, data: Pairs, cfg: TrainConfig, ranks: Ranks) -> str | None:
+    """What the law a new run starts from is, and where it is not the linear-Gaussian floor (an MLP mean), its own
+    held-out NLL: the base a translator must clear, printed beside the floor."""
+    if law is None:
+        return None
+    if not isinstance(law, MLPGaussian) or not ranks.main or not len(data.held_target) or cfg.eval_rows <= 0:
+        return law.describe()
+    return f"{law.describe()}; held-out NLL {floor_bpd(law, data, cfg.eval_rows):.4f} bits/dim"
 
 
 def checkpoint_state(
@@ -309,8 +320,10 @@ def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, 
                      console)
     try:
         # The law a new translator starts from; like the floor, it draws from no generator the run trains with.
-        law = fit_floor(data, noise=cfg.target_noise) if flow_config.start_from_floor and not resume else None
-        floor = run_floor(data, cfg, meta, ranks, console, law)
+        law = (fit_law(data, flow_config.base, flow_config.base_width, flow_config.base_steps, noise=cfg.target_noise,
+                       law=flow_config.law, rank=flow_config.law_rank)
+               if flow_config.start_from_floor and not resume else None)
+        floor = run_floor(data, cfg, meta, ranks, console, law if flow_config.base == "linear" else None)
         torch.manual_seed(cfg.seed)  # the initial weights (a resumed run loads its own)
         cond_dim, dim = data.dims
         flow_config, sizing = sized(flow_config, dim, cond_dim, data.train_pairs)  # a resumed run's are its own
@@ -336,7 +349,7 @@ def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, 
                 with torch.no_grad():  # ActNorm's data-dependent init, eagerly, before any compiled graph, on a batch
                     flow(*batch)  # like the ones it will train on
         run = Run(flow, optimizer, generator, data, cfg, out, dev, ranks, console, progress, floor, step,
-                  meta["heldout_bpd"], law=None if law is None else law.describe(), sizing=sizing,
+                  meta["heldout_bpd"], law=describe_law(law, data, cfg, ranks), sizing=sizing,
                   best=resumed_best(meta, cfg))
         if ranks.main:  # rank 0 alone logs
             run.logger = open_logger(cfg.logger, out, step if resume else None)
@@ -406,7 +419,7 @@ class Run:
     floor: float | None  # the linear-Gaussian floor (held-out NLL), where it was measured
     step: int
     heldout: float | None
-    law: str | None = None  # what the linear-Gaussian law a new run starts from is (LinearGaussian.describe)
+    law: str | None = None  # what the law a new run starts from is (its describe(): linear- or MLP-Gaussian)
     sizing: str | None = None  # how a new run's open sizes were chosen (train.sizing)
     best: dict | None = None  # {"step", "heldout_bpd"} of the best held-out NLL so far: best.safetensors
     warned: bool = False  # warn_if_memorising has spoken
@@ -486,7 +499,7 @@ def announce(run: Run) -> None:
     if run.sizing is not None:
         run.console.print(run.sizing)
     if run.law is not None:
-        run.console.print(f"starting at the linear-Gaussian law, {run.law}")
+        run.console.print(f"starting at the {run.law}")
     if run.floor is not None:
         analytic = f" (analytic NLL {run.truth_bpd:.4f})" if run.truth_bpd is not None else ""
         run.console.print(f"linear-Gaussian floor: {run.floor:.4f} bits/dim held-out{analytic}: the flow must go "

@@ -34,7 +34,9 @@ class SamplingConfig:
     ``Translator.sample`` and ``Translator.translate``, with the same default."""
 
     n: int = setting(8, "Samples per input.", min=1)
-    temperature: float = setting(1.0, "z ~ N(0, T^2 I): lower is more typical, less diverse.", min=0)
+    temperature: float = setting(1.0, "z ~ N(0, T^2 I): lower is more typical, less diverse (a continuous translator "
+                                      "below 1 also stops its path at t = T and predicts its end: 0 is a "
+                                      "regression's answer).", min=0)
     seed: int = setting(0, "Seed of the samples: the same seed gives the same output.", min=0)
     steps: int | None = setting(None, "ODE solver steps of a continuous translator: fewer are faster, more follow "
                                       "its paths closer.  [default: the run's --ode-steps]", min=1)

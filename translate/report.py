@@ -76,9 +76,29 @@ def score_rows(report: dict, dataset: ScoreTable | None = None) -> Scores:
 
     nll = row("held-out NLL (bits/dim)", translator=f"{report['heldout_bpd']:.4f}",
               linear="" if floor is None else f"{floor:.4f}")
-    rows = [nll, *translation_rows(report), *(row(metric, translator=ours, mlp=mlp)
+    rows = [nll, *translation_rows(report), *curve_rows(report), *(row(metric, translator=ours, mlp=mlp)
                                               for metric, ours, mlp in dataset.rows)]
     return Scores(headers(report), rows, dataset.caption)
+
+
+CURVE_LABELS = {"cosine": ("cosine to the truth", ".3f"), "top1": (f"retrieval top-1 among {POOL}", ".1%"),
+                "judge": ("the dataset's judge", ".1%")}
+
+
+def curve_rows(report: dict) -> list[tuple[str, ...]]:
+    """The fidelity–diversity curve's best point per fidelity score (``evaluate.curve``): the translator's
+    value with its temperature (and guidance), beside the baselines' single points."""
+    curve = report.get("curve") or {}
+    rows = []
+    for metric, best in (curve.get("best") or {}).items():
+        label, fmt = CURVE_LABELS.get(metric, (metric, ".3g"))
+        knob = f"T {best['temperature']:g}" + (f", g {best['guidance']:g}" if best["guidance"] != 1 else "")
+        cells = {"translator": f"{format(best['value'], fmt)} ({knob})"}
+        for name, scores in (curve.get("baselines") or {}).items():
+            if scores.get(metric) is not None:
+                cells[name] = format(scores[metric], fmt)
+        rows.append((f"{label}, best on the curve", *(cells.get(name, "") for name in columns(report))))
+    return rows
 
 
 def translation_rows(report: dict) -> list[tuple[str, ...]]:

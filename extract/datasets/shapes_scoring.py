@@ -31,6 +31,8 @@ EDITED_IMAGES = 200  # held-out images edited: each attribute its caption names,
 EDIT_EXAMPLES = 4  # edits of different images that eval.png draws
 REAL_IMAGES = 500  # held-out items whose real image the judge reads, to show it can be trusted
 OPEN_CAPTIONS = 64  # captions per attribute left open whose samples measure diversity
+CURVE_CAPTIONS = 500  # captions of each point of n2n-eval's curve (a third of the main table's decodes: the demo's
+CURVE_OPEN_CAPTIONS = 16  # eval stays within its time), and open captions per attribute
 
 
 @torch.no_grad()
@@ -54,8 +56,10 @@ def caption_flags(truth: dict[str, dict], keys: np.ndarray, subs: np.ndarray) ->
 
 
 def text_to_image_scores(predict: Predictor, judge: ShapesJudge, target: Expert, truth: dict[str, dict],
-                         keys: np.ndarray, subs: np.ndarray, c: torch.Tensor, n_open: int, max_rows: int) -> dict:
-    """Accuracy on named attributes (one sample per caption) and entropy of open ones (n_open samples)."""
+                         keys: np.ndarray, subs: np.ndarray, c: torch.Tensor, n_open: int, max_rows: int,
+                         open_captions: int = OPEN_CAPTIONS) -> dict:
+    """Accuracy on named attributes (one sample per caption) and entropy of open ones (n_open samples of up to
+    ``open_captions`` captions per attribute)."""
     keys, subs, c = keys[:max_rows], subs[:max_rows], c[:max_rows]
     flags = caption_flags(truth, keys, subs)
     seen = judged(judge, target, predict(c, 1))
@@ -65,7 +69,7 @@ def text_to_image_scores(predict: Predictor, judge: ShapesJudge, target: Expert,
         accuracy[attr] = float(np.mean(hits)) if hits else None
     diversity = {}
     for attr in ATTRIBUTES:
-        open_rows = [i for i, f in enumerate(flags) if not f[attr]][:OPEN_CAPTIONS]
+        open_rows = [i for i, f in enumerate(flags) if not f[attr]][:open_captions]
         if not open_rows:
             diversity[attr] = None
             continue
@@ -181,12 +185,18 @@ def edit_scores(held_out: HeldOut, judge: ShapesJudge, target: Expert) -> dict:
     return report
 
 
-def image_to_text(held_out: HeldOut) -> dict:
-    """One source row per held-out image; the bank is every held-out caption's latent, once."""
+def image_to_text_args(held_out: HeldOut) -> tuple:
+    """``retrieval_scores``' arguments after the predictor: one source row per held-out image; the bank is every
+    held-out caption's latent, once."""
     first = np.r_[True, held_out.key[1:] != held_out.key[:-1]]
     _, caption = np.unique(held_out.target_row, return_index=True)
-    args = (held_out.target_truth, held_out.key[first], held_out.source[torch.from_numpy(first)],
+    return (held_out.target_truth, held_out.key[first], held_out.source[torch.from_numpy(first)],
             held_out.target[caption], held_out.key[caption], held_out.target_sub[caption])
+
+
+def image_to_text(held_out: HeldOut) -> dict:
+    """Each predictor's ``retrieval_scores`` over the held-out images."""
+    args = image_to_text_args(held_out)
     return {name: retrieval_scores(predict, *args, n=held_out.options.samples, max_rows=held_out.options.max_rows)
             for name, predict in held_out.predictors.items()}
 
@@ -205,6 +215,26 @@ class ShapesScorer:
             return image_to_text(held_out)
         return {}
 
+    def curve_point(self, held_out: HeldOut, predict: Predictor) -> dict:
+        """One point of n2n-eval's fidelity–diversity curve: ``{"judge", "open_entropy"}``. Text -> image: the
+        judge's accuracy on named attributes (their mean; one sample per caption, up to CURVE_CAPTIONS) and the
+        mean entropy of the open ones (``samples`` per caption, CURVE_OPEN_CAPTIONS captions per attribute);
+        image -> text: how often the caption nearest one sample fits the
+        image (open: none, an image leaves nothing open)."""
+        target = held_out.target_expert()
+        options = held_out.options
+        if target.can_decode and held_out.source_truth is not None:
+            judge = load_judge(options.judge or DEFAULT_PATH, console=held_out.console)
+            scores = text_to_image_scores(predict, judge, target, held_out.source_truth, held_out.key,
+                                          held_out.source_sub, held_out.source, n_open=options.samples,
+                                          max_rows=min(options.max_rows, CURVE_CAPTIONS),
+                                          open_captions=CURVE_OPEN_CAPTIONS)
+            return {"judge": _mean(scores["accuracy"].values()), "open_entropy": _mean(scores["open_entropy"].values())}
+        if held_out.source_truth is not None and held_out.target_truth is not None:
+            scores = retrieval_scores(predict, *image_to_text_args(held_out), n=1, max_rows=options.max_rows)
+            return {"judge": scores["accuracy"], "open_entropy": None}
+        return {}
+
     def read_decoded(self, target: Expert, latents: torch.Tensor, judge: Path | None = None,
                      console: Console | None = None) -> dict[str, list[str]]:
         """The judge's reading of colour, shape, size and position off what ``target`` decodes from ``latents``
@@ -220,6 +250,11 @@ class ShapesScorer:
                                 _percent(report["mlp"]["accuracy"]))],
                               f"a random caption fits {100 * report['translator']['chance']:.1f}% of the time")
         return ScoreTable()
+
+
+def _mean(values: object) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
 
 
 def _percent(value: float | None) -> str:

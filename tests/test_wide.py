@@ -1,0 +1,112 @@
+"""Targets of any width: the low-rank-plus-diagonal law (O(d·k)) and its first stage, and n2n-eval's
+distribution scores without d x d matrices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from n2n.cinn import FlowConfig, build_flow
+from n2n.cinn.gaussian import LinearGaussian
+from n2n.cinn.lowrank_gaussian import FULL_WIDTH, LowRankGaussian
+from n2n.evaluate.baseline import fit_procrustes
+from n2n.evaluate.metrics import _frechet_of_rows, _moments, frechet_distance, gaussian_frechet
+from n2n.shards.view import create_view
+from n2n.train.data import load_pairs
+from n2n.train.heldout import fit_floor, floor_bpd, heldout_bpd
+from tests.test_train import write_store
+
+
+def factor_view(n: int, ds: int, d: int, factors: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = W c + F f + noise: a linear mean and residuals of a few shared factors, as a VAE latent's are."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, ds, generator=torch.Generator().manual_seed(99)) / math.sqrt(ds)
+    f = torch.randn(d, factors, generator=torch.Generator().manual_seed(98))
+    c = torch.randn(n, ds, generator=g)
+    x = c @ w.T + 0.5 * torch.randn(n, factors, generator=g) @ f.T + 0.3 * torch.randn(n, d, generator=g)
+    return c, x
+
+
+def test_the_low_rank_law_is_exact_in_what_it_computes():
+    """Whitening inverts, and the NLL is the dense Gaussian's with Sigma = B (I + V E V^T) B built out."""
+    c, x = factor_view(3000, 8, 64, 4, 0)
+    law = LowRankGaussian.fit(c, x, rank=6)
+    assert law.rank == 6 and torch.allclose(law.basis.T @ law.basis, torch.eye(6, dtype=torch.float64), atol=1e-10)
+    u = torch.randn(5, 64, dtype=torch.float64)
+    assert torch.allclose(law.whiten(law.colour(u)), u, atol=1e-10)
+    b = torch.diag(law.scale)
+    sigma = b @ (torch.eye(64, dtype=torch.float64) + law.basis @ torch.diag(law.excess) @ law.basis.T) @ b
+    dense = torch.distributions.MultivariateNormal(law.mean(c[:20].double()), covariance_matrix=sigma)
+    assert torch.allclose(law.nll(c[:20], x[:20]), -dense.log_prob(x[:20].double()), rtol=1e-9)
+    assert torch.allclose(law.variance, torch.diagonal(sigma))
+    assert "rank 6" in law.describe()
+
+
+def test_a_few_directions_hold_what_the_full_law_holds():
+    """On residuals of 4 shared factors, rank 8 is as likely held out as the full covariance (fewer numbers to
+    estimate), and a diagonal covariance (rank 0) far above both."""
+    c, x = factor_view(6000, 8, 256, 4, 0)
+    tc, tx = factor_view(2000, 8, 256, 4, 1)
+    full = LinearGaussian.fit(c, x).nll_bits_per_dim(tc, tx)
+    low = LowRankGaussian.fit(c, x, rank=8).nll_bits_per_dim(tc, tx)
+    diagonal = LowRankGaussian.fit(c, x, rank=0).nll_bits_per_dim(tc, tx)
+    assert low < full + 0.005 and diagonal > low + 0.3, (full, low, diagonal)
+
+
+@pytest.mark.parametrize("kind", ["coupling", "continuous"])
+def test_a_fresh_translator_starts_on_the_low_rank_law(kind, tmp_path):
+    """Above FULL_WIDTH dims the law and the first stage are low-rank by default: a translator starts on the law
+    within 0.01 bits/dim, its first stage holds no d x d parameter, and the map inverts."""
+    dim, ds, n = FULL_WIDTH + 4, 16, 600
+    c, x = factor_view(n, ds, dim, 4, 0)
+    keys = [f"k{i:05d}" for i in range(n)]
+    view = create_view(tmp_path / "view", write_store(tmp_path / "src", keys, c.numpy()),
+                       write_store(tmp_path / "dst", keys, x.numpy()))
+    data = load_pairs(view, 0.2)
+    law = fit_floor(data)
+    assert isinstance(law, LowRankGaussian)
+    flow = build_flow(dim, ds, FlowConfig(translator=kind, n_flows=2, hidden_dim=16, velocity_width=32))
+    flow.start_from(law)
+    flow.eval()
+    assert max(p.numel() for p in flow.linear_stage.parameters()) == dim * ds  # M; nothing d x d
+    assert abs(heldout_bpd(flow, data, 4096) - floor_bpd(law, data, 4096)) < 0.01
+    target, source = data.held_target[:8], data.held_source[:8]
+    z, _ = flow(target, source)
+    assert torch.allclose(flow.reverse(z, source), target, atol=1e-3)
+
+
+def test_the_frechet_distance_of_rows_is_the_matrix_one():
+    g = torch.Generator().manual_seed(0)
+    for na, nb, d in ((300, 250, 40), (30, 25, 400)):
+        a = torch.randn(na, d, generator=g)
+        b = torch.randn(nb, d, generator=g) @ torch.randn(d, d, generator=g) / math.sqrt(d) + 0.2
+        assert _frechet_of_rows(a, b) == pytest.approx(gaussian_frechet(*_moments(a), *_moments(b)), rel=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(_frechet_of_rows(a, b))  # 400 dims > 30 rows: through the rows
+
+
+@pytest.mark.parametrize(("ds", "dt"), [(8, 20), (20, 8)])
+def test_procrustes_without_the_padded_square_is_the_padded_rotation(ds, dt):
+    g = torch.Generator().manual_seed(0)
+    source = torch.randn(500, ds, generator=g, dtype=torch.float64)
+    target = torch.randn(500, dt, generator=g, dtype=torch.float64) + 0.5 * torch.nn.functional.pad(
+        source, (0, max(0, dt - ds)))[:, :dt]
+    width = max(ds, dt)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    u, _, vh = torch.linalg.svd(pad(source).T @ pad(target))
+    padded = (pad(source[:10]) @ (u @ vh))[:, :dt]
+    assert torch.allclose(fit_procrustes(source, target)(source[:10]), padded, atol=1e-9)
+
+
+def test_an_mlp_base_on_a_low_rank_target_is_refused_before_anything_is_written(tmp_path):
+    import n2n
+
+    dim, n = FULL_WIDTH + 4, 50
+    c, x = factor_view(n, 4, dim, 2, 0)
+    keys = [f"k{i:05d}" for i in range(n)]
+    view = create_view(tmp_path / "view", write_store(tmp_path / "src", keys, c.numpy()),
+                       write_store(tmp_path / "dst", keys, x.numpy()))
+    with pytest.raises(n2n.N2NError, match=r"--base mlp has a full covariance.*--law full"):
+        n2n.train(view, tmp_path / "run", steps=1, base="mlp", compile=False, progress=False)
+    assert not (tmp_path / "run").exists()
