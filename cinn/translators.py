@@ -17,6 +17,23 @@ from n2n.cinn.flow import ConditionalFlow, FlowConfig
 KINDS: dict[str, type[nn.Module]] = {"coupling": ConditionalFlow, "continuous": ContinuousFlow}
 
 
+PARTS = {"embedder": "embedder", "linear_stage": "first stage", "blocks": "flow blocks", "velocity": "velocity net",
+         "null": "null embedding"}  # a translator's children (and own parameters) by the name a person reads
+SHRINK = {"embedder": "--embedding-dim", "first stage": "--law lowrank, --law-rank or --base-width (or "
+          "--no-start-from-floor)", "flow blocks": "--hidden-dim or --n-flows", "velocity net": "--velocity-width or "
+          "--velocity-blocks", "null embedding": "--embedding-dim"}  # the options that shrink each part
+
+
+def parameter_parts(flow: nn.Module) -> dict[str, int]:
+    """A translator's parameters by part (``PARTS``: flow blocks, embedder, first stage, velocity net), largest
+    first: n2n-train --dry-run's rows, and what its out-of-memory message names."""
+    parts: dict[str, int] = {}
+    for name, param in flow.named_parameters():
+        part = PARTS.get(name.split(".")[0], name.split(".")[0])
+        parts[part] = parts.get(part, 0) + param.numel()
+    return dict(sorted(parts.items(), key=lambda item: -item[1]))
+
+
 def build_flow(dim: int, cond_dim: int, config: FlowConfig) -> ConditionalFlow | ContinuousFlow:
     """The translator ``config.translator`` names, for a target of ``dim`` given a source of ``cond_dim``."""
     return KINDS[config.translator](dim, cond_dim, config)

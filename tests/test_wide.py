@@ -110,3 +110,44 @@ def test_an_mlp_base_on_a_low_rank_target_is_refused_before_anything_is_written(
     with pytest.raises(n2n.N2NError, match=r"--base mlp has a full covariance.*--law full"):
         n2n.train(view, tmp_path / "run", steps=1, base="mlp", compile=False, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def wide_view(tmp_path, dim: int = FULL_WIDTH + 4, ds: int = 16, n: int = 40):
+    c, x = factor_view(n, ds, dim, 2, 0)
+    keys = [f"k{i:05d}" for i in range(n)]
+    return create_view(tmp_path / "view", write_store(tmp_path / "src", keys, c.numpy()),
+                       write_store(tmp_path / "dst", keys, x.numpy()))
+
+
+def test_the_dry_run_counts_each_part_and_the_first_stage_is_linear_in_d(tmp_path, invoke):
+    from n2n.train.api import dry_run
+    from n2n.train.cli import main as n2n_train
+
+    view, dim = wide_view(tmp_path), FULL_WIDTH + 4
+    low = dry_run(view, n_flows=2, hidden_dim=16)
+    full = dry_run(view, n_flows=2, hidden_dim=16, law="full")
+    assert set(low["parts"]) == {"flow blocks", "embedder", "first stage"}
+    assert sum(low["parts"].values()) == low["parameters"]
+    assert low["parts"]["first stage"] == dim * 16 + 2 * dim + 64  # M, m, a; s: O(d k), nothing d x d
+    assert full["parts"]["first stage"] == dim * 16 + dim + dim * dim + dim
+    assert next(iter(full["parts"])) == "first stage"  # largest first
+    continuous = dry_run(view, translator="continuous", velocity_width=32)
+    assert "velocity net" in continuous["parts"]
+    result = invoke(n2n_train, "--shards", view, "--dry-run", "--n-flows", 2, "--hidden-dim", 16)
+    assert result.exit_code == 0, result.output
+    assert "parameters: first stage" in result.output and "parameters: flow blocks" in result.output
+
+
+def test_out_of_memory_names_the_largest_part_and_its_option(tmp_path, monkeypatch, invoke):
+    import n2n.train.api as api
+    from n2n.train.cli import main as n2n_train
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes")
+
+    monkeypatch.setattr(api, "fit", no_memory)
+    result = invoke(n2n_train, "--shards", wide_view(tmp_path), "--out", tmp_path / "run", "--law", "full",
+                    "--n-flows", 2, "--hidden-dim", 16, "--no-compile")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "largest part is the first stage" in lines[0] and "--law lowrank" in lines[0]

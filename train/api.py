@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from n2n.cinn import FlowConfig, build_flow
 from n2n.cinn.flow import low_rank
+from n2n.cinn.translators import SHRINK, parameter_parts
 from n2n.options import check_value, flag, load_options, split_options
 from n2n.parallel import Ranks, pick_device
 from n2n.shards import as_path
@@ -136,13 +138,31 @@ def fit_locked(view_path: Path, out: Path, cfg: TrainConfig, flow_config: FlowCo
     except RuntimeError as err:  # torch.OutOfMemoryError is one
         if not out_of_memory(err):
             raise
-        raise TrainError(f"out of memory on {dev} training this cINN: n2n-train --dry-run shows its size; lower "
-                         "--batch-size, --hidden-dim, --n-flows or --embedding-dim") from err
+        raise TrainError(out_of_memory_message(dev, view_path, cfg, flow_config)) from err
     finally:
         if joined:
             dist.destroy_process_group()
         if lock is not None:
             lock.release()
+
+
+def out_of_memory_message(dev: torch.device, view: Path, cfg: TrainConfig, flow_config: FlowConfig) -> str:
+    """What n2n-train says when the device runs out of memory: the translator's largest part and the options that
+    shrink it (``parameter_parts``), and --batch-size for the activations."""
+    part, count = next(iter(parts_of(view, cfg, flow_config)[0].items()))
+    return (f"out of memory on {dev} training this translator: its largest part is the {part} ({count:,} "
+            f"parameters; {SHRINK.get(part, 'a smaller size')} shrinks it), and --batch-size shrinks the "
+            "activations; n2n-train --dry-run shows every part")
+
+
+def parts_of(view: Path, cfg: TrainConfig, flow_config: FlowConfig) -> tuple[dict[str, int], nn.Module, tuple]:
+    """The parameters by part of the translator ``train`` builds on ``view`` (sized to its train pairs, built on
+    the meta device: nothing allocated), the translator, and (view, pairs, held-out mask)."""
+    v, pairs, held = split_pairs(view, cfg.holdout)
+    flow_config, _ = sized(flow_config, v.target.dim, v.source.dim, int((~held).sum()))
+    with torch.device("meta"):  # shapes only: sizing a billion-parameter flow allocates nothing
+        flow = build_flow(v.target.dim, v.source.dim, flow_config)
+    return parameter_parts(flow), flow, (v, pairs, held)
 
 
 def check_law(view: Path, flow_config: FlowConfig) -> None:
@@ -198,13 +218,9 @@ def dry_run(view: View | str | os.PathLike | None = None, *, config: str | os.Pa
     cfg, flow_config = TrainConfig(**train_options), FlowConfig(**flow_options)
     if view is None:
         raise TrainError("--dry-run sizes a run on a view: give one (--shards)")
-    v, _, held = split_pairs(view.path if isinstance(view, View) else view, cfg.holdout)
-    flow_config, _ = sized(flow_config, v.target.dim, v.source.dim, int((~held).sum()))
-    with torch.device("meta"):  # shapes only: sizing a billion-parameter flow allocates nothing
-        flow = build_flow(v.target.dim, v.source.dim, flow_config)
+    parts, flow, (_, _, held) = parts_of(view.path if isinstance(view, View) else view, cfg, flow_config)
     return {**flow.to_dict(), "batch_size": cfg.batch_size, "lr": cfg.learning_rate,
-            "parameters": sum(p.numel() for p in flow.parameters()), "pairs": len(held),
-            "train_pairs": int((~held).sum())}
+            "parameters": sum(parts.values()), "parts": parts, "pairs": len(held), "train_pairs": int((~held).sum())}
 
 
 def print_summary(summary: dict, console: Console) -> None:

@@ -82,6 +82,11 @@ def main(ctx: click.Context, view: Path | None, out: Path | None, device: str, c
 def print_dry_run(size: dict, view: Path) -> None:
     table = Table(title=f"n2n-train --dry-run {view}", show_header=False)
     for key, value in size.items():
-        table.add_row(key, f"{value:.3g}" if key == "lr" else f"{value:,}" if isinstance(value, int) else str(value))
+        if key == "parts":  # one row per part, largest first
+            for part, count in value.items():
+                table.add_row(f"  parameters: {part}", f"{count:,}")
+            continue
+        number = isinstance(value, int) and not isinstance(value, bool)
+        table.add_row(key, f"{value:.3g}" if key == "lr" else f"{value:,}" if number else str(value))
     table.add_row("weights + Adam state (fp32)", f"{size['parameters'] * 4 * 4 / 2**20:,.0f} MiB")
     Console().print(table)
