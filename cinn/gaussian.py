@@ -203,6 +203,43 @@ class GaussianLaw:
 
 
 @dataclass(frozen=True)
+class RidgeFit:
+    """The parts of a law with a ridge mean that both covariances start from (``ridge_fit``)."""
+
+    weight: Tensor  # [dy, dx]
+    bias: Tensor  # [dy]
+    left_out: Tensor  # [n, dy] out-of-fold residuals
+    floor: Tensor  # [dy] the least residual variance of each dim
+    ridge: Tensor  # [dy] each dim's penalty
+    dof: Tensor  # [dy] effective source dims
+
+    def regularisation(self, shrinkage: float) -> Regularisation:
+        return Regularisation(float(self.ridge.median()), float(self.dof.mean()), shrinkage,
+                              int((self.left_out.pow(2).mean(0) < self.floor).sum()))
+
+
+def ridge_fit(source: Tensor, target: Tensor, groups: Tensor | None, variance_floor: float | None,
+              least_rows: int = 1) -> RidgeFit:
+    """The cross-validated ridge mean of target [N, dt] on source [N, ds] (``_ridge``), its out-of-fold residuals
+    and each dim's variance floor (``variance_floor`` of its spread, default VARIANCE_FLOOR): what a full
+    (``LinearGaussian``) and a low-rank (``LowRankGaussian``) covariance are then fitted to."""
+    variance_floor = VARIANCE_FLOOR if variance_floor is None else variance_floor
+    if source.ndim != 2 or target.ndim != 2 or len(source) != len(target) or len(source) < least_rows:
+        raise ValueError(f"fit needs source [N, ds] and target [N, dt] with the same N >= {least_rows}, got "
+                         f"{tuple(source.shape)}, {tuple(target.shape)}")
+    x, y = source.double(), target.double()
+    groups = torch.arange(len(x)) if groups is None else torch.as_tensor(groups).long().cpu()
+    ridge, left_out = _ridge(x, y, groups.to(x.device))
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    yc = y - y_mean
+    weight, dof = _ridge_fit(x - x_mean, yc, ridge)
+    spread = yc.pow(2).mean(0)
+    typical = float(spread.mean()) if float(spread.mean()) > 0 else 1.0
+    floor = variance_floor * torch.where(spread > 0, spread, typical)
+    return RidgeFit(weight, y_mean - weight @ x_mean, left_out, floor, ridge, dof)
+
+
+@dataclass(frozen=True)
 class LinearGaussian(GaussianLaw):
     """p(target | source) = N(W source + b, Sigma): the floor a conditional flow must clear.
 
@@ -230,24 +267,12 @@ class LinearGaussian(GaussianLaw):
         target (the captions of one image) share a group, and cross-validation holds groups out whole
         (default: every row its own). ``variance_floor``: the least residual variance, as a share of each
         target dim's variance (default VARIANCE_FLOOR)."""
-        variance_floor = VARIANCE_FLOOR if variance_floor is None else variance_floor
-        if source.ndim != 2 or target.ndim != 2 or len(source) != len(target) or len(source) == 0:
-            raise ValueError(f"fit needs source [N, ds] and target [N, dt] with the same N > 0, got "
-                             f"{tuple(source.shape)}, {tuple(target.shape)}")
-        x, y = source.double(), target.double()
-        groups = torch.arange(len(x)) if groups is None else torch.as_tensor(groups).long().cpu()
-        ridge, left_out = _ridge(x, y, groups.to(x.device))
-        x_mean, y_mean = x.mean(0), y.mean(0)
-        xc, yc = x - x_mean, y - y_mean
-        weight, dof = _ridge_fit(xc, yc, ridge)
-        spread = yc.pow(2).mean(0)
-        typical = float(spread.mean()) if float(spread.mean()) > 0 else 1.0
-        floor = variance_floor * torch.where(spread > 0, spread, typical)
-        shrinkage = _choose_shrinkage(left_out, floor, groups)
-        cov = _covariance(*_moments(left_out), floor, shrinkage)
-        floored = int((left_out.pow(2).mean(0) < floor).sum())
-        return cls(weight=weight, bias=y_mean - weight @ x_mean, cov=cov, chol=_cholesky(cov),
-                   regularisation=Regularisation(float(ridge.median()), float(dof.mean()), shrinkage, floored))
+        fit = ridge_fit(source, target, groups, variance_floor)
+        groups = torch.arange(len(source)) if groups is None else torch.as_tensor(groups).long().cpu()
+        shrinkage = _choose_shrinkage(fit.left_out, fit.floor, groups)
+        cov = _covariance(*_moments(fit.left_out), fit.floor, shrinkage)
+        return cls(weight=fit.weight, bias=fit.bias, cov=cov, chol=_cholesky(cov),
+                   regularisation=fit.regularisation(shrinkage))
 
     def describe(self) -> str:
         """One line on what this law is, as n2n-train prints it."""

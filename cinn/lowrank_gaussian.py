@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from n2n.cinn.gaussian import VARIANCE_FLOOR, GaussianLaw, Regularisation, _ridge, _ridge_fit
+from n2n.cinn.gaussian import GaussianLaw, Regularisation, ridge_fit
 from n2n.cinn.loss import LOG_2PI
 
 FULL_WIDTH = 4096  # up to this many target dims the law's covariance is full (d^2 = 16.8M numbers)
@@ -82,29 +82,15 @@ class LowRankGaussian(GaussianLaw):
         """Fit on train pairs as ``LinearGaussian.fit`` does (the same cross-validated ridge mean, the covariance
         of its out-of-fold residuals), keeping ``rank`` principal directions of those residuals (fewer where
         there are fewer rows)."""
-        variance_floor = VARIANCE_FLOOR if variance_floor is None else variance_floor
-        if source.ndim != 2 or target.ndim != 2 or len(source) != len(target) or len(source) < 2:
-            raise ValueError(f"fit needs source [N, ds] and target [N, dt] with the same N > 1, got "
-                             f"{tuple(source.shape)}, {tuple(target.shape)}")
-        x, y = source.double(), target.double()
-        groups = torch.arange(len(x)) if groups is None else torch.as_tensor(groups).long().cpu()
-        ridge, left_out = _ridge(x, y, groups.to(x.device))
-        x_mean, y_mean = x.mean(0), y.mean(0)
-        weight, dof = _ridge_fit(x - x_mean, y - y_mean, ridge)
-        del y
-        spread = (target.double() - y_mean).pow(2).mean(0)
-        typical = float(spread.mean()) if float(spread.mean()) > 0 else 1.0
-        floor = variance_floor * torch.where(spread > 0, spread, typical)
-        variance = left_out.pow(2).mean(0)
-        std = torch.maximum(variance, floor).sqrt()
-        z = left_out.div_(std)  # in place: the residuals are the largest array here
+        fit = ridge_fit(source, target, groups, variance_floor, least_rows=2)
+        regularisation = fit.regularisation(0.0)
+        std = torch.maximum(fit.left_out.pow(2).mean(0), fit.floor).sqrt()
+        z = fit.left_out.div_(std)  # in place: the residuals are the largest array here
         dim = z.shape[1]
         k = max(0, min(rank, len(z) - 1, dim - 1))
         unique, vectors, excess = _factors(z, k)
-        floored = int((variance < floor).sum())
-        return cls(weight=weight, bias=y_mean - weight @ x_mean, scale=std * unique.sqrt(), basis=vectors,
-                   excess=excess, regularisation=Regularisation(float(ridge.median()), float(dof.mean()), 0.0,
-                                                                floored))
+        return cls(weight=fit.weight, bias=fit.bias, scale=std * unique.sqrt(), basis=vectors, excess=excess,
+                   regularisation=regularisation)
 
     @property
     def dim(self) -> int:
