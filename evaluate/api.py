@@ -92,8 +92,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         try:
-            parse_values(self.curve_temperatures, "curve_temperatures", 0.0)
-            parse_values(self.curve_guidance, "curve_guidance", 0.0)
+            self.temperatures, self.guidances  # noqa: B018  (parsed here: a bad value fails before any work)
         except ValueError as err:
             raise N2NError(str(err)) from None
 

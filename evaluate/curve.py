@@ -18,6 +18,7 @@ The MLP and the linear map give one point each: they have no temperature.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,15 +45,29 @@ def parse_values(text: str, option: str, least: float) -> tuple[float, ...]:
     return values
 
 
-def point_scores(held: HeldOut, predict: Predictor, rows: torch.Tensor, scorer: object | None) -> dict:
-    """One point's scores (module docstring) from one sample per held-out pair in ``rows``."""
-    cfg = held.options
-    distinct, first, truth = np.unique(held.target_row, return_index=True, return_inverse=True)
-    candidates, target = held.target[torch.from_numpy(first)].float(), held.target[rows].float()
-    one = predict(held.source[rows], 1).float()
-    scores = {"cosine": mean_cosine(one, target),
-              "top1": retrieval_among(one, truth[rows.numpy()], candidates, POOL, cfg.seed)["top1"],
-              "frechet": frechet_distance(one, target), **precision_recall(target, one)}
+@dataclass(frozen=True)
+class Scored:
+    """What every point is scored against: the held-out pairs' ``rows``, their true targets, each one's row among
+    the ``candidates`` (the distinct held-out targets) as ``truth``."""
+
+    rows: torch.Tensor
+    target: torch.Tensor
+    candidates: torch.Tensor
+    truth: np.ndarray
+
+    @classmethod
+    def of(cls, held: HeldOut) -> Scored:
+        rows = torch.from_numpy(subsample(len(held.key), held.options.max_rows, held.options.seed))
+        _, first, truth = np.unique(held.target_row, return_index=True, return_inverse=True)
+        return cls(rows, held.target[rows].float(), held.target[torch.from_numpy(first)].float(), truth[rows.numpy()])
+
+
+def point_scores(held: HeldOut, predict: Predictor, scored: Scored, scorer: object | None) -> dict:
+    """One point's scores (module docstring) from one sample per held-out pair of ``scored``."""
+    one = predict(held.source[scored.rows], 1).float()
+    scores = {"cosine": mean_cosine(one, scored.target),
+              "top1": retrieval_among(one, scored.truth, scored.candidates, POOL, held.options.seed)["top1"],
+              "frechet": frechet_distance(one, scored.target), **precision_recall(scored.target, one)}
     read = getattr(scorer, "curve_point", None)
     return scores | (read(held, predict) if read is not None else {})
 
@@ -64,20 +79,20 @@ def fidelity_diversity(held: HeldOut, sampler: Sampler, temperatures: tuple[floa
     scores}, "best": {fidelity score: {"value", "temperature", "guidance"}}}``. Guidance 1 is always sampled;
     ``guidances`` add their lines (pass () where the run has no unconditional velocity). Every point draws
     from the same seed, so two curves of one run differ only by the knob."""
-    rows = torch.from_numpy(subsample(len(held.key), held.options.max_rows, held.options.seed))
+    scored = Scored.of(held)
     points = []
     for guidance in dict.fromkeys((1.0, *guidances)):
         for temperature in temperatures:
             if progress is not None:
                 progress(f"curve: temperature {temperature:g}, guidance {guidance:g}")
-            scores = point_scores(held, sampler(temperature, guidance), rows, scorer)
+            scores = point_scores(held, sampler(temperature, guidance), scored, scorer)
             points.append({"temperature": temperature, "guidance": guidance, **scores})
-    baselines = {name: point_scores(held, held.predictors[name], rows, scorer)
+    baselines = {name: point_scores(held, held.predictors[name], scored, scorer)
                  for name in BASELINES if name in held.predictors}
     best = {}
     for metric in FIDELITY:
-        scored = [p for p in points if p.get(metric) is not None]
-        if scored:
-            top = max(scored, key=lambda p: p[metric])
+        having = [p for p in points if p.get(metric) is not None]
+        if having:
+            top = max(having, key=lambda p: p[metric])
             best[metric] = {"value": top[metric], "temperature": top["temperature"], "guidance": top["guidance"]}
-    return {"points": points, "baselines": baselines, "best": best, "pairs": len(rows)}
+    return {"points": points, "baselines": baselines, "best": best, "pairs": len(scored.rows)}

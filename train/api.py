@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
@@ -20,7 +21,7 @@ from rich.table import Table
 from torch import nn
 
 from n2n.cinn import FlowConfig, build_flow
-from n2n.cinn.flow import low_rank
+from n2n.cinn.flow import first_stage
 from n2n.cinn.translators import SHRINK, parameter_parts
 from n2n.options import check_value, flag, load_options, split_options
 from n2n.parallel import Ranks, pick_device
@@ -155,23 +156,27 @@ def out_of_memory_message(dev: torch.device, view: Path, cfg: TrainConfig, flow_
             "activations; n2n-train --dry-run shows every part")
 
 
-def parts_of(view: Path, cfg: TrainConfig, flow_config: FlowConfig) -> tuple[dict[str, int], nn.Module, tuple]:
+def parts_of(view: Path, cfg: TrainConfig,
+             flow_config: FlowConfig) -> tuple[dict[str, int], nn.Module, np.ndarray]:
     """The parameters by part of the translator ``train`` builds on ``view`` (sized to its train pairs, built on
-    the meta device: nothing allocated), the translator, and (view, pairs, held-out mask)."""
-    v, pairs, held = split_pairs(view, cfg.holdout)
+    the meta device: nothing allocated), the translator, and the view's held-out mask."""
+    v, _, held = split_pairs(view, cfg.holdout)
     flow_config, _ = sized(flow_config, v.target.dim, v.source.dim, int((~held).sum()))
     with torch.device("meta"):  # shapes only: sizing a billion-parameter flow allocates nothing
         flow = build_flow(v.target.dim, v.source.dim, flow_config)
-    return parameter_parts(flow), flow, (v, pairs, held)
+    return parameter_parts(flow), flow, held
 
 
 def check_law(view: Path, flow_config: FlowConfig) -> None:
-    """``--base mlp`` has a full covariance: refused, before anything is written, where the view's target gets the
-    low-rank law (``FlowConfig.law``)."""
-    dim = open_view(view).target.dim
-    if flow_config.start_from_floor and flow_config.base == "mlp" and low_rank(dim, flow_config.law):
-        raise TrainError(f"--base mlp has a full covariance, and view {view}'s {dim}-dim target gets the low-rank "
-                         f"law: give --base linear, or --law full where {dim} x {dim} fits")
+    """The first stage ``flow_config`` asks for fits the view's target (``cinn.flow.first_stage``: ``--base mlp``
+    has a full covariance, refused where the target gets the low-rank law), checked on the meta device before
+    anything is written."""
+    v = open_view(view)
+    try:
+        with torch.device("meta"):
+            first_stage(v.target.dim, v.source.dim, flow_config)
+    except ValueError as err:
+        raise TrainError(f"view {view}: {err}") from None
 
 
 def check_dims(view: Path, source_dim: int | None, target_dim: int | None) -> None:
@@ -218,7 +223,7 @@ def dry_run(view: View | str | os.PathLike | None = None, *, config: str | os.Pa
     cfg, flow_config = TrainConfig(**train_options), FlowConfig(**flow_options)
     if view is None:
         raise TrainError("--dry-run sizes a run on a view: give one (--shards)")
-    parts, flow, (_, _, held) = parts_of(view.path if isinstance(view, View) else view, cfg, flow_config)
+    parts, flow, held = parts_of(view.path if isinstance(view, View) else view, cfg, flow_config)
     return {**flow.to_dict(), "batch_size": cfg.batch_size, "lr": cfg.learning_rate,
             "parameters": sum(parts.values()), "parts": parts, "pairs": len(held), "train_pairs": int((~held).sum())}
 
