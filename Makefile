@@ -64,6 +64,7 @@ bench: dev
 	$(PY) -m bench.reproducible
 	$(PY) -m bench.ae_decode
 	$(PY) -m bench.translator_sampling
+	$(PY) -m bench.target_dims
 	test -f shards/ae_minilm/view.json || $(MAKE) demo  # time_to_quality races on the demo's image -> text view
 	$(PY) -m bench.time_to_quality
 	$(PY) -m bench.never_worse --demo

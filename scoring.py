@@ -60,6 +60,9 @@ class HeldOut:
     # The attributes every source names where the source expert is a dataset's labels (label@shape: "shape");
     # None where each source says its own (a caption: source_truth's flags). Loads the source expert.
     source_names: Callable[[], tuple[str, ...] | None] | None = None
+    # Targets wider than 4096 dims: target latents [N, dim] -> coordinates [N, k] on the subspace that the
+    # distribution scores (Fréchet distance, precision/recall) are measured on (n2n-eval's report says which).
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass

@@ -33,6 +33,7 @@ from n2n.cinn.loss import LOG_2PI, bits_per_dim
 VARIANCE_FLOOR = 1e-6  # of a dimension's variance: residual std >= 0.1% of its spread (float16 keeps ~0.05%)
 RIDGE_GRID = torch.logspace(-8, 3, 23, dtype=torch.float64)  # penalties, in units of the mean Gram eigenvalue
 FOLDS = 5  # cross-validation folds of the penalty (whole groups held out)
+GRID_STRIDE = 3  # the penalty search's coarse step through RIDGE_GRID (``_ridge``)
 SHRINKAGE_GRID = (0.0, 1e-3, 1e-2, 0.1, 0.3, 1.0)  # correlation shrinkages the cross-validation compares
 SHRINKAGE_ROWS = 8192  # held-out residual rows it compares them on
 
@@ -71,7 +72,7 @@ def _ridge(x: Tensor, y: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
         xc, yc = x - x.mean(0), y - y.mean(0)
         relative = grid[:1].expand(y.shape[1])
         return relative, yc - xc @ _ridge_fit(xc, yc, relative)[0].T
-    terms, errors = [], torch.zeros(len(grid), y.shape[1], dtype=x.dtype, device=x.device)
+    terms = []
     for f in present.tolist():
         held = fold == f
         x_mean, y_mean = x[~held].mean(0), y[~held].mean(0)
@@ -79,14 +80,30 @@ def _ridge(x: Tensor, y: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
         evals, vectors = torch.linalg.eigh(xt.T @ xt)
         evals = evals.clamp_min(0)
         a, b = xh @ vectors, vectors.T @ (xt.T @ yt)  # [nh, dx], [dx, dy]
-        gram, ay = a.T @ a, a.T @ yh
-        for i, relative in enumerate(grid.tolist()):
-            db = b / (evals + relative * _scale(evals))[:, None]
-            errors[i] += yh.pow(2).sum(0) - 2 * (ay * db).sum(0) + ((gram @ db) * db).sum(0)
-        terms.append((held, evals, a, b, yh))
-    relative = grid[errors.argmin(0)]  # [dy]
+        terms.append((held, evals, a, b, yh, a.T @ a, a.T @ yh))
+
+    def errors(index: Tensor) -> Tensor:
+        """Each target dim's cross-validated squared error at its own penalty grid[index] [dy]."""
+        total = torch.zeros(y.shape[1], dtype=x.dtype, device=x.device)
+        for _, evals, _, b, yh, gram, ay in terms:
+            db = b / (evals[:, None] + grid[index][None, :] * _scale(evals))
+            total += yh.pow(2).sum(0) - 2 * (ay * db).sum(0) + ((gram @ db) * db).sum(0)
+        return total
+
+    # Coarse to fine: every GRID_STRIDE-th penalty, then each dim's neighbours of its best: 13 passes, not 23 (a
+    # pass is [dx, dx] x [dx, dy]: the fit's cost at 65,536 target dims). Where the error is unimodal in the
+    # penalty this is the whole grid's best; measured on six synthetic views, 1 dim in 1,264 had two minima
+    # and took the other.
+    coarse = torch.tensor(sorted({*range(0, len(grid), GRID_STRIDE), len(grid) - 1}), device=x.device)
+    coarse_errors = torch.stack([errors(i.expand(y.shape[1])) for i in coarse])
+    pick = coarse_errors.argmin(0)
+    near = (coarse[pick][None, :] + torch.arange(1 - GRID_STRIDE, GRID_STRIDE, device=x.device)[:, None]).clamp(
+        0, len(grid) - 1)  # [2 stride - 1, dy], ascending: ties go to the smaller penalty, as on the whole grid
+    scores = torch.stack([coarse_errors.gather(0, pick[None])[0] if offset == GRID_STRIDE - 1 else errors(index)
+                          for offset, index in enumerate(near)])
+    relative = grid[near.gather(0, scores.argmin(0)[None])[0]]  # [dy]
     residual = torch.empty_like(y)
-    for held, evals, a, b, yh in terms:
+    for held, evals, a, b, yh, _, _ in terms:
         residual[held] = yh - a @ (b / (evals[:, None] + relative[None, :] * _scale(evals)))
     return relative, residual
 

@@ -29,7 +29,7 @@ FACTOR_ROUNDS = 5  # alternations of the factor analysis (``_factors``)
 UNIQUE_FLOOR = 1e-4  # the least share of a dim's residual variance that is its own, not the factors'
 
 
-def _directions(z: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def principal_directions(z: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """The top ``rank`` eigenvalues [k] and eigenvectors [d, k] of z^T z / n (z [n, d]), without a d x d matrix:
     a randomized SVD (Halko et al. 2011), seeded on its own so that the global generator does not move."""
     with torch.random.fork_rng(devices=[]):
@@ -51,11 +51,11 @@ def _factors(z: Tensor, k: int, rounds: int = FACTOR_ROUNDS) -> tuple[Tensor, Te
         return z.new_ones(z.shape[1]), vectors, excess
     # Start from probabilistic PCA's communalities (one noise level, the mean of the other eigenvalues), which
     # the alternation then refines dim by dim: from Psi = I it needed 50 rounds to get as far.
-    values, vectors = _directions(z, k)
+    values, vectors = principal_directions(z, k)
     noise = max((float(z.pow(2).mean(0).sum()) - float(values.sum())) / max(z.shape[1] - k, 1), 1e-12)
     unique = (1 - vectors.pow(2) @ (values - noise).clamp_min(0)).clamp_min(UNIQUE_FLOOR)
     for _ in range(max(rounds, 1)):
-        values, vectors = _directions(z / unique.sqrt(), k)
+        values, vectors = principal_directions(z / unique.sqrt(), k)
         excess = (values - 1).clamp_min(0)
         unique = (1 / (1 + vectors.pow(2) @ excess)).clamp_min(UNIQUE_FLOOR)
     return unique, vectors, excess

@@ -37,14 +37,13 @@ import torch
 
 from n2n.cli import console
 from n2n.errors import N2NError
-from n2n.evaluate.baseline import fit_procrustes, train_mlp
+from n2n.evaluate.baseline import Subspace, fit_procrustes, train_mlp, wide
 from n2n.evaluate.curve import Sampler, fidelity_diversity, parse_values
 from n2n.evaluate.figures import edit_gallery, eval_figure, gallery
 from n2n.evaluate.metrics import (
     LinearGaussian,
-    frechet_distance,
+    distribution,
     mean_cosine,
-    precision_recall,
     retrieval,
     retrieval_among,
     subsample,
@@ -58,7 +57,16 @@ from n2n.shards import as_path, is_remote
 from n2n.shards.view import open_view
 from n2n.train.checkpoint import CHECKPOINT, CHECKPOINTS, TrainedFlow, read_meta, run_view
 from n2n.train.data import PairedLatents, load_pairs
-from n2n.train.heldout import FLOOR_ROWS, fit_floor, floor_bpd, floor_pairs, heldout_bpd
+from n2n.train.heldout import (
+    FLOOR_ROWS,
+    LAW_FILE,
+    fit_floor,
+    floor_bpd,
+    floor_pairs,
+    heldout_bpd,
+    law_record,
+    read_law,
+)
 from n2n.train.loggers import open_logger
 from n2n.translate import hub
 from n2n.translate.report import POOL, score_rows
@@ -132,11 +140,13 @@ def scorer_of(meta: dict) -> TranslationScorer | None:
 
 
 def held_out(trained: TrainedFlow, data: PairedLatents, cfg: EvalConfig, floor: LinearGaussian,
-             quiet: bool) -> HeldOut:
+             quiet: bool, subspace: Subspace | None = None) -> HeldOut:
     """The held-out pairs of ``data`` with the run's translator (``trained``), the linear map (the mean of the
-    linear-Gaussian ``floor``) and a freshly trained MLP baseline as predictors."""
+    linear-Gaussian ``floor``) and a freshly trained MLP baseline as predictors; where a ``subspace`` is given,
+    the MLP regresses the targets' coordinates there and the distribution scores are measured on them."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    mlp = functools.cache(lambda: train_mlp(data, steps=cfg.baseline_steps, seed=cfg.seed))  # trained if used
+    mlp = functools.cache(lambda: train_mlp(data, steps=cfg.baseline_steps, seed=cfg.seed,  # trained if used
+                                            subspace=subspace))
 
     translator = sampler(trained, cfg.seed, generator)(cfg.temperature, 1.0)
 
@@ -159,7 +169,8 @@ def held_out(trained: TrainedFlow, data: PairedLatents, cfg: EvalConfig, floor: 
                    target_store=view.target,
                    source_truth=read_attributes(view.source.path), target_truth=read_attributes(view.target.path),
                    options=cfg, console=None if quiet else console(), encode_source=source_encoder(trained, source),
-                   edit=editor(trained), source_names=lambda: getattr(source(), "attributes", None))
+                   edit=editor(trained), source_names=lambda: getattr(source(), "attributes", None),
+                   project=None if subspace is None else lambda x: subspace.coordinates(data.target_norm(x.float())))
 
 
 def sampler(trained: TrainedFlow, seed: int, generator: torch.Generator | None = None) -> Sampler:
@@ -220,30 +231,39 @@ def editor(trained: TrainedFlow) -> Editor:
 
 
 
+SAMPLE_NUMBERS = 2**27  # the most numbers of one predictor's draws held at once (512 MiB in float32)
+
+
 def translation_scores(held: HeldOut, baselines: dict[str, Predictor] | None = None) -> dict:
     """Retrieval, cosine, Fréchet distance and precision/recall of every predictor and of ``baselines``
     (translators scored here only, not by the dataset: Procrustes), see the module docstring, on a seeded
-    subsample of ``max_rows`` held-out pairs; candidates are all distinct held-out targets."""
+    subsample of ``max_rows`` held-out pairs; candidates are all distinct held-out targets. A predictor's
+    ``samples`` draws per row are at most SAMPLE_NUMBERS numbers in all (a 65,536-dim target's 2,000 rows get
+    1, not 16: then the mean of one is the one sample): ``samples`` in the result says how many were drawn."""
     cfg = held.options
     rows = torch.from_numpy(subsample(len(held.key), cfg.max_rows, cfg.seed))
     distinct, first, truth = np.unique(held.target_row, return_index=True, return_inverse=True)
     candidates, target = held.target[torch.from_numpy(first)].float(), held.target[rows].float()
-    truth, source, n = truth[rows.numpy()], held.source[rows], cfg.samples
+    truth, source = truth[rows.numpy()], held.source[rows]
+    n = max(1, min(cfg.samples, SAMPLE_NUMBERS // (len(rows) * target.shape[1])))
     unrelated = target[torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))]
     report: dict = {"pairs": len(rows), "candidates": len(distinct), "samples": n}
     predictions = {}
     for name, predict in {**held.predictors, **(baselines or {})}.items():
         one = predict(source, 1).float()
-        draws = predict(source, n).float().reshape(len(rows), n, -1)
+        # one sample a row (a wide target's budget): its mean is the sample, scored once
+        draws = predict(source, n).float().reshape(len(rows), n, -1) if n > 1 else one[:, None]
         mean = draws.mean(1)
         predictions[name] = draws
-        report[name] = {"retrieval": retrieval(one, truth, candidates),
-                        "retrieval_mean": retrieval(mean, truth, candidates),
-                        "retrieval_pool": retrieval_among(one, truth, candidates, POOL, cfg.seed),
-                        "cosine": mean_cosine(one, target), "cosine_mean": mean_cosine(mean, target),
-                        "cosine_unrelated": mean_cosine(one, unrelated),
-                        "cosine_mean_unrelated": mean_cosine(mean, unrelated),
-                        "frechet": frechet_distance(one, target), **precision_recall(target, one)}
+        scores = {"retrieval": retrieval(one, truth, candidates),
+                  "retrieval_pool": retrieval_among(one, truth, candidates, POOL, cfg.seed),
+                  "cosine": mean_cosine(one, target), "cosine_unrelated": mean_cosine(one, unrelated),
+                  **distribution(target, one, held.project)}
+        report[name] = scores | ({"retrieval_mean": retrieval(mean, truth, candidates),
+                                  "cosine_mean": mean_cosine(mean, target),
+                                  "cosine_mean_unrelated": mean_cosine(mean, unrelated)} if n > 1 else
+                                 {"retrieval_mean": scores["retrieval"], "cosine_mean": scores["cosine"],
+                                  "cosine_mean_unrelated": scores["cosine_unrelated"]})
     if "translator" in predictions and "mlp" in predictions:
         best = best_of(predictions["translator"], predictions["mlp"][:, 0])
         report["translator"] |= {"retrieval_best": retrieval(best, truth, candidates),
@@ -301,11 +321,16 @@ def evaluate(run: str | os.PathLike | None = None, *, config: str | os.PathLike 
                        f"{meta['train']['holdout']}); train with --holdout above 0")
     # One fit serves the floor and the linear baseline: on the targets the flow trained on (with its target
     # noise), as n2n-train's floor is.
-    floor = fit_floor(data, seed=cfg.seed, noise=meta["train"].get("target_noise", 0.0))
+    noise = meta["train"].get("target_noise", 0.0)
+    floor = read_law(Path(run) / LAW_FILE, law_record(data, cfg.seed, noise)) if shards is None else None
+    floor = floor or fit_floor(data, seed=cfg.seed, noise=noise)  # a low-rank law n2n-train fitted is read back
     report: dict = {"run": str(run), "view": str(view), "step": meta["step"], "checkpoint": cfg.checkpoint,
                     "kind": trained.flow.KIND, "heldout_bpd": heldout_bpd(trained.flow, data, rows=rows),
                     "linear_gaussian_bpd": floor_bpd(floor, data, rows)}
-    held = held_out(trained, data, cfg, floor, quiet=not progress)
+    subspace = Subspace.fit(data.target, seed=cfg.seed) if wide(data) else None
+    held = held_out(trained, data, cfg, floor, quiet=not progress, subspace=subspace)
+    if subspace is not None:
+        report["subspace"] = subspace.describe()
     report["translation"] = translation_scores(held, {"procrustes": procrustes_predictor(data, cfg),
                                                       **source_predictor(data)})
     scorer = scorer_of(meta)

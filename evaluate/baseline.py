@@ -10,19 +10,76 @@ orthogonal Procrustes map (``fit_procrustes``) is the closed form of Maiorca et 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from n2n.cinn.lowrank_gaussian import FULL_WIDTH, principal_directions
 from n2n.cinn.mlp_gaussian import fit_mean_mlp
-from n2n.train.data import PairedLatents
+from n2n.train.data import BLOCK_ROWS, PairedLatents, Rows, subsample
+from n2n.train.heldout import ROW_NUMBERS
+
+SUBSPACE_RANK = 256  # principal directions of a target wider than FULL_WIDTH (see Subspace)
+
+
+@dataclass(frozen=True)
+class Subspace:
+    """The top principal directions of a view's standardised train targets, where they are wider than FULL_WIDTH.
+
+    Why: the MLP baseline's output layer grows with the target, and at 65,536 dims its 2,000 steps take half an
+    hour on a CPU. There it regresses the targets' coordinates in this subspace instead; with a few thousand
+    train pairs little outside it is predictable anyway. The distribution scores are measured on the same
+    coordinates (a k-NN search over 2,000 rows of 65,536 dims costs half a minute a set). n2n-eval states it in
+    the report (``describe``).
+    """
+
+    mean: Tensor  # [d]
+    basis: Tensor  # [d, k], orthonormal columns
+    variance: float  # the share of the train targets' variance inside it
+
+    @classmethod
+    def fit(cls, target: Rows, rank: int = SUBSPACE_RANK, seed: int = 0) -> Subspace:
+        """From at most ROW_NUMBERS / d seeded train rows (the low-rank law's budget): a randomized SVD, O(d·k)."""
+        dim = target.shape[1]
+        rows = target[torch.from_numpy(subsample(len(target), max(2, ROW_NUMBERS // dim), seed))]
+        mean = rows.mean(0)
+        centred = rows - mean
+        values, basis = principal_directions(centred, min(rank, len(rows) - 1))
+        variance = float(values.sum() * len(rows) / centred.pow(2).sum())
+        return cls(mean.float(), basis.float(), variance)
+
+    def coordinates(self, rows: Rows | Tensor) -> Tensor:
+        """Every row's coordinates [N, k] (standardised rows), a block at a time."""
+        return torch.cat([(rows[i : i + BLOCK_ROWS] - self.mean) @ self.basis
+                          for i in range(0, len(rows), BLOCK_ROWS)])
+
+    def decoder(self) -> nn.Linear:
+        """Coordinates -> standardised targets, as a frozen layer."""
+        layer = nn.Linear(*self.basis.T.shape).requires_grad_(False)
+        layer.weight.copy_(self.basis)
+        layer.bias.copy_(self.mean)
+        return layer
+
+    def describe(self) -> str:
+        return (f"the top {self.basis.shape[1]} principal directions of the train targets "
+                f"({100 * self.variance:.1f}% of their variance)")
 
 
 def train_mlp(data: PairedLatents, steps: int = 2000, batch_size: int = 256, hidden: int = 512,
-              lr: float = 1e-3, seed: int = 0) -> nn.Module:
+              lr: float = 1e-3, seed: int = 0, subspace: Subspace | None = None) -> nn.Module:
     """Fit source -> target (both standardised) by MSE; deterministic from the seed (``cinn.mlp_gaussian``'s
-    ``fit_mean_mlp``: the mean of the MLP-Gaussian law a translator can start from is this same regression)."""
-    return fit_mean_mlp(data.source, data.target, steps, batch_size, hidden, lr, seed)
+    ``fit_mean_mlp``: the mean of the MLP-Gaussian law a translator can start from is this same regression).
+    With a ``subspace``, the MLP regresses the targets' coordinates there, decoded back to every dim."""
+    if subspace is None:
+        return fit_mean_mlp(data.source, data.target, steps, batch_size, hidden, lr, seed)
+    net = fit_mean_mlp(data.source, subspace.coordinates(data.target), steps, batch_size, hidden, lr, seed)
+    return nn.Sequential(net, subspace.decoder()).eval()
+
+
+def wide(data: PairedLatents) -> bool:
+    """Whether a view's targets are too wide for the MLP baseline's own output layer (see ``Subspace``)."""
+    return data.target.shape[1] > FULL_WIDTH
 
 
 def fit_procrustes(source: torch.Tensor, target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -4,7 +4,7 @@ point scored for how faithful and how varied its samples are, with the determini
 A generative translator has a knob a regression lacks, as BigGAN's truncation and an LLM's temperature are:
 z ~ N(0, T^2 I), so T = 0 gives one answer per source and T = 1 the learned distribution. Where the run was
 trained with dropped conditions, classifier-free guidance is a second knob. Per point, on the held-out pairs
-of the main table (``max_rows``, one sample per pair):
+of the main table (``max_rows``, one sample per pair; fewer for a wide target, CURVE_NUMBERS in all):
 
 - fidelity: the cosine of the sample to the pair's true target, and retrieval top-1 among up to 1024 held-out
   targets (vec2vec's); the dataset's judge where its scorer has one (``curve_point``: shapes reads
@@ -23,13 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from n2n.evaluate.metrics import frechet_distance, mean_cosine, precision_recall, retrieval_among, subsample
+from n2n.evaluate.metrics import distribution, mean_cosine, retrieval_among, subsample
 from n2n.scoring import HeldOut, Predictor
 from n2n.translate.report import POOL
 
 Sampler = Callable[[float, float], Predictor]  # (temperature, guidance) -> the run's translator sampled so
 FIDELITY = ("cosine", "top1", "judge")  # a point's fidelity scores: higher is more faithful
 BASELINES = ("mlp", "linear")
+CURVE_NUMBERS = 2**27  # the most sampled numbers of a whole curve: 65,536-dim targets get 341 pairs over 6 points
 
 
 def parse_values(text: str, option: str, least: float) -> tuple[float, ...]:
@@ -56,8 +57,10 @@ class Scored:
     truth: np.ndarray
 
     @classmethod
-    def of(cls, held: HeldOut) -> Scored:
-        rows = torch.from_numpy(subsample(len(held.key), held.options.max_rows, held.options.seed))
+    def of(cls, held: HeldOut, points: int = 1) -> Scored:
+        """At most ``max_rows`` pairs, and at most CURVE_NUMBERS numbers of samples over ``points`` points."""
+        most = min(held.options.max_rows, max(2, CURVE_NUMBERS // (points * held.target.shape[1])))
+        rows = torch.from_numpy(subsample(len(held.key), most, held.options.seed))
         _, first, truth = np.unique(held.target_row, return_index=True, return_inverse=True)
         return cls(rows, held.target[rows].float(), held.target[torch.from_numpy(first)].float(), truth[rows.numpy()])
 
@@ -67,7 +70,7 @@ def point_scores(held: HeldOut, predict: Predictor, scored: Scored, scorer: obje
     one = predict(held.source[scored.rows], 1).float()
     scores = {"cosine": mean_cosine(one, scored.target),
               "top1": retrieval_among(one, scored.truth, scored.candidates, POOL, held.options.seed)["top1"],
-              "frechet": frechet_distance(one, scored.target), **precision_recall(scored.target, one)}
+              **distribution(scored.target, one, held.project)}
     read = getattr(scorer, "curve_point", None)
     return scores | (read(held, predict) if read is not None else {})
 
@@ -79,7 +82,7 @@ def fidelity_diversity(held: HeldOut, sampler: Sampler, temperatures: tuple[floa
     scores}, "best": {fidelity score: {"value", "temperature", "guidance"}}}``. Guidance 1 is always sampled;
     ``guidances`` add their lines (pass () where the run has no unconditional velocity). Every point draws
     from the same seed, so two curves of one run differ only by the knob."""
-    scored = Scored.of(held)
+    scored = Scored.of(held, len(temperatures) * len(dict.fromkeys((1.0, *guidances))))
     points = []
     for guidance in dict.fromkeys((1.0, *guidances)):
         for temperature in temperatures:

@@ -18,6 +18,7 @@ from bench import (
     reference,
     reproducible,
     store_reads,
+    target_dims,
     time_to_quality,
     translator_sampling,
 )
@@ -201,3 +202,15 @@ def test_never_worse_runs_small_and_checks_its_targets(tmp_path):
         assert [step for step, _ in run["heldout"]] == [0, 2, 4], name  # step 0: the start, the first best
         assert run["best"]["heldout_bpd"] <= run["floor"] + 0.01, name
     assert all(row["met"] in (True, False) for row in saved["rows"])
+
+
+def test_target_dims_measures_each_width_and_kind(tmp_path):
+    """At toy widths, each measured in a process of its own: a row per kind and width, with its step ratio to
+    the first width, and one per width for n2n-eval's law."""
+    saved = run_bench(target_dims.main, "target_dims", ["--dims", "8,24", "--rows", "300", "--repeat", "1"],
+                      tmp_path)
+    assert saved["settings"]["dims"] == [8, 24] and len(saved["rows"]) == 6
+    assert [row["ratio"] for row in saved["rows"] if "coupling step at 8 dims" in row["metric"]] == [1.0]
+    law = saved["raw"]["24"]["law"]
+    assert law["lowrank_fit_s"] > 0 and law["full_bpd"] > 0 and law["frechet_s"] > 0
+    assert saved["raw"]["8"]["continuous"]["peak_mib"] > 0

@@ -17,7 +17,7 @@ from conftest import SMALL
 
 import n2n
 from n2n.shards import as_path, create_store
-from n2n.shards.synthetic import modes, write_synthetic
+from n2n.shards.synthetic import modes, read_law, write_synthetic
 from n2n.shards.view import create_view, open_view
 from n2n.train.api import dry_run
 from n2n.train.checkpoint import (
@@ -69,7 +69,7 @@ def test_bimodal_law_samples_both_modes(tmp_path, n2n_train):
     result = n2n_train("--shards", view, "--out", tmp_path / "run", "--steps", 2000, "--n-flows", 4,
                        "--hidden-dim", 64, "--no-compile")
     assert result.exit_code == 0, result.output
-    params = {k: np.array(v) for k, v in json.loads((view / "truth.json").read_text())["params"].items()}
+    _, params = read_law(view)
     translator = load_run(tmp_path / "run")
     c = np.random.default_rng(1).standard_normal((100, 16))
     draws = np.stack([
@@ -510,7 +510,7 @@ def test_the_linear_gaussian_floor_is_the_nll_of_a_linear_law_and_above_a_bimoda
         analytic = data.truth["nll_nats_per_dim"] / np.log(2)
         c = data.source_norm.inverse(data.held_source[:]).double().numpy()
         x = data.target_norm.inverse(data.held_target[:]).double().numpy()
-        params = {k: np.array(v) for k, v in data.truth["params"].items()}
+        _, params = read_law(data.view.path)
         same_rows = conditional_nll(law, params, x, c).mean() / (x.shape[1] * np.log(2))
         floors[law] = floor, analytic, same_rows
     print({law: tuple(round(v, 4) for v in values) for law, values in floors.items()})

@@ -3,8 +3,10 @@ distribution scores without d x d matrices."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from n2n.cinn.gaussian import LinearGaussian
 from n2n.cinn.lowrank_gaussian import FULL_WIDTH, LowRankGaussian
 from n2n.evaluate.baseline import fit_procrustes
 from n2n.evaluate.metrics import _frechet_of_rows, _moments, frechet_distance, gaussian_frechet
-from n2n.shards.view import create_view
+from n2n.shards.view import create_view, open_view
 from n2n.train.data import load_pairs
 from n2n.train.heldout import fit_floor, floor_bpd, heldout_bpd
 from tests.test_train import write_store
@@ -151,3 +153,94 @@ def test_out_of_memory_names_the_largest_part_and_its_option(tmp_path, monkeypat
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert "largest part is the first stage" in lines[0] and "--law lowrank" in lines[0]
+
+
+def test_synth_draws_a_wide_gaussian_law_without_a_square_matrix(tmp_path, monkeypatch):
+    """Past DENSE_WIDTH the noise's rotation is Householder reflections: what it draws has the covariance the
+    truth records (checked against the dense B its reflections make, on a small width), and the NLL it
+    reports is the law's; rows are written a chunk at a time, the same rows as in one go."""
+    from n2n.shards import synthetic
+
+    monkeypatch.setattr(synthetic, "DENSE_WIDTH", 16)
+    one = synthetic.write_synthetic(tmp_path / "one", "gaussian", n=3000, src_dim=3, dst_dim=40, seed=1)
+    law, params = synthetic.read_law(one)
+    assert law == "gaussian" and "B" not in params and params["U"].shape == (synthetic.REFLECTIONS, 40)
+    q = synthetic.reflect(params["U"], np.eye(40)).T  # row i of reflect(I) is Q e_i: transposed, Q
+    assert np.allclose(q @ q.T, np.eye(40))
+    b = q * params["s"]
+    c = np.random.default_rng(0).standard_normal((5, 3))
+    x = synthetic.sample(law, params, c, np.random.default_rng(1))
+    with_b = {"A": params["A"], "B": b, "m": params["m"]}
+    assert np.allclose(synthetic.conditional_nll(law, params, x, c), synthetic.conditional_nll(law, with_b, x, c))
+    truth = json.loads((one / "truth.json").read_text())["nll_nats_per_dim"]
+    assert math.isclose(truth, synthetic.expected_nll(law, with_b, x, c) / 40)
+    stored = open_view(one)
+    source, target = stored.source.latents().astype(np.float64), stored.target.latents().astype(np.float64)
+    residual = target - source @ params["A"].T - params["m"]
+    assert np.abs(np.cov(residual.T) - b @ b.T).max() < 0.1  # 3,000 draws of variances <= 1
+    monkeypatch.setattr(synthetic, "CHUNK_NUMBERS", 40 * 7)  # 7 rows a chunk
+    chunked = synthetic.write_synthetic(tmp_path / "chunked", "gaussian", n=3000, src_dim=3, dst_dim=40, seed=1)
+    assert np.array_equal(open_view(chunked).target.latents(), stored.target.latents())
+
+
+def test_the_degenerate_law_past_the_dense_width_is_refused_before_writing(tmp_path):
+    from n2n.errors import N2NError
+    from n2n.shards.synthetic import DENSE_WIDTH, write_synthetic
+
+    with pytest.raises(N2NError, match="--dst-dim.*--law gaussian"):
+        write_synthetic(tmp_path, "degenerate", n=10, dst_dim=DENSE_WIDTH + 1)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_16384_dim_target_trains_at_the_defaults_and_is_evaluated(tmp_path, n2n_train, invoke, monkeypatch):
+    """SD's VAE at 512 px is 16,384 dims: synth writes it, n2n-train starts on the low-rank law and trains a few
+    steps at the default options without blowing up (the fan-in-scaled rates of wide layers), and n2n-eval
+    scores it within memory, the MLP through the targets' principal subspace, stated in the report."""
+    from n2n.evaluate.cli import main as n2n_eval
+    from n2n.shards.cli import main as n2n_shards
+    from n2n.train.checkpoint import read_meta
+
+    dim = 16_384
+    made = invoke(n2n_shards, "synth", "--root", tmp_path, "--n", 1000, "--src-dim", 64, "--dst-dim", dim)
+    assert made.exit_code == 0, made.output
+    view, run = tmp_path / "synth-gaussian", tmp_path / "run"
+    result = n2n_train("--shards", view, "--out", run, "--steps", 4, "--holdout", 0.2, "--no-compile")
+    assert result.exit_code == 0, result.output
+    assert "low-rank linear-Gaussian law" in result.output
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    floor = read_meta(run / "checkpoint.safetensors")["linear_gaussian_bpd"]
+    assert abs(metrics[0]["heldout_bpd"] - floor) < 0.01
+    assert metrics[-1]["train_bpd"] < floor + 1 and metrics[-1]["heldout_bpd"] < floor + 0.1, metrics
+    assert (run / "law.safetensors").is_file()  # the low-rank law, which n2n-eval reads back instead of fitting
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("n2n-eval fitted the law n2n-train saved")
+
+    monkeypatch.setattr("n2n.evaluate.api.fit_floor", no_fit)
+    scored = invoke(n2n_eval, "--run", run, "--baseline-steps", 50, "--samples", 4,
+                    "--curve-temperatures", "0,1")
+    assert scored.exit_code == 0, scored.output
+    report = json.loads((run / "eval.json").read_text())
+    assert report["subspace"].startswith("the top 256 principal directions") and "The MLP regresses" in scored.output
+    assert report["linear_gaussian_bpd"] == pytest.approx(floor, abs=1e-9)
+    scores = report["translation"]
+    assert all(math.isfinite(scores[name]["frechet"]) for name in ("translator", "linear", "mlp", "procrustes"))
+    assert scores["mlp"]["cosine"] > scores["procrustes"]["cosine"]
+
+
+def test_a_saved_law_is_read_only_where_it_was_fitted_so(tmp_path):
+    """read_law gives the law back bit for bit under its record, and nothing under any other."""
+    from n2n.train.heldout import read_law, save_law
+
+    c, x = factor_view(300, 4, 40, 2, 0)
+    law = LowRankGaussian.fit(c, x, rank=3)
+    record = {"seed": 0, "noise": 0.0, "train_pairs": 300}
+    save_law(law, tmp_path / "law.safetensors", record)
+    back = read_law(tmp_path / "law.safetensors", record)
+    for name in ("weight", "bias", "scale", "basis", "excess"):
+        assert torch.equal(getattr(back, name), getattr(law, name)), name
+    assert back.describe() == law.describe()
+    assert read_law(tmp_path / "law.safetensors", record | {"seed": 1}) is None
+    assert read_law(tmp_path / "missing.safetensors", record) is None
+    (tmp_path / "law.safetensors").write_bytes(b"not a law")
+    assert read_law(tmp_path / "law.safetensors", record) is None

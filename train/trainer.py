@@ -31,8 +31,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.nn.parallel import DistributedDataParallel
 
 from n2n.cinn import ConditionalFlow, ContinuousFlow, FlowConfig, bits_per_dim, build_flow
-from n2n.cinn.flow import upgrade_header
+from n2n.cinn.flow import PairedMLP, upgrade_header
 from n2n.cinn.gaussian import GaussianLaw
+from n2n.cinn.lowrank_gaussian import LowRankGaussian
 from n2n.cinn.mlp_gaussian import MLPGaussian
 from n2n.errors import N2NError
 from n2n.options import CONFIG_FILE, check_fields, config_text, setting
@@ -52,7 +53,16 @@ from n2n.train.checkpoint import (
     view_record,
 )
 from n2n.train.data import Pairs, Standardizer, load_pairs
-from n2n.train.heldout import FLOOR_ROWS, fit_law, floor_bpd, heldout_bpd, linear_gaussian_bpd
+from n2n.train.heldout import (
+    FLOOR_ROWS,
+    LAW_FILE,
+    fit_law,
+    floor_bpd,
+    heldout_bpd,
+    law_record,
+    linear_gaussian_bpd,
+    save_law,
+)
 from n2n.train.loggers import LOGGERS, Logger, open_logger
 from n2n.train.plots import plot_loss
 from n2n.train.samples import SampleGrid, sample_grid
@@ -115,10 +125,34 @@ class DivergedError(TrainError):
     exit_code = 1
 
 
+FAN_IN = 4096  # layers reading more inputs than this learn at lr x FAN_IN / fan-in (make_optimizer says why)
+
+
+def fan_ins(flow: torch.nn.Module) -> dict[int, int]:
+    """The number of inputs of every weight matrix of ``flow``'s layers, by the parameter's id."""
+    found = {}
+    for module in flow.modules():
+        if isinstance(module, torch.nn.Linear):
+            found[id(module.weight)] = module.in_features
+        elif isinstance(module, PairedMLP):
+            found |= {id(weight): weight.shape[1] for weight in module.weights}  # [2, in, out]
+    return found
+
+
 def make_optimizer(flow: Flow, lr: float) -> torch.optim.Optimizer:
     """net2net's Adam(betas=(0.5, 0.9), amsgrad) over the trained parameters (a continuous translator's
-    linear-Gaussian stage is fixed); fused kernels where this torch has them."""
-    params = [p for p in flow.parameters() if p.requires_grad]
+    linear-Gaussian stage is fixed); fused kernels where this torch has them.
+
+    A layer with more than FAN_IN inputs learns at lr x FAN_IN / fan-in (muP's rule for Adam). Why: Adam moves
+    every weight by about lr in its first steps, all at once, so a layer's outputs move by about lr x fan-in.
+    A 65,536-dim target's coupling nets read 32,768 inputs: at net2net's rate the NLL went from 3.8e4 nats to
+    9e12 in five steps (measured). Scaled, a wide layer's step is what it is at FAN_IN inputs; every layer of
+    FAN_IN inputs or fewer (net2net's, the demo's) learns at lr as before, in one group."""
+    widths = fan_ins(flow)
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for p in (p for p in flow.parameters() if p.requires_grad):
+        groups.setdefault(lr * min(1.0, FAN_IN / widths.get(id(p), 1)), []).append(p)
+    params = [{"params": group, "lr": rate} for rate, group in groups.items()]
     try:
         return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9), amsgrad=True, fused=True)
     except (RuntimeError, ValueError):
@@ -337,6 +371,9 @@ def fit(view: Path | str, out: Path, cfg: TrainConfig, flow_config: FlowConfig, 
             out.mkdir(parents=True, exist_ok=True)
             if config is not None:  # with the flow's shape as built (its embedding width resolved)
                 write_text_atomic(out / CONFIG_FILE, config_text({**config, **dataclasses.asdict(flow.config)}))
+            if isinstance(law, LowRankGaussian):  # what n2n-eval would fit again, for over a minute at 65,536 dims
+                save_law(law, out / LAW_FILE, law_record(data, noise=cfg.target_noise, law=flow_config.law,
+                                                         rank=flow_config.law_rank))
         if resume:
             optimizer, generator = restore(flow, tensors, meta, cfg, dev)
             if ranks.main:
@@ -614,7 +651,7 @@ def log(run: Run, record: dict, rate: float) -> None:
     kind = "bpd" if run.train_key == "train_bpd" else "loss"
     grads = [p.grad for p in run.flow.parameters() if p.grad is not None]
     values = {f"train/{kind}": record[run.train_key], "train/steps_per_s": rate,
-              "train/lr": run.optimizer.param_groups[0]["lr"]}
+              "train/lr": max(group["lr"] for group in run.optimizer.param_groups)}
     if grads:
         values["train/grad_norm"] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
     if record.get("heldout_bpd") is not None:

@@ -78,7 +78,10 @@ def score_rows(report: dict, dataset: ScoreTable | None = None) -> Scores:
               linear="" if floor is None else f"{floor:.4f}")
     rows = [nll, *translation_rows(report), *curve_rows(report), *(row(metric, translator=ours, mlp=mlp)
                                               for metric, ours, mlp in dataset.rows)]
-    return Scores(headers(report), rows, dataset.caption)
+    wide = (f"The MLP regresses, and the Fréchet distance and precision/recall are measured on, {report['subspace']} "
+            "(standardised)." if report.get("subspace") else "")
+    notes = [dataset.caption, wide]
+    return Scores(headers(report), rows, " ".join(note for note in notes if note))
 
 
 CURVE_LABELS = {"cosine": ("cosine to the truth", ".3f"), "top1": (f"retrieval top-1 among {POOL}", ".1%"),
