@@ -244,3 +244,23 @@ def test_a_saved_law_is_read_only_where_it_was_fitted_so(tmp_path):
     assert read_law(tmp_path / "missing.safetensors", record) is None
     (tmp_path / "law.safetensors").write_bytes(b"not a law")
     assert read_law(tmp_path / "law.safetensors", record) is None
+
+
+def test_only_layers_wider_than_fan_in_learn_at_a_scaled_rate():
+    """make_optimizer: a flow whose layers all read FAN_IN inputs or fewer has one group at lr (as before); a
+    wide target's coupling nets, reading more, learn at lr x FAN_IN / their inputs, and nothing else does."""
+    from n2n.train.trainer import FAN_IN, fan_ins, make_optimizer
+
+    narrow = build_flow(64, 8, FlowConfig(n_flows=2, hidden_dim=16))
+    assert [group["lr"] for group in make_optimizer(narrow, 1e-3).param_groups] == [1e-3]
+    dim, embedding = 2 * FAN_IN + 200, 32
+    wide = build_flow(dim, 8, FlowConfig(n_flows=1, hidden_dim=8, embedding_dim=embedding, law="lowrank"))
+    groups = make_optimizer(wide, 1e-3).param_groups
+    inputs = fan_ins(wide)
+    for group in groups:
+        for p in group["params"]:
+            assert group["lr"] == pytest.approx(1e-3 * min(1.0, FAN_IN / inputs.get(id(p), 1)))
+    first_layer = wide.blocks[0].coupling.net1[0].weight
+    assert inputs[id(first_layer)] == dim // 2 + embedding
+    assert any(any(p is first_layer for p in g["params"]) and g["lr"] < 1e-3 for g in groups)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in wide.parameters() if p.requires_grad)
