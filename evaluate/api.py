@@ -232,6 +232,7 @@ def editor(trained: TrainedFlow) -> Editor:
 
 
 SAMPLE_NUMBERS = 2**27  # the most numbers of one predictor's draws held at once (512 MiB in float32)
+MEAN_OF = {"retrieval": "retrieval_mean", "cosine": "cosine_mean", "cosine_unrelated": "cosine_mean_unrelated"}
 
 
 def translation_scores(held: HeldOut, baselines: dict[str, Predictor] | None = None) -> dict:
@@ -249,21 +250,22 @@ def translation_scores(held: HeldOut, baselines: dict[str, Predictor] | None = N
     unrelated = target[torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))]
     report: dict = {"pairs": len(rows), "candidates": len(distinct), "samples": n}
     predictions = {}
+
+    def point(prediction: torch.Tensor) -> dict:
+        """The scores of one prediction a row (the one sample, or the mean of the samples)."""
+        return {"retrieval": retrieval(prediction, truth, candidates), "cosine": mean_cosine(prediction, target),
+                "cosine_unrelated": mean_cosine(prediction, unrelated)}
+
     for name, predict in {**held.predictors, **(baselines or {})}.items():
         one = predict(source, 1).float()
         # one sample a row (a wide target's budget): its mean is the sample, scored once
         draws = predict(source, n).float().reshape(len(rows), n, -1) if n > 1 else one[:, None]
-        mean = draws.mean(1)
         predictions[name] = draws
-        scores = {"retrieval": retrieval(one, truth, candidates),
-                  "retrieval_pool": retrieval_among(one, truth, candidates, POOL, cfg.seed),
-                  "cosine": mean_cosine(one, target), "cosine_unrelated": mean_cosine(one, unrelated),
-                  **distribution(target, one, held.project)}
-        report[name] = scores | ({"retrieval_mean": retrieval(mean, truth, candidates),
-                                  "cosine_mean": mean_cosine(mean, target),
-                                  "cosine_mean_unrelated": mean_cosine(mean, unrelated)} if n > 1 else
-                                 {"retrieval_mean": scores["retrieval"], "cosine_mean": scores["cosine"],
-                                  "cosine_mean_unrelated": scores["cosine_unrelated"]})
+        scores = point(one)
+        mean = point(draws.mean(1)) if n > 1 else scores
+        report[name] = {**scores, **{MEAN_OF[key]: value for key, value in mean.items()},
+                        "retrieval_pool": retrieval_among(one, truth, candidates, POOL, cfg.seed),
+                        **distribution(target, one, held.project)}
     if "translator" in predictions and "mlp" in predictions:
         best = best_of(predictions["translator"], predictions["mlp"][:, 0])
         report["translator"] |= {"retrieval_best": retrieval(best, truth, candidates),
