@@ -12,7 +12,7 @@ from torch.func import jacrev, vmap
 
 from n2n import N2NError
 from n2n.cinn import ActNorm, ConditionalFlow, FlowConfig, bits_per_dim, nll
-from n2n.cinn.flow import COUPLINGS, GlowCoupling, soft_clamp, upgrade_header
+from n2n.cinn.flow import COUPLINGS, ClampedAffine, GlowCoupling, Permute, soft_clamp, upgrade_header
 
 
 def initialised_flow(dim=12, cond_dim=7, n=256, seed=0, **kwargs):
@@ -59,6 +59,42 @@ def test_logdet_matches_autograd_jacobian(coupling):
     _, logdet = flow(x, c)
     expected = torch.linalg.slogdet(jac).logabsdet
     assert torch.allclose(logdet, expected, atol=1e-8), (logdet - expected).abs().max()
+
+
+@pytest.mark.parametrize("outputs", ["both", "y", "logdet"])
+def test_clamped_affine_has_autograds_gradient(outputs):
+    """The glow transform's hand-written backward against autograd's, in double, for each output alone."""
+    torch.manual_seed(0)
+    x, raw, t = (torch.randn(5, 6, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        raw.mul_(3)  # well into the clamp's bend
+    weights = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+
+    def objective(y, logdet):
+        return (y * weights[0]).sum() * (outputs != "logdet") + (logdet * weights[1]).sum() * (outputs != "y")
+
+    s = soft_clamp(raw, 2.0)
+    expected = torch.autograd.grad(objective(x * s.exp() + t, s.sum(1)), (x, raw, t), allow_unused=True)
+    y, logdet, _ = ClampedAffine.apply(x, raw, t, 2.0)
+    assert torch.allclose(y, x * s.exp() + t) and torch.allclose(logdet, s.sum(1))
+    got = torch.autograd.grad(objective(y, logdet), (x, raw, t), allow_unused=True)
+    for name, g, e in zip(["x", "raw", "t"], got, expected, strict=True):
+        g = torch.zeros_like(x) if g is None else g
+        e = torch.zeros_like(x) if e is None else e
+        assert torch.allclose(g, e, atol=1e-12), name
+    assert torch.autograd.gradcheck(lambda *a: ClampedAffine.apply(*a, 2.0)[:2], (x, raw, t))
+
+
+def test_permute_backward_is_the_inverse_gather():
+    torch.manual_seed(0)
+    perm = torch.randperm(9)
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 9, dtype=torch.float64)
+    y = Permute.apply(x, perm, torch.argsort(perm))
+    assert torch.equal(y, x[:, perm])
+    (grad,) = torch.autograd.grad((y * weight).sum(), x)
+    assert torch.equal(grad, torch.autograd.grad((x[:, perm] * weight).sum(), x)[0])
+    assert torch.autograd.gradgradcheck(lambda v: Permute.apply(v, perm, torch.argsort(perm)), (x,))
 
 
 def test_condition_changes_z():
