@@ -12,12 +12,15 @@ scores 2,000 held-out rows). Each measurement runs in a fresh process, so that i
 - the Fréchet distance of the law's predictions to the held-out targets (from the rows where d >= rows).
 
 The ratios: a coupling step at each width over one at 4096 (target <= 20x at 65,536: 16x is linear), and the
-low-rank law's fit time over the full law's.
+low-rank law's fit time over the full law's. Where a step's activations reach 32 MiB (``train.heap``: 65,536
+dims at batch 256), also the coupling step with its large tensors mapped afresh each time, as glibc does by
+default, against n2n-train's, served from the heap.
 Run: python -m bench.target_dims [--dims 256,1024,4096,8192,16384,65536] [--rows 2000]
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import tempfile
@@ -33,6 +36,7 @@ from n2n.cinn.lowrank_gaussian import FULL_WIDTH
 from n2n.evaluate.metrics import frechet_distance
 from n2n.shards.synthetic import write_synthetic
 from n2n.train.data import load_pairs
+from n2n.train.heap import MMAP_CEILING, heap_for
 from n2n.train.heldout import fit_floor, floor_bpd
 
 SOURCE = 384
@@ -42,8 +46,9 @@ FULL_LAW_MAX = 8192  # the widest full law fitted beside the low-rank one (its d
 BATCH = 256
 
 
-def step_cost(view: Path, kind: str, repeat: int) -> dict:
-    """Seconds per n2n-train step of ``kind`` on the view and this process's peak memory (a fresh process)."""
+def step_cost(view: Path, kind: str, repeat: int, heap: bool = True) -> dict:
+    """Seconds per n2n-train step of ``kind`` on the view and this process's peak memory (a fresh process); its
+    large tensors from the heap as n2n-train serves them, or (``heap=False``) as glibc would."""
     data = load_pairs(view, 0.5)
     torch.manual_seed(0)
     flow = build_flow(data.target.shape[1], SOURCE, KINDS[kind])
@@ -55,8 +60,10 @@ def step_cost(view: Path, kind: str, repeat: int) -> dict:
         x, c = data.batch(BATCH, generator)
         step(x, c, *flow.draw(BATCH, generator))
 
-    one()  # warm-up: the optimiser's state, the allocator
-    seconds = timed(one, repeat)
+    largest = BATCH * data.target.shape[1] * 4
+    with heap_for(torch.device("cpu"), largest) if heap else contextlib.nullcontext():
+        one()  # warm-up: the optimiser's state, the allocator
+        seconds = timed(one, repeat)
     return {"step_s": min(seconds), "peak_mib": peak_rss_mib(),
             "parameters": sum(p.numel() for p in flow.parameters())}
 
@@ -99,6 +106,8 @@ def main(dims: str, rows: int, repeat: int) -> None:
             view = write_synthetic(Path(tmp) / str(dim), "gaussian", n=2 * rows, src_dim=SOURCE, dst_dim=dim)
             results[dim] = {"law": in_fresh_process(law_cost, view),
                             **{kind: in_fresh_process(step_cost, view, kind, repeat) for kind in KINDS}}
+            if BATCH * dim * 4 >= MMAP_CEILING:
+                results[dim]["mapped"] = in_fresh_process(step_cost, view, "coupling", repeat, False)
             click.echo(f"{dim} dims: {results[dim]}", err=True)
     base = 4096 if 4096 in results else widths[0]
     table = []
@@ -110,6 +119,11 @@ def main(dims: str, rows: int, repeat: int) -> None:
                              f"{found[kind]['parameters']:,} parameters)", f"{found[kind]['step_s']:.3f} s",
                              f"{results[base][kind]['step_s']:.3f} s", ratio, target,
                              ratio <= 20 if target else None))
+        if "mapped" in found:
+            heap, mapped = found["coupling"], found["mapped"]
+            table.append(Row(f"coupling step at {dim:,} dims, large tensors from the heap vs mapped afresh (peak "
+                             f"{heap['peak_mib']:,.0f} vs {mapped['peak_mib']:,.0f} MiB)", f"{heap['step_s']:.3f} s",
+                             f"{mapped['step_s']:.3f} s", heap["step_s"] / mapped["step_s"]))
         law = found["law"]
         full = (f"{law['full_fit_s']:.1f} s, {law['full_bpd']:.4f} bits/dim" if "full_fit_s" in law
                 else "not fitted: d x d")

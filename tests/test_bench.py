@@ -204,13 +204,15 @@ def test_never_worse_runs_small_and_checks_its_targets(tmp_path):
     assert all(row["met"] in (True, False) for row in saved["rows"])
 
 
-def test_target_dims_measures_each_width_and_kind(tmp_path):
+def test_target_dims_measures_each_width_and_kind(tmp_path, monkeypatch):
     """At toy widths, each measured in a process of its own: a row per kind and width, with its step ratio to
-    the first width, and one per width for n2n-eval's law."""
+    the first width, one per width for n2n-eval's law, and (here at every width) the step as glibc maps it."""
+    monkeypatch.setattr(target_dims, "MMAP_CEILING", 0)
     saved = run_bench(target_dims.main, "target_dims", ["--dims", "8,24", "--rows", "300", "--repeat", "1"],
                       tmp_path)
-    assert saved["settings"]["dims"] == [8, 24] and len(saved["rows"]) == 6
-    assert [row["ratio"] for row in saved["rows"] if "coupling step at 8 dims" in row["metric"]] == [1.0]
+    assert saved["settings"]["dims"] == [8, 24] and len(saved["rows"]) == 8
+    assert saved["raw"]["24"]["mapped"]["step_s"] > 0
+    assert [row["ratio"] for row in saved["rows"] if "coupling step at 8 dims vs" in row["metric"]] == [1.0]
     law = saved["raw"]["24"]["law"]
     assert law["lowrank_fit_s"] > 0 and law["full_bpd"] > 0 and law["frechet_s"] > 0
     assert saved["raw"]["8"]["continuous"]["peak_mib"] > 0

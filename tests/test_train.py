@@ -370,6 +370,22 @@ def test_the_api_trains_quietly_into_the_folder_it_returns(small_view, tmp_path,
     assert meta["model"]["n_flows"] == 2 and meta["train"]["steps"] == 5 and meta["train"]["batch_size"] == 64
 
 
+@pytest.mark.parametrize("heap", [True, False])
+def test_the_training_loop_asks_for_the_heap_by_its_largest_activation(small_view, tmp_path, monkeypatch, heap):
+    """n2n-train's steps run inside train.heap.heap_for, sized batch x target dims x 4 bytes; --no-heap leaves
+    glibc alone."""
+    import contextlib
+
+    from n2n.train import trainer
+
+    asked = []
+    monkeypatch.setattr(trainer, "heap_for", lambda device, largest: asked.append((device.type, largest))
+                        or contextlib.nullcontext(False))
+    n2n.train(open_view(small_view), tmp_path / "r", steps=2, eval_every=2, n_flows=1, hidden_dim=8,
+              batch_size=32, heap=heap, compile=False, progress=False)
+    assert asked == ([("cpu", 32 * open_view(small_view).target.dim * 4)] if heap else [])
+
+
 @pytest.mark.parametrize(("option", "value"), [
     ("steps", 0), ("batch_size", 0), ("lr", 0.0), ("lr", -1), ("seed", -1), ("holdout", 1), ("holdout", -0.1),
     ("target_noise", -0.1), ("eval_every", 0), ("log_every", 0), ("eval_rows", 0), ("steps", 2.5),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from n2n.evaluate.baseline import fit_procrustes
 from n2n.evaluate.metrics import _frechet_of_rows, _moments, frechet_distance, gaussian_frechet
 from n2n.shards.view import create_view, open_view
 from n2n.train.data import load_pairs
+from n2n.train.heap import MMAP_CEILING, glibc, heap_for
 from n2n.train.heldout import fit_floor, floor_bpd, heldout_bpd
 from tests.test_train import write_store
 
@@ -264,3 +267,30 @@ def test_only_layers_wider_than_fan_in_learn_at_a_scaled_rate():
     assert inputs[id(first_layer)] == dim // 2 + embedding
     assert any(any(p is first_layer for p in g["params"]) and g["lr"] < 1e-3 for g in groups)
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in wide.parameters() if p.requires_grad)
+
+
+def page_faults_of(count: int) -> int:
+    """Minor page faults of allocating, filling and freeing ``count`` 64 MiB tensors one after another."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(count):
+        torch.ones(2**24)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+
+@pytest.mark.skipif(glibc() is None, reason="the heap policy is glibc's")
+def test_a_wide_steps_activations_come_back_from_the_heap():
+    """Inside heap_for, 64 MiB tensors freed and allocated again reuse the heap's pages (glibc maps each afresh:
+    16,384 faults of 4 KiB apiece); on leaving, the heap's free pages go back to the system. A narrow step or
+    another device is left to glibc."""
+    with heap_for(torch.device("cpu"), MMAP_CEILING - 1) as narrow, heap_for(torch.device("meta"), 2**40) as other:
+        assert not narrow and not other
+    with heap_for(torch.device("cpu"), MMAP_CEILING) as applied:
+        page_faults_of(5)  # the heap grows to what the pattern needs
+        inside = page_faults_of(5)
+        kept = resident_mib()
+    assert applied and inside < 1_000
+    assert resident_mib() < kept - 48  # the freed 64 MiB went back (malloc_trim)

@@ -53,6 +53,7 @@ from n2n.train.checkpoint import (
     view_record,
 )
 from n2n.train.data import Pairs, Standardizer, load_pairs
+from n2n.train.heap import heap_for
 from n2n.train.heldout import (
     FLOOR_ROWS,
     LAW_FILE,
@@ -101,6 +102,12 @@ class TrainConfig:
                                          "csv (metrics.csv) or none.", choices=LOGGERS)
     log_images: int = setting(8, "Held-out sources whose samples the logger shows, decoded, at every checkpoint "
                                  "(where the target expert decodes; 0: none).", min=0)
+    # Measured (train.heap, bench.target_dims): a coupling step at 65,536 target dims and batch 256 took 9.8 s
+    # with each large activation mapped afresh (glibc's default), 3.9 s from the heap, at a peak of 12.4 GiB
+    # against 9.4; narrower steps' activations are under 32 MiB and reused by glibc anyway.
+    heap: bool = setting(True, "On a CPU under glibc, serve a step's activations of 32 MiB or more (batch x target "
+                               "dims x 4 bytes) from the heap while training instead of mapping each afresh: 2.5x "
+                               "faster steps at 65,536 target dims, ~30% more resident memory. Off: glibc's default.")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -110,8 +117,8 @@ class TrainConfig:
         return self.lr if self.lr is not None else NET2NET_BASE_LR * self.batch_size
 
 
-# Settings a resumed run may change: how long it runs and what it reports, not its trajectory.
-ON_RESUME = ("steps", "eval_every", "log_every", "eval_rows", "logger", "log_images")
+# Settings a resumed run may change: how long it runs, what it reports and how it allocates, not its trajectory.
+ON_RESUME = ("steps", "eval_every", "log_every", "eval_rows", "logger", "log_images", "heap")
 
 
 class TrainError(N2NError):
@@ -576,7 +583,8 @@ def train_steps(run: Run, compile: bool | None) -> dict:
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeRemainingColumn(), console=run.console, disable=not (run.progress and ranks.main))
     metrics_file = open(run.metrics, "a") if ranks.main else contextlib.nullcontext()  # noqa: SIM115
-    with bar, metrics_file as metrics:
+    heap = heap_for(run.dev, cfg.batch_size * run.data.dims[1] * 4) if cfg.heap else contextlib.nullcontext()
+    with bar, metrics_file as metrics, heap:
         task = bar.add_task("train", total=cfg.steps, completed=run.step, info="")
         if run.step == 0 and run.law is not None and ranks.main:
             evaluate_start(run, metrics)
