@@ -36,7 +36,7 @@ from n2n.cinn.lowrank_gaussian import FULL_WIDTH
 from n2n.evaluate.metrics import frechet_distance
 from n2n.shards.synthetic import write_synthetic
 from n2n.train.data import load_pairs
-from n2n.train.heap import MMAP_CEILING, heap_for
+from n2n.train.heap import MMAP_CEILING, activation_bytes, heap_for
 from n2n.train.heldout import fit_floor, floor_bpd
 
 SOURCE = 384
@@ -60,7 +60,7 @@ def step_cost(view: Path, kind: str, repeat: int, heap: bool = True) -> dict:
         x, c = data.batch(BATCH, generator)
         step(x, c, *flow.draw(BATCH, generator))
 
-    largest = BATCH * data.target.shape[1] * 4
+    largest = activation_bytes(BATCH, data.target.shape[1])
     with heap_for(torch.device("cpu"), largest) if heap else contextlib.nullcontext():
         one()  # warm-up: the optimiser's state, the allocator
         seconds = timed(one, repeat)
@@ -106,7 +106,7 @@ def main(dims: str, rows: int, repeat: int) -> None:
             view = write_synthetic(Path(tmp) / str(dim), "gaussian", n=2 * rows, src_dim=SOURCE, dst_dim=dim)
             results[dim] = {"law": in_fresh_process(law_cost, view),
                             **{kind: in_fresh_process(step_cost, view, kind, repeat) for kind in KINDS}}
-            if BATCH * dim * 4 >= MMAP_CEILING:
+            if activation_bytes(BATCH, dim) >= MMAP_CEILING:
                 results[dim]["mapped"] = in_fresh_process(step_cost, view, "coupling", repeat, False)
             click.echo(f"{dim} dims: {results[dim]}", err=True)
     base = 4096 if 4096 in results else widths[0]

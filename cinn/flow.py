@@ -268,13 +268,17 @@ class GlowCoupling(HalfCouplings):
             nn.init.zeros_(net[-1].weight)
             nn.init.zeros_(net[-1].bias)
 
+    def raw_shift(self, net: nn.Module, u: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The net's output for [u; h]: the log-scale before its clamp, and the shift."""
+        raw, t = net(torch.cat([u, h], dim=1)).chunk(2, dim=1)
+        return raw, t
+
     def scale_shift(self, net: nn.Module, u: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        s, t = net(torch.cat([u, h], dim=1)).chunk(2, dim=1)
-        return soft_clamp(s, self.CLAMP), t
+        raw, t = self.raw_shift(net, u, h)
+        return soft_clamp(raw, self.CLAMP), t
 
     def transform(self, net: nn.Module, u: Tensor, h: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        raw, t = net(torch.cat([u, h], dim=1)).chunk(2, dim=1)
-        y, logdet, _ = ClampedAffine.apply(x, raw, t, self.CLAMP)
+        y, logdet, _ = ClampedAffine.apply(x, *self.raw_shift(net, u, h), self.CLAMP)
         return y, logdet
 
 

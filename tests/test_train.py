@@ -1,5 +1,6 @@
 """n2n-train end to end on views with a known law, exact resume, and refusal of bad input."""
 
+import contextlib
 import json
 import os
 import re
@@ -374,8 +375,6 @@ def test_the_api_trains_quietly_into_the_folder_it_returns(small_view, tmp_path,
 def test_the_training_loop_asks_for_the_heap_by_its_largest_activation(small_view, tmp_path, monkeypatch, heap):
     """n2n-train's steps run inside train.heap.heap_for, sized batch x target dims x 4 bytes; --no-heap leaves
     glibc alone."""
-    import contextlib
-
     from n2n.train import trainer
 
     asked = []

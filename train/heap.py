@@ -26,6 +26,11 @@ TRIM_THRESHOLD_DEFAULT = 128 * 2**10  # glibc's default for it
 MMAP_CEILING = 32 * 2**20  # glibc's largest mmap threshold on 64-bit: anything larger is always mapped afresh
 
 
+def activation_bytes(batch_size: int, target_dim: int) -> int:
+    """Bytes of a step's widest activation: a float32 [batch, target dims], what ``heap_for`` is sized by."""
+    return batch_size * target_dim * 4
+
+
 def glibc() -> ctypes.CDLL | None:
     """The running glibc, or None (macOS, Windows, musl)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -38,7 +43,7 @@ def glibc() -> ctypes.CDLL | None:
 
 @contextlib.contextmanager
 def heap_for(device: torch.device, largest: int) -> Iterator[bool]:
-    """While open, a CPU step whose largest activation has ``largest`` bytes (batch x target dims x 4) gets
+    """While open, a CPU step whose largest activation has ``largest`` bytes (``activation_bytes``) gets
     its large tensors from glibc's heap; on leaving, mmap is allowed again (at glibc's default) and the heap's
     free memory goes back to the system (``malloc_trim``). Yields whether it applied: only on a CPU device,
     under glibc, at ``largest`` >= 32 MiB, where the heap costs more resident memory (~30% at 65,536 dims:

@@ -53,7 +53,7 @@ from n2n.train.checkpoint import (
     view_record,
 )
 from n2n.train.data import Pairs, Standardizer, load_pairs
-from n2n.train.heap import heap_for
+from n2n.train.heap import activation_bytes, heap_for
 from n2n.train.heldout import (
     FLOOR_ROWS,
     LAW_FILE,
@@ -583,7 +583,8 @@ def train_steps(run: Run, compile: bool | None) -> dict:
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeRemainingColumn(), console=run.console, disable=not (run.progress and ranks.main))
     metrics_file = open(run.metrics, "a") if ranks.main else contextlib.nullcontext()  # noqa: SIM115
-    heap = heap_for(run.dev, cfg.batch_size * run.data.dims[1] * 4) if cfg.heap else contextlib.nullcontext()
+    largest = activation_bytes(cfg.batch_size, run.data.dims[1])
+    heap = heap_for(run.dev, largest) if cfg.heap else contextlib.nullcontext()
     with bar, metrics_file as metrics, heap:
         task = bar.add_task("train", total=cfg.steps, completed=run.step, info="")
         if run.step == 0 and run.law is not None and ranks.main:
